@@ -1,0 +1,18 @@
+"""diffsteps: how noise steps, schedules, samplers and losses trade diffusion-model quality against cost."""
+
+from .gaussian_mixture import ExactEpsilon, GaussianMixture
+from .parameterizations import PREDICTIONS, prediction_target, to_x0_eps
+from .process import posterior_coefficients, q_posterior, q_sample
+from .samplers import SAMPLERS, Denoiser, SampleResult, sample
+from .schedules import SCHEDULES, Schedule, make_schedule
+from .spacings import SPACINGS, make_timesteps
+
+__all__ = [
+    "sample", "SampleResult", "SAMPLERS", "Denoiser",
+    "make_schedule", "Schedule", "SCHEDULES",
+    "make_timesteps", "SPACINGS",
+    "PREDICTIONS", "to_x0_eps", "prediction_target",
+    "q_sample", "q_posterior", "posterior_coefficients",
+    "GaussianMixture", "ExactEpsilon",
+]
+__version__ = "0.1.0"
