@@ -1,6 +1,7 @@
 """diffsteps: how noise steps, schedules, samplers and losses trade diffusion-model quality against cost."""
 
 from .gaussian_mixture import ExactEpsilon, GaussianMixture
+from .losses import LOSSES, DiffusionLoss, sample_timesteps
 from .parameterizations import PREDICTIONS, prediction_target, to_x0_eps
 from .process import posterior_coefficients, q_posterior, q_sample
 from .samplers import SAMPLERS, Denoiser, SampleResult, sample
@@ -14,5 +15,6 @@ __all__ = [
     "PREDICTIONS", "to_x0_eps", "prediction_target",
     "q_sample", "q_posterior", "posterior_coefficients",
     "GaussianMixture", "ExactEpsilon",
+    "DiffusionLoss", "LOSSES", "sample_timesteps",
 ]
 __version__ = "0.1.0"

@@ -248,13 +248,17 @@ def sample_dpmpp_3m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
 class SamplerSpec:
     fn: Callable[..., torch.Tensor]
     integer_steps: bool  # visits only integer timesteps (the discrete chain)
-    stochastic: bool
+    stochastic: bool  # draws fresh noise at every step, whatever its options
     finite_sigma: bool  # needs σ̃ < ∞ at the first level (not ᾱ = 0, i.e. no zero-terminal-SNR start)
 
     @property
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
-        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("progress",))
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("progress", "generator"))
+
+    def is_deterministic(self, **options) -> bool:
+        """Whether the output is a fixed function of the initial noise (DDIM is, unless η > 0)."""
+        return not self.stochastic and not options.get("eta", 0.0)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -305,7 +309,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     if unknown:
         raise ValueError(f"sampler {sampler!r} has no option(s) {sorted(unknown)}; its options: "
                          f"{', '.join(spec.options) or 'none'}")
-    if spec.stochastic:
+    if "generator" in inspect.signature(spec.fn).parameters:
         options["generator"] = generator
     if steps is None and isinstance(spacing, str):
         steps = 50

@@ -82,9 +82,9 @@ class Schedule:
         lam_t = torch.lerp(lam[lo], lam[lo + 1], w)
         abar_lin = torch.lerp(abar[lo], abar[lo + 1], w)
         finite = torch.isfinite(lam[lo]) & torch.isfinite(lam[lo + 1])
-        # where w == 0 exactly the result must be the tabulated value, including for an infinite endpoint
         out = torch.where(finite, torch.sigmoid(lam_t), abar_lin)
-        return torch.where(w == 0, abar[lo], out)
+        # at integer t the result is the tabulated value itself, not its round trip through λ
+        return torch.where(w == 0, abar[lo], torch.where(w == 1, abar[lo + 1], out))
 
     def t_from_log_snr(self, lam: torch.Tensor | float) -> torch.Tensor:
         """Inverse of λ(t) under the same interpolation; λ must lie within [λ_{T−1}, λ_0] and be finite."""

@@ -64,8 +64,12 @@ def _logsnr(T: int, n: int, schedule: Schedule) -> torch.Tensor:
 
 
 def _clip_ends(t: torch.Tensor, T: int) -> torch.Tensor:
-    # the inverse map returns t within 1e-12 of the ends; pin them so range checks stay exact
-    return t.clamp(0, T - 1)
+    # both spacings run from t = T−1 to t = 0 by definition; the inverse map only returns them to ~1e-12
+    t = t.clamp(0, T - 1)
+    t[0] = T - 1
+    if len(t) > 1:
+        t[-1] = 0
+    return t
 
 
 SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
