@@ -4,12 +4,12 @@ from .gaussian_mixture import ExactEpsilon, GaussianMixture
 from .losses import LOSSES, DiffusionLoss, sample_timesteps
 from .parameterizations import PREDICTIONS, prediction_target, to_x0_eps
 from .process import posterior_coefficients, q_posterior, q_sample
-from .samplers import SAMPLERS, Denoiser, SampleResult, sample
+from .samplers import SAMPLERS, Denoiser, SampleResult, plan_sampling, sample
 from .schedules import SCHEDULES, Schedule, make_schedule
 from .spacings import SPACINGS, make_timesteps
 
 __all__ = [
-    "sample", "SampleResult", "SAMPLERS", "Denoiser",
+    "sample", "plan_sampling", "SampleResult", "SAMPLERS", "Denoiser",
     "make_schedule", "Schedule", "SCHEDULES",
     "make_timesteps", "SPACINGS",
     "PREDICTIONS", "to_x0_eps", "prediction_target",

@@ -23,7 +23,7 @@ from .process import posterior_coefficients
 from .schedules import Schedule
 from .spacings import make_timesteps, to_integer_timesteps
 
-__all__ = ["sample", "SampleResult", "SAMPLERS", "Denoiser", "Levels", "make_levels"]
+__all__ = ["sample", "plan_sampling", "SampleResult", "SAMPLERS", "Denoiser", "Levels", "make_levels"]
 
 
 # -- the shared model wrapper ---------------------------------------------------------------------------------------
@@ -289,6 +289,33 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None = None,
+                  spacing: str | Sequence[float] = "trailing", *, denoise_final: bool = True,
+                  **options) -> tuple[SamplerSpec, Levels, torch.Tensor]:
+    """Validate a sampling request without a model and return (spec, levels, timesteps): what :func:`sample` would
+    do. Runners call it to reject a bad sampler, spacing, steps or option before any training."""
+    spec = get_sampler(sampler)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} has no option(s) {sorted(unknown)}; its options: "
+                         f"{', '.join(spec.options) or 'none'}")
+    # a pass over zero steps runs the sampler's own option checks (eta range, variance name) and nothing else
+    spec.fn(None, None, Levels((), ()), **options)
+    if steps is None and isinstance(spacing, str):
+        steps = 50
+    timesteps = make_timesteps(spacing, steps, schedule)
+    if spec.integer_steps:
+        timesteps = to_integer_timesteps(timesteps)
+    lv = make_levels(schedule, timesteps, denoise_final)
+    if len(lv) < 2:
+        raise ValueError("nothing to do: one timestep and denoise_final=False make no step")
+    if spec.finite_sigma and lv.abar[0] == 0:
+        ok = ", ".join(n for n, s in SAMPLERS.items() if not s.finite_sigma)
+        raise ValueError(f"sampler {sampler!r} needs a finite noise level at the first timestep, but ᾱ = 0 there "
+                         f"(zero terminal SNR); use one of: {ok}, or start below t = T−1")
+    return spec, lv, timesteps
+
+
 def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler: str = "ddim",
            steps: int | None = None, spacing: str | Sequence[float] = "trailing", prediction: str = "epsilon",
            clip_denoised: float | None = None, dynamic_threshold: float | None = None,
@@ -304,25 +331,9 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     (``eta`` for ddim, ``variance`` for ddpm) go in ``options``. Everything is validated before the first model call.
     The state keeps ``noise``'s dtype; schedule coefficients are float64.
     """
-    spec = get_sampler(sampler)
-    unknown = set(options) - set(spec.options)
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} has no option(s) {sorted(unknown)}; its options: "
-                         f"{', '.join(spec.options) or 'none'}")
+    spec, lv, timesteps = plan_sampling(schedule, sampler, steps, spacing, denoise_final=denoise_final, **options)
     if "generator" in inspect.signature(spec.fn).parameters:
         options["generator"] = generator
-    if steps is None and isinstance(spacing, str):
-        steps = 50
-    timesteps = make_timesteps(spacing, steps, schedule)
-    if spec.integer_steps:
-        timesteps = to_integer_timesteps(timesteps)
-    lv = make_levels(schedule, timesteps, denoise_final)
-    if len(lv) < 2:
-        raise ValueError("nothing to do: one timestep and denoise_final=False make no step")
-    if spec.finite_sigma and lv.abar[0] == 0:
-        ok = ", ".join(n for n, s in SAMPLERS.items() if not s.finite_sigma)
-        raise ValueError(f"sampler {sampler!r} needs a finite noise level at the first timestep, but ᾱ = 0 there "
-                         f"(zero terminal SNR); use one of: {ok}, or start below t = T−1")
     denoise = Denoiser(model, prediction, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
                        threshold_max=threshold_max)
     bar = _progress_bar(progress, sampler)
