@@ -1,0 +1,15 @@
+"""diffsteps entry point: `python run.py [group=choice ...] [key=value ...]` (Hydra); see README."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from diffsteps.runner import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
