@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,11 @@ def _sweep_group() -> str | None:
 
 def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
     """Train, or reuse / resume the checkpoint trained with the same training-relevant config."""
-    import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
+    # the module overrides configure_model only to compile in place; it shards nothing, so EMA's warning is moot
+    warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
     ckpt_dir = Path(cfg.paths.checkpoint_dir) / training_key(cfg)
     last, done = ckpt_dir / "last.ckpt", ckpt_dir / "complete.json"
     if done.is_file() and last.is_file():
@@ -176,7 +178,6 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
     callbacks = [EMAWeightAveraging(decay=cfg.train.ema_decay),
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.train.ckpt_every_n_steps)]
-    L.seed_everything(cfg.seed, workers=True)
     trainer = instantiate(cfg.trainer, max_steps=cfg.train.max_steps, callbacks=callbacks, logger=loggers or False,
                           gradient_clip_val=cfg.train.gradient_clip_val, default_root_dir=str(out_dir),
                           val_check_interval=min(cfg.train.val_check_interval, cfg.train.max_steps),
@@ -188,7 +189,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except FloatingPointError as err:
         kept = f"; the last good checkpoint is {last}" if last.is_file() else ""
-        raise FloatingPointError(f"{err}{kept}") from None
+        raise type(err)(f"{err}{kept}") from None
     trainer.save_checkpoint(last)  # the final state, EMA weights in state_dict (the callback swaps them in)
     if trainer.is_global_zero:
         done.write_text(json.dumps({"global_step": trainer.global_step, "key": training_key(cfg)}))
@@ -215,8 +216,9 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
     e = cfg.eval
     shape = tuple(datamodule.sample_shape)
     features = feature_name(cfg, datamodule)
+    # rank zero evaluates alone (the other ranks have returned), so the metric must not wait for them to sync
     quality = SampleQuality(features=features, kid_subset_size=min(e.kid_subset_size, e.num_samples),
-                            cache_dir=cfg.paths.cache_dir)
+                            cache_dir=cfg.paths.cache_dir, metric_kwargs={"sync_on_compute": False})
     real = datamodule.real_samples(e.num_reference, split=e.reference_split)
     quality.set_reference(real, key=f"{datamodule.name}-{e.reference_split}-{len(real)}")
     mixture = getattr(datamodule, "mixture", None)
@@ -304,6 +306,9 @@ def run(cfg: DictConfig) -> float:
     steps = validate(cfg, schedule)  # seconds, before any training
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
     schedule, datamodule, module = build(cfg)
     rank = int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
     loggers = make_loggers(cfg, out_dir)

@@ -53,7 +53,8 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, t: float, alpha: float, sigma: float):
         dtype = self.model_dtype or x.dtype
-        tt = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+        # t in at least float32: a bf16 t would round timesteps near 1000 to multiples of 4
+        tt = torch.full((x.shape[0],), t, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         out = self.model(x.to(dtype), tt).to(x.dtype)
         self.nfe += 1
         x0, eps = to_x0_eps(out, x, alpha, sigma, self.prediction)

@@ -1,0 +1,279 @@
+"""The Lightning module that trains a denoiser: loss, logging, optimiser and learning-rate schedule, sampling.
+
+``DiffusionModule(net, schedule, loss, ...)`` takes its three collaborators as objects (Hydra builds each from its own
+``_target_``), so one module trains any net under any schedule with any loss of :mod:`diffsteps.losses`.
+
+Exponential moving averages of the weights are not done here but by Lightning's
+``lightning.pytorch.callbacks.EMAWeightAveraging`` callback, which deep-copies this module. The module therefore holds
+no state that cannot be deep-copied and no metrics other than the per-band ``MeanMetric``s (whose states are not part
+of ``state_dict``, so checkpoints hold exactly ``net.*``).
+
+Randomness. The timesteps and noise of a training step are drawn from generators seeded from (base seed, rank,
+global step, micro-batch), not from the global RNG: Lightning checkpoints do not store RNG states, so with the global
+RNG a run resumed from a checkpoint would replay the noise of its first steps instead of continuing the stream. The
+base seed is ``torch.initial_seed()`` when ``fit`` starts (i.e. the seed given to ``lightning.seed_everything``)
+and is saved in and restored from checkpoints. Validation draws from generators seeded by the batch index alone, so
+``val/loss`` is the same estimator in every epoch and every run on the same validation data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .losses import DiffusionLoss, sample_timesteps
+from .process import q_sample
+from .samplers import sample
+from .schedules import Schedule
+
+__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor"]
+
+# Seed-sequence tags, so the training and validation streams can never coincide.
+_TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
+_VAL_SEED = 20200619  # fixed: validation noise must not depend on the run's seed
+_CKPT_KEY = "diffsteps_module"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or ±∞. Raised before ``backward``, so the weights (and the optimiser state) are
+    those of the last finite step and checkpoints written so far are untouched."""
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate before optimiser step ``step`` (0-based): linear warm-up from 0,
+    ``step / warmup_steps`` for ``step < warmup_steps`` (as ``transformers``' ``get_cosine_schedule_with_warmup``),
+    then a half-cosine from 1 to ``min_lr_ratio`` reached at ``total_steps`` and held afterwards (SGDR without
+    restarts, Loshchilov & Hutter 2017, eq. 5: η = η_min + ½(η_max − η_min)(1 + cos(π T_cur/T_i)), with
+    T_cur = step − warmup_steps and T_i = total_steps − warmup_steps). Without a finite horizon (``total_steps`` ∞,
+    e.g. max_steps = −1 and max_epochs = −1) or when the warm-up fills it, there is no decay: the factor stays 1."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+        return 1.0
+    progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _seed(*words: int) -> int:
+    # numpy's SeedSequence hashes the words, so neighbouring steps or ranks get unrelated 64-bit seeds (as data.py
+    # does for its streams).
+    return int(np.random.SeedSequence([int(w) % 2**64 for w in words]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _band_edges(num_timesteps: int, bands: int) -> list[tuple[int, int]]:
+    """[0, T) cut into ``bands`` contiguous, near-equal integer bands, as inclusive (lo, hi) pairs."""
+    starts = [(i * num_timesteps) // bands for i in range(bands + 1)]
+    return [(starts[i], starts[i + 1] - 1) for i in range(bands)]
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``net`` to denoise under ``schedule`` with the per-sample ``loss`` (a :class:`DiffusionLoss`).
+
+    Training step: Ho et al. 2020, Algorithm 1 — t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,
+    gradient step on the loss of ``net(x_t, t)`` (whose target — ε, x_0 or v — and weighting are the loss's).
+
+    Optimiser: AdamW (``lr``, ``betas``, ``weight_decay`` on every parameter) with a per-step warm-up + cosine
+    learning-rate schedule (:func:`lr_factor`) ending at ``min_lr_ratio · lr`` at
+    ``trainer.estimated_stepping_batches``.
+
+    Logged: ``train/loss`` (step and epoch), ``train/lr``, ``val/loss`` and, per timestep band,
+    ``train/loss_t{lo}-{hi}`` and ``val/loss_t{lo}-{hi}`` (``timestep_bands`` contiguous bands of [0, T), bounds
+    inclusive, e.g. ``loss_t0-249`` … ``loss_t750-999`` for T = 1000 and 4 bands; ``band_names`` lists them). A band
+    value is the mean of the per-sample losses whose t fell in it over the epoch (a ``MeanMetric``: exact under
+    uneven band counts, steps that miss the band and DDP; a band no sample fell in during the epoch logs NaN).
+
+    ``compile=True`` compiles ``net`` in place (``nn.Module.compile``) in ``configure_model``, so parameter names
+    and checkpoint keys stay ``net.…``. ``generate`` samples with any sampler of :mod:`diffsteps.samplers`.
+    Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...)``.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *, lr: float = 2e-3,
+                 weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 100,
+                 min_lr_ratio: float = 0.0, timestep_bands: int = 4, compile: bool = False):
+        super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a diffsteps Schedule, got {type(schedule).__name__}")
+        if not isinstance(loss, DiffusionLoss):
+            raise TypeError(f"loss must be a diffsteps DiffusionLoss, got {type(loss).__name__}")
+        if not (float(lr) > 0 and math.isfinite(float(lr))):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not float(weight_decay) >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        betas = tuple(float(b) for b in betas)  # Hydra passes a ListConfig
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if not 0.0 <= float(min_lr_ratio) <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}")
+        T = schedule.num_timesteps
+        if isinstance(timestep_bands, bool) or int(timestep_bands) != timestep_bands or not 1 <= timestep_bands <= T:
+            raise ValueError(f"timestep_bands must be an integer in [1, T={T}], got {timestep_bands!r}")
+        # The objects are not hyperparameters: the runner stores the full config that built them.
+        self.save_hyperparameters(ignore=["net", "schedule", "loss"])
+        self.net = net
+        self.schedule = schedule
+        self.loss_fn = loss
+        self.prediction = loss.prediction
+        self.band_edges = _band_edges(T, int(timestep_bands))
+        self.band_names = [f"loss_t{lo}-{hi}" for lo, hi in self.band_edges]
+        # First timestep of bands 1…n−1: bucketize(t, these, right=True) is t's band index.
+        self._band_starts = torch.tensor([lo for lo, _ in self.band_edges[1:]], dtype=torch.long)
+        # nan_strategy="disable": training raises before a NaN could get here, and in validation a NaN must show in
+        # the logged value rather than be silently dropped (the default "warn" removes NaNs from the mean).
+        self.train_band_metrics = nn.ModuleList(MeanMetric(nan_strategy="disable") for _ in self.band_edges)
+        self.val_band_metrics = nn.ModuleList(MeanMetric(nan_strategy="disable") for _ in self.band_edges)
+        self._noise_seed = torch.initial_seed()
+        self._seed_step, self._micro_batch = -1, 0
+        self._net_compiled = False
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+    def configure_model(self) -> None:
+        # Idempotent: EMAWeightAveraging.setup calls this hook itself before the Trainer does. nn.Module.compile
+        # compiles the call in place, so unlike torch.compile(net) no `_orig_mod.` wrapper enters parameter names;
+        # the EMA callback's deep copy of a compiled module comes out uncompiled (torch drops the compiled call).
+        if self.hparams.compile and not self._net_compiled:
+            self.net.compile()
+            self._net_compiled = True
+
+    # -- one loss evaluation ---------------------------------------------------------------------------------------
+    def _draw(self, x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer timesteps (CPU, long) and noise (x0's device and dtype) from one seed. t stays on the CPU because
+        the schedule tables live there (q_sample and the loss look ᾱ_t up on the CPU anyway)."""
+        g_cpu = torch.Generator().manual_seed(seed)
+        t = sample_timesteps(x0.shape[0], self.schedule, generator=g_cpu)
+        g_dev = torch.Generator(device=x0.device).manual_seed(_seed(seed, 1))
+        noise = torch.randn(x0.shape, generator=g_dev, device=x0.device, dtype=x0.dtype)
+        return t, noise
+
+    def _losses(self, x0: torch.Tensor, seed: int):
+        t, noise = self._draw(x0, seed)
+        x_t = q_sample(self.schedule, x0, t, noise)
+        out = self.net(x_t, t.to(x0.device, torch.float32))
+        # float32 for the mean: under bf16 autocast the per-sample losses come back in bf16
+        return self.loss_fn(out, x0, noise, t, self.schedule).float(), t, out
+
+    def _update_bands(self, metrics: nn.ModuleList, losses: torch.Tensor, t: torch.Tensor) -> None:
+        band = torch.bucketize(t, self._band_starts, right=True).to(losses.device)
+        for b, metric in enumerate(metrics):
+            metric.update(losses[band == b])  # an empty selection leaves the metric unchanged
+
+    @staticmethod
+    def _batch(batch) -> torch.Tensor:
+        # data.py yields bare tensors; accept an (x, ...) tuple too (labelled data sets, TensorDataset)
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Ho et al. 2020, Algorithm 1 (class docstring), with the per-sample loss of ``loss``."""
+        x0 = self._batch(batch)
+        # (global step, micro-batch within the step) names a training batch uniquely, also under gradient
+        # accumulation and across a resume (checkpoints are written after optimiser steps, i.e. at micro-batch 0).
+        # batch_idx would not do: Lightning restarts it at the resumed position, not at 0, after an epoch-end resume.
+        if self.global_step != self._seed_step:
+            self._seed_step, self._micro_batch = self.global_step, 0
+        seed = _seed(_TRAIN_STREAM, self._noise_seed, self.global_rank, self.global_step, self._micro_batch)
+        self._micro_batch += 1
+        losses, t, out = self._losses(x0, seed)
+        loss = losses.mean()
+        local_bad = not bool(torch.isfinite(loss))
+        bad = local_bad
+        if self._trainer is not None:
+            # Under DDP every rank must stop together: a rank that raised alone would leave the others waiting in
+            # the gradient all-reduce. (A no-op on one device.)
+            bad = self.trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if bad:
+            self._raise_non_finite(loss, losses, x0, out, batch_idx, on_this_rank=local_bad)
+        B = x0.shape[0]
+        # Not synced across DDP ranks (that would be an all-reduce every step): the step value is this rank's;
+        # the band metrics below are synced (at epoch end only).
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=B)
+        if self._trainer is not None and self.trainer.optimizers:
+            # the learning rate this step's optimiser update uses (the scheduler steps after it)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                     batch_size=B)
+        self._update_bands(self.train_band_metrics, losses.detach(), t)
+        for name, metric in zip(self.band_names, self.train_band_metrics):
+            self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    def _raise_non_finite(self, loss, losses, x0, out, batch_idx, on_this_rank: bool = True) -> None:
+        where = f"at global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if on_this_rank:
+            B = len(losses)
+            n_loss = int((~torch.isfinite(losses)).sum())
+            n_out = int((~torch.isfinite(out.reshape(len(out), -1))).any(1).sum())
+            n_in = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
+            what = (f"non-finite training loss {loss.item()} {where}: {n_loss}/{B} per-sample losses, {n_out}/{B} "
+                    f"network outputs and {n_in}/{B} input samples are non-finite")
+        else:
+            what = (f"non-finite training loss on another rank {where} (this rank {self.global_rank}: "
+                    f"{loss.item()})")
+        raise NonFiniteLossError(
+            f"{what}. Training stopped before backward, so no NaN reached the weights; checkpoints written before "
+            f"this step are intact. Lower the learning rate, add warm-up, or check the data.")
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x0 = self._batch(batch)
+        # Seeded by position only: the same (t, ε) for the same validation batch in every epoch and run, so val/loss
+        # differences are differences of the model, not of the Monte-Carlo draw.
+        losses, t, _ = self._losses(x0, _seed(_VAL_STREAM, _VAL_SEED, dataloader_idx, batch_idx))
+        loss = losses.mean()
+        # batch_size: the last validation batch may be short; Lightning's epoch mean is weighted by it
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x0.shape[0],
+                 sync_dist=True)
+        self._update_bands(self.val_band_metrics, losses, t)
+        for name, metric in zip(self.band_names, self.val_band_metrics):
+            self.log(f"val/{name}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        try:
+            total = float(self.trainer.estimated_stepping_batches)
+        except Exception:  # e.g. an iterable data set of unknown length with max_steps = -1: no horizon, no decay
+            total = math.inf
+        factor = functools.partial(lr_factor, warmup_steps=int(hp.warmup_steps), total_steps=total,
+                                   min_lr_ratio=float(hp.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # The seed in force when fit starts (runners seed just before building the Trainer, possibly after
+            # building this module). A resumed fit then overrides it from the checkpoint: Lightning restores
+            # checkpoints (on_load_checkpoint) after this hook.
+            self._noise_seed = torch.initial_seed()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[_CKPT_KEY] = {"noise_seed": self._noise_seed}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if _CKPT_KEY in checkpoint:
+            self._noise_seed = int(checkpoint[_CKPT_KEY]["noise_seed"])
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    def generate(self, noise: torch.Tensor, *, sampler: str = "ddim", steps: int | None = 50,
+                 spacing: str | Sequence[float] = "trailing", generator: torch.Generator | None = None,
+                 return_info: bool = False, progress: bool = False, **options):
+        """Samples from ``noise`` with :func:`diffsteps.sample` (same arguments; ``options`` are the sampler's, e.g.
+        ``eta``, ``clip_denoised``), the net in eval mode and restored to its previous mode afterwards."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return sample(self.net, noise, schedule=self.schedule, prediction=self.prediction, sampler=sampler,
+                          steps=steps, spacing=spacing, generator=generator, return_info=return_info,
+                          progress=progress, **options)
+        finally:
+            self.net.train(was_training)

@@ -1,0 +1,120 @@
+"""run.py end to end, as users call it: a subprocess per run, outputs under a temporary root."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# a small, fast configuration: 2-D mixture data, a small MLP, a few dozen training steps
+FAST = ["data=toy2d", "data.n_train=2048", "data.n_val=1024", "model=mlp", "model.hidden=64", "model.depth=2",
+        "train.max_steps=30", "train.val_check_interval=15", "train.ckpt_every_n_steps=15", "train.warmup_steps=5",
+        "eval.num_samples=256", "eval.batch_size=128", "eval.kid_subset_size=64", "objective=nll"]
+
+
+def run_py(tmp: Path, *overrides: str, name: str = "run", check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={tmp}/{name}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runner")
+    proc = run_py(tmp, *FAST, "steps=[5,20]", "sampler=ddim", name="first")
+    return tmp, proc
+
+
+def test_default_run_writes_every_output(trained):
+    tmp, proc = trained
+    out = tmp / "first"
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["steps"] for r in rows] == [5, 20] and [r["nfe"] for r in rows] == [5, 20]
+    for r in rows:
+        assert r["nll"] > 0 and r["fid"] >= 0 and r["sample_seconds"] > 0
+        assert (out / f"samples_ddim_{r['steps']}.pt").is_file() and (out / f"grid_ddim_{r['steps']}.png").is_file()
+    with open(out / "metrics.csv") as f:
+        assert [int(r["steps"]) for r in csv.DictReader(f)] == [5, 20]
+    assert (out / "config.yaml").is_file() and (out / "checkpoint.ckpt").resolve().is_file()
+    assert (out / "fid_vs_nfe.png").is_file() and (out / "nll_vs_nfe.png").is_file()
+    # 20 DDIM steps of a (briefly) trained model are closer to the data than 5
+    assert rows[1]["fid"] < rows[0]["fid"]
+
+
+def test_offline_wandb_run_and_csv_log(trained):
+    tmp, proc = trained
+    out = tmp / "first"
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert "wandb sync" in proc.stdout + proc.stderr
+    # the CSV logger beside W&B holds the training curve and the quality-vs-steps results
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss_step") for r in rows)
+    evals = {int(r["step"]): float(r["eval/nll"]) for r in rows if r.get("eval/nll")}
+    summary = json.loads((out / "metrics.json").read_text())
+    assert evals == {r["steps"]: pytest.approx(r["nll"]) for r in summary}
+
+
+def test_sampler_and_steps_change_reuses_checkpoint(trained):
+    tmp, _ = trained
+    ckpt = (tmp / "first" / "checkpoint.ckpt").resolve()
+    before = ckpt.stat().st_mtime_ns
+    t0 = time.time()
+    proc = run_py(tmp, *FAST, "steps=10", "sampler=heun", name="second")
+    assert "reusing the checkpoint" in proc.stdout + proc.stderr
+    assert ckpt.stat().st_mtime_ns == before and (tmp / "second" / "checkpoint.ckpt").resolve() == ckpt
+    rows = json.loads((tmp / "second" / "metrics.json").read_text())
+    assert rows[0]["nfe"] == 19  # Heun: 2·10 − 1
+    assert not list((tmp / "second").glob("csv/*.ckpt")) and time.time() - t0 < 120
+
+
+@pytest.mark.parametrize("override,message", [
+    ("steps=0", "positive integer"),
+    ("steps=[10,2000]", "exceeds the 1000 training timesteps"),
+    ("sampler.spacing=cosine", "valid choices: leading, trailing"),
+    ("sampler.options.eta=2.0", r"eta in \[0, 1\]"),
+    ("objective=accuracy", "valid choices: fid, kid, nll"),
+    ("sampler=dpm_fast", r"Available options in 'sampler':\s+ddim\s+ddpm"),  # Hydra lists the group's choices
+])
+def test_bad_config_fails_before_training(tmp_path, override, message):
+    proc = run_py(tmp_path, *FAST, override, check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert re.search(message, text), text[-2000:]
+    assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing trained
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    proc = run_py(tmp_path, *FAST, f"ckpt_path={tmp_path}/nope.ckpt", check=False)
+    assert proc.returncode != 0 and "checkpoint not found" in proc.stderr
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_py(tmp_path, *FAST, f"ckpt_path={bad}", name="bad", check=False)
+    assert proc.returncode != 0 and "corrupt or not a diffsteps checkpoint" in proc.stderr
+
+
+def test_ddp_two_processes_train_once_and_write_one_set_of_outputs(tmp_path):
+    proc = run_py(tmp_path, *FAST, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "steps=5",
+                  "logger=csv", name="ddp")
+    text = proc.stdout + proc.stderr
+    assert "distributed_backend=gloo" in text and "All distributed processes registered" in text
+    out = tmp_path / "ddp"
+    rows = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["nfe"] == 5
+    assert text.count("results in") == 1  # one evaluation, by rank zero
+    ckpts = list((tmp_path / "outputs" / "checkpoints").glob("*/last.ckpt"))
+    assert len(ckpts) == 1
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 1
