@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .gaussian_mixture import GaussianMixture
 
@@ -50,10 +50,28 @@ _TOY_NOISE = {"8gaussians": 0.125, "moons": 0.1, "swissroll": 1.0}
 _STREAM_DATA, _STREAM_SHUFFLE, _STREAM_GMM = 0, 1, 2
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
+class EpochShuffle(Sampler[int]):
+    """A random order per epoch, drawn from (seed, epoch) alone. Lightning calls ``set_epoch`` before every epoch,
+    so a run resumed from a checkpoint continues with that epoch's order instead of replaying epoch 0's, which a
+    DataLoader generator (restarted with every new iterator) would do."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=_generator(self.seed, _STREAM_SHUFFLE, self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _generator(seed: int, stream: int, *more: int) -> torch.Generator:
     # Generation/splitting and shuffling draw from separate streams: one seed reused for both would start them from
     # the same state, and changing how data are generated would silently change the shuffle order.
-    state = np.random.SeedSequence([int(seed) % 2**64, stream]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence([int(seed) % 2**64, stream, *more]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -143,9 +161,8 @@ class _InMemoryData(LightningDataModule):
             # drop_last would otherwise yield an empty epoch and training would silently do nothing.
             raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} samples, fewer than "
                              f"batch_size={self.batch_size}, so no full batch can be formed")
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=_generator(self.seed, _STREAM_SHUFFLE), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffle(len(ds), self.seed), drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.batch_size, shuffle=False, drop_last=False,

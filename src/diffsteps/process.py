@@ -22,7 +22,12 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch
     """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (Ho et al. 2020, eq. 4) for a batch of (real) t."""
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    abar = _expand(schedule.alpha_bar_at(t.detach().cpu()).to(x0.device), x0)
+    t = t.detach()
+    if t.dtype.is_floating_point:
+        abar = schedule.alpha_bar_at(t.cpu())
+    else:  # integer timesteps (training): a table lookup, no interpolation
+        abar = schedule.alphas_cumprod[t.cpu()]
+    abar = _expand(abar.to(x0.device), x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
