@@ -118,3 +118,13 @@ def test_ddp_two_processes_train_once_and_write_one_set_of_outputs(tmp_path):
     ckpts = list((tmp_path / "outputs" / "checkpoints").glob("*/last.ckpt"))
     assert len(ckpts) == 1
     assert len(list(tmp_path.glob("*/metrics.json"))) == 1
+
+
+def test_multirun_grid_shares_one_training(tmp_path):
+    env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *FAST, "logger=csv", "sampler=ddim,heun",
+                           "steps=5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("outputs/multirun/*/*/*/metrics.json"))
+    assert [json.loads(p.read_text())[0]["nfe"] for p in jobs] == [5, 9]  # ddim 5 steps, heun 2·5 − 1
+    assert (proc.stdout + proc.stderr).count("reusing the checkpoint") == 1
