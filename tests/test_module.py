@@ -18,14 +18,14 @@ import time
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import diffsteps as ds
 from diffsteps.data import GMMData, Toy2DData
-from diffsteps.module import DiffusionModule, NonFiniteLossError, lr_factor
+from diffsteps.module import DiffusionModule, NonFiniteLossError, ema_callback, lr_factor
 from diffsteps.nets import MLP
 from diffsteps.parameterizations import prediction_target, to_x0_eps
 
@@ -261,7 +261,7 @@ def test_resume_from_last_checkpoint_is_exact(linear, tmp_path):
         module = small_module(linear, seed=seed, warmup_steps=4, lr=5e-3, min_lr_ratio=0.1)
         raw = _RecordRaw()
         # max_steps stays 16 in every run (it sets the LR schedule's horizon); the interrupted run is stopped early
-        callbacks = [EMAWeightAveraging(decay=0.9), raw, _StopAfter(max_steps)]
+        callbacks = [ema_callback(0.9), raw, _StopAfter(max_steps)]
         if ckpt_dir is not None:
             # A step-based checkpoint (written in on_train_batch_end), as the runner's periodic ones. Two Lightning
             # 2.6 pitfalls avoided here: resuming from an epoch-end checkpoint (on_train_epoch_end) runs one extra
@@ -317,7 +317,7 @@ def test_ema_callback_average_is_copied_in_and_checkpointed(linear, tmp_path):
     module = small_module(linear, warmup_steps=0, lr=1e-2)
     raw = _RecordRaw()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="s{step}")
-    trainer = make_trainer(max_steps=steps, callbacks=[EMAWeightAveraging(decay=decay), raw, ckpt_cb],
+    trainer = make_trainer(max_steps=steps, callbacks=[ema_callback(decay), raw, ckpt_cb],
                            enable_checkpointing=True)
     trainer.fit(module, dm)
 

@@ -33,12 +33,25 @@ from .process import q_sample
 from .samplers import sample
 from .schedules import Schedule
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor", "ema_callback"]
 
 # Seed-sequence tags, so the training and validation streams can never coincide.
 _TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
 _VAL_SEED = 20200619  # fixed: validation noise must not depend on the run's seed
 _CKPT_KEY = "diffsteps_module"
+
+
+def ema_callback(decay: float):
+    """Lightning's ``EMAWeightAveraging`` with the multi-tensor update ema ← ema + (1 − decay)(θ − ema) in one
+    ``torch._foreach_lerp_`` (``get_ema_multi_avg_fn``) instead of its default per-parameter Python loop, which cost
+    ~15 ms per step on the digits UNet on CPU — more than the rest of Lightning's overhead together."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    ema = EMAWeightAveraging(decay=decay)
+    # the callback hands these to AveragedModel at setup; it accepts one of avg_fn / multi_avg_fn
+    ema._kwargs = {**ema._kwargs, "avg_fn": None, "multi_avg_fn": get_ema_multi_avg_fn(decay)}
+    return ema
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -203,9 +216,13 @@ class DiffusionModule(L.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                      batch_size=B)
         self._update_bands(self.train_band_metrics, losses.detach(), t)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        # logged once per epoch rather than registered every step: each self.log call costs ~1 ms of Lightning
+        # bookkeeping, which was a tenth of a CPU training step
         for name, metric in zip(self.band_names, self.train_band_metrics):
             self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
-        return loss
 
     def _raise_non_finite(self, loss, losses, x0, out, batch_idx, on_this_rank: bool = True) -> None:
         where = f"at global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"

@@ -163,7 +163,9 @@ def _sweep_group() -> str | None:
 def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
     """Train, or reuse / resume the checkpoint trained with the same training-relevant config."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .module import ema_callback
 
     # the module overrides configure_model only to compile in place; it shards nothing, so EMA's warning is moot
     warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
@@ -175,7 +177,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
         return last
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: cfg[k] for k in TRAINING_KEYS}, resolve=True))
-    callbacks = [EMAWeightAveraging(decay=cfg.train.ema_decay),
+    callbacks = [ema_callback(cfg.train.ema_decay),
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.train.ckpt_every_n_steps)]
     trainer = instantiate(cfg.trainer, max_steps=cfg.train.max_steps, callbacks=callbacks, logger=loggers or False,
