@@ -160,8 +160,9 @@ def _sweep_group() -> str | None:
     return None
 
 
-def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
-    """Train, or reuse / resume the checkpoint trained with the same training-relevant config."""
+def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[Path, int]:
+    """Train, or reuse / resume the checkpoint trained with the same training-relevant config. Returns the
+    checkpoint and this process's global rank (DDP starts its other processes inside ``fit``)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -174,7 +175,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
     if done.is_file() and last.is_file():
         log.info("reusing the checkpoint trained with this config: %s (sampler and steps don't retrain)", last)
         load_weights(module, last)
-        return last
+        return last, 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: cfg[k] for k in TRAINING_KEYS}, resolve=True))
     callbacks = [ema_callback(cfg.train.ema_decay),
@@ -195,8 +196,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> Path:
     trainer.save_checkpoint(last)  # the final state, EMA weights in state_dict (the callback swaps them in)
     if trainer.is_global_zero:
         done.write_text(json.dumps({"global_step": trainer.global_step, "key": training_key(cfg)}))
-    module._diffsteps_trainer = trainer  # kept for rank checks below; not part of the module's state
-    return last
+    return last, trainer.global_rank
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
@@ -316,17 +316,15 @@ def run(cfg: DictConfig) -> float:
 
     L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
     schedule, datamodule, module = build(cfg)
-    rank = int(os.environ.get("LOCAL_RANK", 0)) + int(os.environ.get("NODE_RANK", 0))
     loggers = make_loggers(cfg, out_dir)
+    rank = 0
     if cfg.ckpt_path:
         load_weights(module, cfg.ckpt_path)
         ckpt = Path(cfg.ckpt_path)
     elif cfg.task == "eval":
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
-        ckpt = train(cfg, module, datamodule, loggers, out_dir)
-        trainer = getattr(module, "_diffsteps_trainer", None)
-        rank = trainer.global_rank if trainer is not None else rank
+        ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
     if rank != 0:
         return math.nan  # only rank zero evaluates and writes (issue: distributed evaluation comes later)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
