@@ -23,6 +23,7 @@ independent random streams. Keep it fixed while varying the training seed to com
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import math
@@ -111,7 +112,7 @@ def _fmt(x: float) -> str:
     return f"{float(x):g}"
 
 
-class _InMemoryData(LightningDataModule):
+class _InMemoryData(LightningDataModule, abc.ABC):
     """Shared machinery; subclasses implement ``_load`` (returning per-split data and optional labels),
     ``sample_shape``, ``name`` and ``is_image``, and set ``_decode`` when they store raw uint8."""
 
@@ -129,16 +130,19 @@ class _InMemoryData(LightningDataModule):
         self._labels: dict[str, torch.Tensor] | None = None
 
     # -- subclass hooks ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _load(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        raise NotImplementedError
+        """Per-split data and optional labels."""
 
     @property
+    @abc.abstractmethod
     def sample_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Shape of one sample, known before ``setup``."""
 
     @property
+    @abc.abstractmethod
     def name(self) -> str:
-        raise NotImplementedError
+        """File-name-safe identity of the data (covers every argument that changes it)."""
 
     # -- common interface ----------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
