@@ -72,9 +72,8 @@ def _as_timesteps(t, num_timesteps: int) -> torch.Tensor:
 
 def _gather(schedule: Schedule, t) -> _Terms:
     t = _as_timesteps(t, schedule.num_timesteps)
-    abar = schedule.alphas_cumprod
-    abar_prev = torch.cat([torch.ones(1, dtype=_F64), abar[:-1]])
-    return _Terms(t=t, beta=schedule.betas[t], abar=abar[t], abar_prev=abar_prev[t])
+    return _Terms(t=t, beta=schedule.betas[t], abar=schedule.alphas_cumprod[t],
+                  abar_prev=schedule.alphas_cumprod_prev[t])
 
 
 # -- the variants: own-space weight w_ε/c_p for each prediction ------------------------------------------------------

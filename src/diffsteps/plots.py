@@ -20,7 +20,6 @@ CURVE_METRICS = ("fid", "kid_mean", "nll", "mse")
 def save_grid(samples: torch.Tensor, path: Path, title: str | None = None) -> None:
     """Images (B, C, H, W) in [−1, 1] as a square grid; vector data as a scatter of the first two coordinates."""
     samples = samples.detach().float().cpu()
-    fig_title = title or ""
     if samples.ndim == 4:
         b, c, h, w = samples.shape
         cols = math.ceil(math.sqrt(b))
@@ -39,7 +38,7 @@ def save_grid(samples: torch.Tensor, path: Path, title: str | None = None) -> No
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else torch.zeros(len(flat)), s=2, alpha=0.5)
         ax.set_aspect("equal")
-    ax.set_title(fig_title, fontsize=9)
+    ax.set_title(title or "", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -73,19 +73,18 @@ def build_net(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module
     return instantiate(model_cfg, **fill)
 
 
-def build(cfg: DictConfig):
+def build(cfg: DictConfig, schedule):
     from hydra.utils import instantiate
 
     from .module import DiffusionModule
 
-    schedule = instantiate(cfg.schedule)
     datamodule = instantiate(cfg.data)
     net = build_net(cfg, tuple(datamodule.sample_shape))
     loss = instantiate(cfg.loss)
     t = cfg.train
     module = DiffusionModule(net, schedule, loss, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
                              min_lr_ratio=t.min_lr_ratio, compile=t.compile)
-    return schedule, datamodule, module
+    return datamodule, module
 
 
 def training_key(cfg: DictConfig) -> str:
@@ -315,7 +314,7 @@ def run(cfg: DictConfig) -> float:
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
-    schedule, datamodule, module = build(cfg)
+    datamodule, module = build(cfg, schedule)
     loggers = make_loggers(cfg, out_dir)
     rank = 0
     if cfg.ckpt_path:

@@ -30,9 +30,9 @@ __all__ = ["sample", "plan_sampling", "SampleResult", "SAMPLERS", "Denoiser", "L
 class Denoiser:
     """Calls ``model(x, t)`` and returns (x̂_0, ε̂) in the state's dtype.
 
-    ``t`` is passed as a 1-D tensor (one entry per sample) in the model's own dtype (its first floating parameter's;
-    the state's dtype for a parameter-free callable), and the input is cast to that dtype, so a float32 network can
-    be driven by a float64 sampler. ``clip_denoised=c`` clamps x̂_0 to [−c, c]; ``dynamic_threshold=p`` applies
+    The input is cast to the model's own dtype (its first floating parameter's; the state's dtype for a
+    parameter-free callable), so a float32 network can be driven by a float64 sampler; ``t`` is passed as a 1-D
+    tensor (one entry per sample) in that dtype, but at least float32. ``clip_denoised=c`` clamps x̂_0 to [−c, c]; ``dynamic_threshold=p`` applies
     Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): s = max(quantile_p |x̂_0|, 1) per sample, optionally
     capped at ``threshold_max``, x̂_0 ← clamp(x̂_0, −s, s)/s. After either, ε̂ is re-derived from the new x̂_0 so the
     pair stays consistent with x_t (as diffusers does).

@@ -56,6 +56,11 @@ class Schedule:
         return 1.0 - self.betas
 
     @property
+    def alphas_cumprod_prev(self) -> torch.Tensor:
+        """ᾱ_{t−1} for t = 0 … T−1, with ᾱ_{−1} = 1 (the data): the other end of each posterior step."""
+        return torch.cat([torch.ones(1, dtype=_F64), self.alphas_cumprod[:-1]])
+
+    @property
     def sigmas(self) -> torch.Tensor:
         a = self.alphas_cumprod
         return ((1.0 - a) / a).sqrt()
