@@ -439,17 +439,23 @@ def test_ddp_sync_gathers_generated_samples_but_not_the_reference():
 
     def all_gather(t, group=None):
         gathered.append(tuple(t.shape))
-        return [torch.cat(r.fake_features) if isinstance(r.fake_features, list) else r.fake_features for r in ranks]
+        state = "fake_index" if t.dtype == torch.long else "fake_features"
+        return [torch.cat(getattr(r, state)) if isinstance(getattr(r, state), list) else getattr(r, state)
+                for r in ranks]
 
     for rank in range(2):
         sq = identity_quality(D, kid_subset_size=50,
                               metric_kwargs={"dist_sync_fn": all_gather, "distributed_available_fn": lambda: True})
         sq.set_reference(real)  # every rank holds the full reference: it must not be gathered (counted twice)
-        sq.update(fake[rank::2])  # each rank its own share of the generated samples
+        sq.update(fake[rank::2], index=torch.arange(rank, 150, 2))  # each rank its own share, interleaved
         ranks.append(sq)
     got = ranks[0].compute()
-    assert gathered == [(75, D)]  # one synced state: rank 0's generated features
+    assert sorted(gathered) == [(75,), (75, D)]  # the generated features and their indices, nothing else
     assert len(ranks[0].fake_features) == 1 and len(ranks[0].fake_features[0]) == 75  # local state restored after
-    want = fid_of(real, torch.cat([fake[0::2], fake[1::2]]), kid_subset_size=50)
+    # put back in global order, the gathered features are the single-process ones: FID and even KID's random
+    # subsets agree to the last digit
+    want = fid_of(real, fake, kid_subset_size=50)
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-12)
-    assert got["kid_mean"] == pytest.approx(want["kid_mean"], rel=1e-12)
+    assert got["kid_mean"] == want["kid_mean"] and got["kid_std"] == want["kid_std"]
+    unordered = fid_of(real, torch.cat([fake[0::2], fake[1::2]]), kid_subset_size=50)
+    assert unordered["kid_mean"] != want["kid_mean"]  # the ordering matters, so the test above can fail

@@ -432,6 +432,9 @@ class SampleQuality(Metric):
         self.kid_seed = int(kid_seed)
         self.cache_dir = None if cache_dir is None else Path(os.path.expanduser(str(cache_dir)))
         self.add_state("fake_features", default=[], dist_reduce_fx="cat")
+        # the global sample index of each feature row: after a DDP gather the rows are put back in index order, so
+        # KID's random subsets (and float sums) see exactly what one process would
+        self.add_state("fake_index", default=[], dist_reduce_fx="cat")
         # Reference statistics: plain attributes, not buffers or states — not synced under DDP (every rank holds the
         # full reference), not written into checkpoints, and moved by .to(device) (see _apply) but never cast by a
         # containing model's .half()/.double(): a float16 covariance would ruin the FID.
@@ -556,20 +559,32 @@ class SampleQuality(Metric):
             raise
 
     # -- torchmetrics interface -------------------------------------------------------------------------------------
-    def update(self, fake: Tensor) -> None:
-        """Add a batch of generated samples (N, ...), same layout and range as the reference."""
+    def update(self, fake: Tensor, index: Tensor | None = None) -> None:
+        """Add a batch of generated samples (N, ...), same layout and range as the reference. ``index`` (N,) are
+        the samples' global indices (default: in order of arrival); ``compute`` orders the features by them, which
+        makes the result independent of how samples were split among DDP ranks."""
         if self.ref_features is None:
             raise RuntimeError("call set_reference(real, key) before update()")
         f = self._extract(fake, "the generated batch")
+        if index is None:
+            start = sum(len(i) for i in self.fake_index)
+            index = torch.arange(start, start + len(f))
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device).reshape(-1)
+        if len(index) != len(f):
+            raise ValueError(f"index has {len(index)} entries for {len(f)} samples")
         if len(f):
             self.fake_features.append(f)
+            self.fake_index.append(index)
 
     def compute(self) -> dict[str, float]:
         """``{"fid": FID, "kid_mean": KID, "kid_std": std of KID over subsets}`` for all samples since ``reset``."""
         if self.ref_features is None:
             raise RuntimeError("call set_reference(real, key) before compute()")
         fake = self.fake_features
-        fake = dim_zero_cat(fake) if isinstance(fake, Tensor) or len(fake) else self.ref_features[:0]
+        if isinstance(fake, Tensor) or len(fake):
+            fake = dim_zero_cat(fake)[torch.argsort(dim_zero_cat(self.fake_index), stable=True)]
+        else:
+            fake = self.ref_features[:0]
         n, d = len(fake), self.ref_features.shape[1]
         if n < self.min_samples:
             raise ValueError(f"need at least {self.min_samples} generated samples (FID: 2; KID: "
@@ -598,7 +613,17 @@ def classifier_confidence(images: Tensor, threshold: float = 0.9, classifier: nn
 
     High confidence with low class entropy means sharp but collapsed samples; the reverse, varied but blurry ones.
     ``classifier`` defaults to the shipped one (:func:`~diffsteps.digits_classifier.load_digits_classifier`).
+    For batches evaluated apart (chunks, DDP ranks): sum the :func:`confidence_counts` of each, then
+    :func:`confidence_from_counts`.
     """
+    return confidence_from_counts(confidence_counts(images, threshold, classifier, chunk_size))
+
+
+@torch.no_grad()
+def confidence_counts(images: Tensor, threshold: float = 0.9, classifier: nn.Module | None = None,
+                      chunk_size: int = 1024) -> dict[str, Tensor]:
+    """The additive statistics behind :func:`classifier_confidence` (float64 tensors): ``n`` images,
+    ``pmax_sum`` Σ max-probability, ``confident`` #images above ``threshold``, ``class_counts`` (K,) predictions."""
     model = classifier if classifier is not None else load_digits_classifier()
     images = torch.as_tensor(images)
     if len(images) == 0:
@@ -609,9 +634,18 @@ def classifier_confidence(images: Tensor, threshold: float = 0.9, classifier: nn
     probs = torch.cat([torch.softmax(model(images[i:i + chunk_size].to(device)).double(), dim=1)
                        for i in range(0, len(images), chunk_size)])
     pmax, pred = probs.max(1)
-    k = probs.shape[1]
-    hist = torch.bincount(pred, minlength=k).double() / len(pred)
+    f64 = dict(dtype=torch.float64)
+    return {"n": torch.tensor(float(len(pred)), **f64), "pmax_sum": pmax.sum().cpu(),
+            "confident": (pmax > threshold).sum().to(**f64).cpu(),
+            "class_counts": torch.bincount(pred, minlength=probs.shape[1]).to(**f64).cpu()}
+
+
+def confidence_from_counts(counts: dict[str, Tensor]) -> dict:
+    """:func:`classifier_confidence`'s summary from (summed) :func:`confidence_counts`."""
+    n = float(counts["n"])
+    hist = counts["class_counts"].double().cpu() / n
     nz = hist[hist > 0]
     entropy = float(-(nz * nz.log()).sum())
-    return {"confidence": float(pmax.mean()), "confident_fraction": float((pmax > threshold).double().mean()),
-            "class_histogram": hist.cpu(), "class_entropy": entropy, "class_entropy_normalized": entropy / math.log(k)}
+    return {"confidence": float(counts["pmax_sum"]) / n, "confident_fraction": float(counts["confident"]) / n,
+            "class_histogram": hist, "class_entropy": entropy,
+            "class_entropy_normalized": entropy / math.log(len(hist))}
