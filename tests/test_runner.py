@@ -86,11 +86,14 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     ("steps=[10,2000]", "exceeds the 1000 training timesteps"),
     ("sampler.spacing=cosine", "valid choices: leading, trailing"),
     ("sampler.options.eta=2.0", r"eta in \[0, 1\]"),
-    ("objective=accuracy", "valid choices: fid, kid, nll"),
+    ("objective=accuracy", r"Available options in 'objective':\s+elbo\s+fid\s+kid\s+mse\s+nll"),
+    ("objective.cost=joules", "valid choices: nfe, seconds"),
+    ("eval.num_samples=50", "eval.num_samples=50 is below the minimum 64"),
+    ("objective=mse sampler=ddpm", "objective=mse needs a deterministic sampler"),
     ("sampler=dpm_fast", r"Available options in 'sampler':\s+ddim\s+ddpm"),  # Hydra lists the group's choices
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
-    proc = run_py(tmp_path, *FAST, override, check=False)
+    proc = run_py(tmp_path, *FAST, *override.split(), check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert re.search(message, text), text[-2000:]
@@ -106,18 +109,25 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     assert proc.returncode != 0 and "corrupt or not a diffsteps checkpoint" in proc.stderr
 
 
-def test_ddp_two_processes_train_once_and_write_one_set_of_outputs(tmp_path):
-    proc = run_py(tmp_path, *FAST, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "steps=5",
-                  "logger=csv", name="ddp")
+def test_ddp_two_processes_train_once_and_evaluate_as_one_process(tmp_path):
+    ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=csv", "steps=[5,10]",
+           "eval.num_samples=300", "eval.batch_size=64", "eval.mse.num_samples=100"]
+    proc = run_py(tmp_path, *FAST, *ddp, name="ddp")
     text = proc.stdout + proc.stderr
     assert "distributed_backend=gloo" in text and "All distributed processes registered" in text
-    out = tmp_path / "ddp"
-    rows = json.loads((out / "metrics.json").read_text())
-    assert len(rows) == 1 and rows[0]["nfe"] == 5
-    assert text.count("results in") == 1  # one evaluation, by rank zero
-    ckpts = list((tmp_path / "outputs" / "checkpoints").glob("*/last.ckpt"))
-    assert len(ckpts) == 1
+    rows = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert [r["nfe"] for r in rows] == [5, 10] and rows[0]["num_samples"] == 300
+    assert text.count("results in") == 1  # one set of results, written by rank zero
+    assert len(list((tmp_path / "outputs" / "checkpoints").glob("*/last.ckpt"))) == 1
     assert len(list(tmp_path.glob("*/metrics.json"))) == 1
+    # the same checkpoint evaluated by one process: 5 chunks split 3/2 between the ranks gave the same numbers
+    single = [o.replace("trainer=ddp", "trainer=cpu") for o in ddp if not o.startswith("trainer.")]
+    run_py(tmp_path, *FAST, *single, f"ckpt_path={tmp_path}/ddp/checkpoint.ckpt", "task=eval", name="single")
+    alone = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    for a, b in zip(rows, alone):
+        for k in ("fid", "kid_mean", "kid_std", "nll", "mse", "elbo_bpd"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+        assert a["num_samples"] == b["num_samples"] and a["nfe"] == b["nfe"]
 
 
 def test_multirun_grid_shares_one_training(tmp_path):

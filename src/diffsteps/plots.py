@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["save_grid", "plot_quality_vs_nfe"]
+__all__ = ["save_grid", "save_steps_grid", "plot_quality_vs_nfe", "plot_schedules", "plot_sweep_metric"]
 
 # metrics drawn against NFE when present, lower is better for all
 CURVE_METRICS = ("fid", "kid_mean", "nll", "mse")
@@ -70,3 +70,117 @@ def plot_quality_vs_nfe(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         out.append(path)
     return out
+
+
+def plot_schedules(schedules: dict, path: Path) -> Path:
+    """The noise-schedule comparison: β_t, ᾱ_t, noise level √(1 − ᾱ_t) and log-SNR λ_t against t/T, one line per
+    schedule (``{label: Schedule}``). λ = −∞ where ᾱ = 0 (zero terminal SNR) is drawn at a floor below every finite
+    value and the panel title says so. Returns ``path``."""
+    path = Path(path)
+    lams = [s.log_snr for s in schedules.values()]
+    finite = torch.cat([lam[torch.isfinite(lam)] for lam in lams]) if lams else torch.zeros(1)
+    floor = math.floor(finite.min().item()) - 2.0 if len(finite) else -20.0
+    any_infinite = any(bool(torch.isinf(lam).any()) for lam in lams)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    (ax_beta, ax_abar), (ax_noise, ax_lam) = axes
+    for label, s in schedules.items():
+        x = (torch.arange(s.num_timesteps, dtype=torch.float64) / s.num_timesteps).numpy()
+        a = s.alphas_cumprod
+        style = {"label": label, "ls": "-"}
+        if s.zero_terminal_snr:  # dashed: it coincides with its base schedule until the last steps
+            style = {"label": f"{label} (λ_T−1 = −∞)", "ls": "--"}
+        ax_beta.plot(x, s.betas.numpy(), **style)
+        ax_abar.plot(x, a.numpy(), **style)
+        ax_noise.plot(x, (1.0 - a).sqrt().numpy(), **style)
+        ax_lam.plot(x, s.log_snr.clamp(min=floor).numpy(), **style)
+    ax_beta.set_yscale("log")  # β spans 1e-4 … 1: on a linear axis every ramp looks flat until the end
+    ax_beta.set_title("β_t", fontsize=10)
+    ax_abar.set_title("ᾱ_t (signal variance)", fontsize=10)
+    ax_noise.set_title("noise level √(1 − ᾱ_t)", fontsize=10)
+    lam_title = "log-SNR λ_t = log(ᾱ_t / (1 − ᾱ_t))"
+    if any_infinite:
+        lam_title += f"\n−∞ drawn at {floor:g}"
+        ax_lam.axhline(floor, color="grey", lw=0.8, ls=":")
+    ax_lam.set_title(lam_title, fontsize=10)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("t / T")
+    ax_abar.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[str, list[dict]],
+                      group_key: str = "group") -> Path:
+    """A sweep's quality against cost: one panel per cost in ``fronts`` (e.g. ``nfe``, ``sample_seconds``, both on
+    log axes), one line per ``row[group_key]``, and that cost's Pareto front (the rows given in ``fronts[cost]``)
+    as a step line through ringed markers: the best ``metric`` reachable at each budget. Returns ``path``."""
+    from matplotlib.ticker import NullFormatter
+
+    path = Path(path)
+    groups = list(dict.fromkeys(r[group_key] for r in rows))
+    fig, axes = plt.subplots(1, len(fronts), figsize=(5 * len(fronts) + 1, 4), squeeze=False)
+    labels = {"nfe": "NFE (model evaluations)", "sample_seconds": "sampling wall time (s)"}
+    for ax, (cost, front) in zip(axes[0], fronts.items()):
+        for g in groups:
+            pts = sorted((r[cost], r[metric]) for r in rows if r[group_key] == g)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=g)
+        pts = sorted((r[cost], r[metric]) for r in front)
+        if pts:
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="black", lw=1.2, ls="--",
+                    label="Pareto front")
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=90, facecolors="none", edgecolors="black",
+                       zorder=3)
+        ax.set_xscale("log")
+        ticks = sorted({r[cost] for r in rows})
+        if cost == "nfe" and len(ticks) <= 12:  # the NFE values themselves read better than powers of ten
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(labels.get(cost, cost))
+        ax.set_ylabel(f"{metric} (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title: str | None = None) -> Path:
+    """The same noise carried to the data at several step counts: images (B, C, H, W) in [−1, 1] as one row per
+    step count (labelled with the dict's keys), vector data as one scatter panel per step count. Returns ``path``."""
+    items = [(label, x.detach().float().cpu()) for label, x in samples_by_steps.items() if len(x)]
+    if not items:
+        raise ValueError("no samples to draw")
+    if items[0][1].ndim == 4:
+        _, c, h, w = items[0][1].shape
+        cols = max(len(x) for _, x in items)
+        fig, axes = plt.subplots(len(items), 1, figsize=(min(0.6 * cols, 16) + 1.5, 0.6 * len(items) * h / 8 + 0.6),
+                                 squeeze=False)
+        for ax, (label, x) in zip(axes[:, 0], items):
+            row = torch.ones(c, h, cols * (w + 1) - 1)
+            for k, img in enumerate(x.clamp(-1, 1) * 0.5 + 0.5):
+                row[:, :, k * (w + 1): k * (w + 1) + w] = img
+            img = row.permute(1, 2, 0).numpy()
+            ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    else:
+        fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 2.9), squeeze=False, sharex=True,
+                                 sharey=True)
+        for ax, (label, x) in zip(axes[0], items):
+            flat = x.reshape(len(x), -1)
+            ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else torch.zeros(len(flat)), s=2, alpha=0.5)
+            ax.set_title(label, fontsize=8)
+            ax.set_aspect("equal")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -24,8 +24,10 @@ from .samplers import plan_sampling
 
 log = logging.getLogger("diffsteps")
 
-OBJECTIVES = ("fid", "kid", "nll")
-TASKS = ("train_eval", "train", "eval")
+# objective name → the metrics.json key it reads
+OBJECTIVES = {"fid": "fid", "kid": "kid_mean", "mse": "mse", "nll": "nll", "elbo": "elbo_bpd"}
+OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
+TASKS = ("train_eval", "train", "eval", "schedules", "report")
 # config sections that change the trained weights; sampler, steps and eval never force retraining
 TRAINING_KEYS = ("data", "model", "schedule", "loss", "train", "seed")
 
@@ -44,16 +46,32 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     sampler options (each against the schedule), evaluation sizes. Returns the step counts."""
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; valid choices: {', '.join(TASKS)}")
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; valid choices: {', '.join(OBJECTIVES)}")
+    o = cfg.objective
+    if o.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {o.name!r}; valid choices: {', '.join(OBJECTIVES)}")
+    if o.cost not in OBJECTIVE_COSTS:
+        raise ValueError(f"unknown objective.cost {o.cost!r}; valid choices: {', '.join(OBJECTIVE_COSTS)}")
+    if not (isinstance(o.cost_weight, (int, float)) and math.isfinite(o.cost_weight)):
+        raise ValueError(f"objective.cost_weight must be a finite number, got {o.cost_weight!r}")
     steps = steps_list(cfg)
     options = OmegaConf.to_container(cfg.sampler.options, resolve=True) or {}
+    spec = None
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"steps must be integers, got {n!r}")
-        plan_sampling(schedule, cfg.sampler.name, n, cfg.sampler.spacing, **options)
-    if cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
-        raise ValueError("eval.num_samples must be ≥ 2 and eval.batch_size ≥ 1")
+        spec, _, _ = plan_sampling(schedule, cfg.sampler.name, n, cfg.sampler.spacing, **options)
+    e = cfg.eval
+    if e.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be ≥ 1, got {e.batch_size}")
+    least = max(2, e.kid_subset_size)
+    if e.num_samples < least:
+        raise ValueError(f"eval.num_samples={e.num_samples} is below the minimum {least}: FID needs ≥ 2 samples and "
+                         f"KID ≥ eval.kid_subset_size={e.kid_subset_size}; raise num_samples or lower kid_subset_size")
+    if o.name == "mse" and not (spec.is_deterministic(**options) and e.mse.num_samples > 0):
+        raise ValueError(f"objective=mse needs a deterministic sampler (not {cfg.sampler.name!r} with {options}) "
+                         f"and eval.mse.num_samples > 0")
+    if o.name == "elbo" and not e.elbo.num_samples > 0:
+        raise ValueError("objective=elbo needs eval.elbo.num_samples > 0")
     return steps
 
 
@@ -207,59 +225,100 @@ def feature_name(cfg: DictConfig, datamodule) -> str:
     return "digits" if tuple(datamodule.sample_shape) == (1, 8, 8) else "inception"
 
 
-def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], out_dir: Path) -> list[dict]:
-    """Sample at every step count from the same noise (common random numbers), in chunks, and measure."""
-    from tqdm.auto import tqdm
-
-    from .metrics import SampleQuality, classifier_confidence
-    from .plots import save_grid
-
-    e = cfg.eval
-    shape = tuple(datamodule.sample_shape)
-    features = feature_name(cfg, datamodule)
-    # rank zero evaluates alone (the other ranks have returned), so the metric must not wait for them to sync
-    quality = SampleQuality(features=features, kid_subset_size=min(e.kid_subset_size, e.num_samples),
-                            cache_dir=cfg.paths.cache_dir, metric_kwargs={"sync_on_compute": False})
-    real = datamodule.real_samples(e.num_reference, split=e.reference_split)
-    quality.set_reference(real, key=f"{datamodule.name}-{e.reference_split}-{len(real)}")
-    mixture = getattr(datamodule, "mixture", None)
+def sampler_options(cfg: DictConfig, datamodule) -> dict:
     options = OmegaConf.to_container(cfg.sampler.options, resolve=True) or {}
     # images live in [−1, 1]: clipping x̂_0 there keeps an ε-network's errors at high noise (amplified by σ/α ≈ 157
     # at t = T−1 on the linear schedule) from compounding; vector data has no such bound
-    clip = e.get("clip_denoised", "auto")
+    clip = cfg.eval.get("clip_denoised", "auto")
     options["clip_denoised"] = (1.0 if datamodule.is_image else None) if clip == "auto" else clip
-    sampler, spacing = cfg.sampler.name, cfg.sampler.spacing
-    rows = []
-    module.eval()
-    for n_steps in tqdm(steps, desc=f"evaluating {sampler}", unit="step count"):
-        gen = torch.Generator().manual_seed(e.noise_seed)
-        chunks, nfe, t0 = [], 0, time.perf_counter()
-        quality.reset()
-        for start in range(0, e.num_samples, e.batch_size):
-            b = min(e.batch_size, e.num_samples - start)
-            noise = torch.randn((b, *shape), generator=gen)
-            res = module.generate(noise.to(module.device), sampler=sampler, steps=n_steps, spacing=spacing,
-                                  generator=gen, return_info=True, **options)
-            x = res.sample.float().cpu()
-            nfe = res.nfe
-            quality.update(x)
-            chunks.append(x)
-        seconds = time.perf_counter() - t0
-        samples = torch.cat(chunks)
-        row = {"sampler": sampler, "spacing": spacing, "steps": n_steps, "nfe": nfe,
-               "sample_seconds": seconds, "seconds_per_sample": seconds / e.num_samples, **quality.compute()}
-        if features == "digits":
-            row.update({f"classifier_{k}": v for k, v in classifier_confidence(samples).items()
-                        if isinstance(v, (int, float))})
-        if mixture is not None:
-            flat = samples.reshape(len(samples), -1).double()
-            row["nll"] = -mixture.log_prob(flat).mean().item() / flat.shape[1]  # nats per dimension
-        rows.append({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
-        torch.save(samples, out_dir / f"samples_{sampler}_{n_steps}.pt")
-        save_grid(samples[: e.grid_size], out_dir / f"grid_{sampler}_{n_steps}.png",
-                  title=f"{sampler}, {n_steps} steps (NFE {nfe})")
-        log.info("%s %d steps: %s", sampler, n_steps, {k: v for k, v in rows[-1].items() if k not in ("sampler",)})
-    return rows
+    return options
+
+
+def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
+             out_dir: Path) -> tuple[list[dict] | None, int]:
+    """Sample at every step count from the same noise, in chunks, on every process of the trainer (DDP: each its
+    share of the chunks), and measure. Returns (rows, rank); rows only on rank zero, which also writes the grids
+    and sample files."""
+    from hydra.utils import instantiate
+
+    from .evaluation import EvalPlan, EvaluationModule, Evaluator
+    from .metrics import SampleQuality
+
+    e = cfg.eval
+    features = feature_name(cfg, datamodule)
+    plan = EvalPlan(sampler=cfg.sampler.name, steps=tuple(steps), shape=tuple(datamodule.sample_shape),
+                    num_samples=e.num_samples, batch_size=e.batch_size, spacing=cfg.sampler.spacing,
+                    options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
+                    mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
+                    reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
+                    keep_samples=max(e.grid_size, e.grid_columns, e.save_samples))
+    real = datamodule.real_samples(e.num_reference, split=e.reference_split)
+    key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
+
+    def quality() -> SampleQuality:
+        q = SampleQuality(features=features, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
+        q.set_reference(real, key=key)  # computed once, then read from the cache
+        return q
+
+    evaluator = Evaluator(plan, schedule, module.prediction, quality=quality,
+                          mixture=getattr(datamodule, "mixture", None), classifier=features == "digits")
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          default_root_dir=str(out_dir))
+    runner = EvaluationModule(module.net, evaluator)
+    log.info("evaluating %s at %s steps: %d samples in chunks of %d", plan.sampler, list(steps), plan.num_samples,
+             plan.batch_size)
+    trainer.test(runner, verbose=False)
+    if trainer.global_rank != 0:
+        return None, trainer.global_rank
+    rows = runner.rows
+    if e.elbo.num_samples > 0:
+        for row in rows:
+            row.update(_elbo(cfg, module, datamodule, schedule, row["steps"]))
+    _save_samples(evaluator, rows, plan, e, out_dir)
+    for row in rows:
+        log.info("%s %d steps: %s", row["sampler"], row["steps"],
+                 {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
+    return rows, 0
+
+
+def _elbo(cfg: DictConfig, module, datamodule, schedule, n_steps: int) -> dict:
+    """The negative ELBO (bits/dim) of held-out data over the integer timesteps ``n_steps`` of the sampler's spacing
+    visits (a K-step chain), and optionally over all T."""
+    from .likelihood import elbo_bpd
+    from .spacings import make_timesteps, to_integer_timesteps
+
+    e = cfg.eval.elbo
+    data = datamodule.real_samples(e.num_samples, split=e.split)
+    device = next(module.net.parameters()).device
+    ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
+    # the 8-bit discretised decoder (Ho et al. §3.3) only for data on the 256-level grid (digits' 17 levels are not)
+    u = (data.double() + 1) * 127.5
+    discrete = datamodule.is_image and bool(torch.allclose(u, u.round(), atol=1e-3))
+    kw = dict(prediction=module.prediction, variance=e.variance, batch_size=cfg.eval.batch_size, device=device,
+              discrete=discrete)
+    with torch.no_grad():
+        out = elbo_bpd(module.net, data, schedule, timesteps=ts,
+                       generator=torch.Generator(device=device).manual_seed(cfg.eval.noise_seed), **kw)
+        if e.full:
+            full = elbo_bpd(module.net, data, schedule, timesteps=None, progress=True,
+                            generator=torch.Generator(device=device).manual_seed(cfg.eval.noise_seed), **kw)
+            out["elbo_full_bpd"] = full["elbo_bpd"]
+    return {k: v for k, v in out.items() if k != "elbo_num_samples"}
+
+
+def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:
+    from .plots import save_grid, save_steps_grid
+
+    by_steps = {}
+    for row in rows:
+        n = row["steps"]
+        x = evaluator.samples(n)
+        torch.save(x[: e.save_samples].clone(), out_dir / f"samples_{plan.sampler}_{n}.pt")
+        save_grid(x[: e.grid_size], out_dir / f"grid_{plan.sampler}_{n}.png",
+                  title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})")
+        by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_columns] if x.ndim == 4 else x[: e.grid_size]
+    save_steps_grid(by_steps, out_dir / f"grid_steps_{plan.sampler}.png",
+                    title=f"{plan.sampler}: the same noise at each step count")
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:
@@ -273,25 +332,28 @@ def write_results(rows: list[dict], out_dir: Path) -> None:
 
 def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
     """Quality-vs-steps to W&B on their own step axis (each metric defined by exact name: a "*" glob defined
-    earlier would win over later globs), plus a table and the sample grids."""
+    earlier would win over later globs), a table, line plots of each metric against NFE, the sample grids and
+    figures; to the CSV logger the same numbers with the step count as step."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    numeric = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and k != "steps"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    numeric = [k for k in keys if k != "steps" and all(isinstance(r.get(k), (int, float)) for r in rows)]
     for lg in loggers:
         if isinstance(lg, WandbLogger):
+            import wandb
+
             run = lg.experiment
             run.define_metric("eval/steps")
             for k in numeric:
                 run.define_metric(f"eval/{k}", step_metric="eval/steps")
             for r in rows:
                 run.log({"eval/steps": r["steps"], **{f"eval/{k}": r[k] for k in numeric}})
-            import wandb
-
-            run.log({"eval/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
-            for r in rows:
-                grid = out_dir / f"grid_{r['sampler']}_{r['steps']}.png"
-                if grid.is_file():
-                    lg.log_image(key=f"samples/{r['sampler']}", images=[str(grid)], caption=[f"{r['steps']} steps"])
+            table = wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])
+            curves = {f"curves/{k}_vs_nfe": wandb.plot.line(table, "nfe", k, title=f"{k} vs NFE")
+                      for k in ("fid", "kid_mean", "mse", "nll", "elbo_bpd") if k in numeric}
+            run.log({"eval/table": table, **curves})
+            for png in sorted(out_dir.glob("grid_*.png")):
+                lg.log_image(key=f"samples/{png.stem}", images=[str(png)])
             for png in sorted(out_dir.glob("*_vs_*.png")):
                 lg.log_image(key=f"plots/{png.stem}", images=[str(png)])
         elif isinstance(lg, CSVLogger):
@@ -302,11 +364,13 @@ def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
 
 # -- entry point ----------------------------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> float:
-    """Train (or reuse), evaluate at each of ``cfg.steps``, write results; return ``cfg.objective`` at the last."""
+    """Train (or reuse), evaluate at each of ``cfg.steps``, write results; return the objective at the last."""
     from hydra.utils import instantiate
 
     from .plots import plot_quality_vs_nfe
 
+    if cfg.task in ("schedules", "report"):
+        return _figure_task(cfg)
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
     out_dir = Path(cfg.paths.output_dir)
@@ -324,27 +388,56 @@ def run(cfg: DictConfig) -> float:
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
         ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
+    rows = None
+    if cfg.task != "train":
+        rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir)  # every rank takes part
     if rank != 0:
-        return math.nan  # only rank zero evaluates and writes (issue: distributed evaluation comes later)
+        return math.nan  # rank zero writes the results
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     link = out_dir / "checkpoint.ckpt"
     if not link.exists():
         link.symlink_to(Path(ckpt).resolve())
-    if cfg.task == "train":
+    if rows is None:
         return math.nan
-    rows = evaluate(cfg, module, datamodule, schedule, steps, out_dir)
+    for row in rows:
+        row["objective"] = objective_value(cfg, row)
+    value = rows[-1]["objective"]
     write_results(rows, out_dir)
     plot_quality_vs_nfe(rows, out_dir)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")
     _print_sync_hint(loggers)
-    value = rows[-1].get(cfg.objective)
+    print(f"results in {out_dir}; objective {cfg.objective.name} = {value:.6g}")
+    return value
+
+
+def objective_value(cfg: DictConfig, row: dict) -> float:
+    """``cfg.objective.name``'s metric in ``row`` (one step count) + ``cost_weight`` × its cost (NFE or seconds per
+    sample). ``run`` returns it at the last step count."""
+    o = cfg.objective
+    value = row.get(OBJECTIVES[o.name])
     if value is None:
-        raise ValueError(f"objective {cfg.objective!r} was not measured for this data; measured: "
-                         f"{', '.join(k for k, v in rows[-1].items() if isinstance(v, float))}")
-    print(f"results in {out_dir}")
-    return float(value)
+        measured = ", ".join(k for k, v in row.items() if isinstance(v, float))
+        raise ValueError(f"objective {o.name!r} was not measured for this data and sampler; measured: {measured}")
+    return float(value) + float(o.cost_weight) * float(row[OBJECTIVE_COSTS[o.cost]]) if o.cost_weight else \
+        float(value)
+
+
+def _figure_task(cfg: DictConfig) -> float:
+    """``task=schedules``: every noise schedule in one figure; ``task=report``: a finished sweep's summary."""
+    from .report import schedule_figure, summarize
+
+    out = Path(cfg.paths.output_dir)
+    if cfg.task == "schedules":
+        png = schedule_figure(out, num_timesteps=cfg.schedule.num_timesteps)
+        print(f"schedules in {png} and {out / 'schedules.csv'}")
+    else:
+        if not cfg.get("report_dir"):
+            raise ValueError("task=report needs report_dir=<a multirun folder>")
+        result = summarize(cfg.report_dir)
+        print(f"summary of {len(result['rows'])} rows in {Path(cfg.report_dir) / 'summary.md'}")
+    return math.nan
 
 
 def _print_sync_hint(loggers: list) -> None:

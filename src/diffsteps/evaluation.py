@@ -1,0 +1,332 @@
+"""Quality versus steps: every step count sampled from the same noise, in chunks, split across DDP ranks, measured.
+
+An evaluation is one sampler at a list of step counts. Samples are generated chunk by chunk (``batch_size`` each,
+so peak memory does not grow with ``num_samples``). Chunk c's noise, and the noise a stochastic sampler draws
+inside it, come from generators seeded by (seed, c) alone, so every step count, every number of processes and every
+chunk-to-rank assignment sees the same random numbers (common random numbers: differences between step counts are
+the sampler's, not the noise's). Chunk c runs on rank c mod world size; every measurement is a torchmetrics state
+synced at the end — FID/KID features put back in global sample order — so a DDP evaluation reproduces the
+single-process numbers.
+
+Per step count: FID/KID (:class:`~diffsteps.metrics.SampleQuality`), NFE, sampling seconds and the part spent in
+the network, peak accelerator memory, and where they apply the digits classifier's confidence, the exact NLL of
+the samples under a known mixture density, and the trajectory error of a deterministic sampler against a converged
+reference solution from the same noise (:func:`trajectory_reference`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from .metrics import SampleQuality, confidence_counts, confidence_from_counts
+from .samplers import SAMPLERS, get_sampler, sample
+from .schedules import Schedule
+
+__all__ = ["EvalPlan", "Evaluator", "EvaluationModule", "Totals", "chunk_noise", "trajectory_reference",
+           "DENOISER_OPTIONS"]
+
+# options of the shared model wrapper (any sampler), as opposed to one sampler's own (eta, variance, ...)
+DENOISER_OPTIONS = ("clip_denoised", "dynamic_threshold", "threshold_max", "denoise_final")
+
+
+def _seed(*words: int) -> int:
+    digest = hashlib.sha256(("diffsteps-eval:" + ",".join(map(str, words))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to generate: ``num_samples`` of shape ``shape`` with ``sampler`` (``spacing``, ``options``) at each
+    of ``steps``, ``batch_size`` at a time. ``mse_samples`` > 0 measures the trajectory error of a deterministic
+    sampler on the first that many samples, against ``reference_sampler`` at ``reference_steps``.
+    ``keep_samples``: how many samples of each step count rank 0 keeps (for grids and sample files)."""
+
+    sampler: str
+    steps: tuple[int, ...]
+    shape: tuple[int, ...]
+    num_samples: int = 1000
+    batch_size: int = 500
+    spacing: str = "trailing"
+    options: dict = field(default_factory=dict)
+    noise_seed: int = 1234
+    mse_samples: int = 0
+    reference_sampler: str = "heun"
+    reference_steps: int = 200
+    reference_spacing: str = "logsnr"
+    keep_samples: int = 64
+
+    def __post_init__(self):
+        if self.num_samples < 2 or self.batch_size < 1:
+            raise ValueError(f"num_samples must be ≥ 2 and batch_size ≥ 1, got {self.num_samples}, {self.batch_size}")
+        if not self.steps:
+            raise ValueError("steps is empty")
+        if self.mse_samples < 0 or self.reference_steps < 2:
+            raise ValueError("mse_samples must be ≥ 0 and reference_steps ≥ 2")
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def chunk(self, c: int) -> tuple[int, int]:
+        """(first global index, size) of chunk ``c``."""
+        start = c * self.batch_size
+        return start, min(self.batch_size, self.num_samples - start)
+
+    @property
+    def denoiser_options(self) -> dict:
+        return {k: v for k, v in self.options.items() if k in DENOISER_OPTIONS}
+
+    @property
+    def sampler_options(self) -> dict:
+        return {k: v for k, v in self.options.items() if k not in DENOISER_OPTIONS}
+
+
+def chunk_noise(plan: EvalPlan, c: int, device=None, dtype=torch.float32) -> Tensor:
+    """The initial noise x_T of chunk ``c``: a function of (``plan.noise_seed``, c) only."""
+    _, size = plan.chunk(c)
+    g = torch.Generator().manual_seed(_seed(plan.noise_seed, c))
+    return torch.randn((size, *plan.shape), generator=g, dtype=dtype).to(device)
+
+
+def _sampler_generator(plan: EvalPlan, c: int, device) -> torch.Generator:
+    # the stochastic sampler's own noise: common across step counts too, and on the device that draws it
+    return torch.Generator(device=device).manual_seed(_seed(plan.noise_seed, c, "sampler"))
+
+
+class Totals(Metric):
+    """Named float64 accumulators synced across processes: ``sums`` (name → shape) add, ``maxima`` take the max."""
+
+    full_state_update = False
+
+    def __init__(self, sums: dict[str, tuple[int, ...]], maxima: tuple[str, ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self.sum_names, self.max_names = tuple(sums), tuple(maxima)
+        for name, shape in sums.items():
+            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in maxima:
+            self.add_state(name, torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, **values) -> None:
+        for name, v in values.items():
+            v = torch.as_tensor(v, dtype=torch.float64, device=self.device)
+            if name in self.sum_names:
+                setattr(self, name, getattr(self, name) + v)
+            elif name in self.max_names:
+                setattr(self, name, torch.maximum(getattr(self, name), v))
+            else:
+                raise KeyError(f"unknown total {name!r}; known: {', '.join(self.sum_names + self.max_names)}")
+
+    def compute(self) -> dict[str, Tensor]:
+        return {n: getattr(self, n).clone() for n in self.sum_names + self.max_names}
+
+
+class _TimedNet(nn.Module):
+    """The network with a stopwatch: seconds spent in ``forward`` (synchronised on CUDA, so it is device time)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.seconds = net, 0.0
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        _sync(x.device)
+        t0 = time.perf_counter()
+        out = self.net(x, t)
+        _sync(x.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def trajectory_reference(net: Callable, noise: Tensor, *, schedule: Schedule, prediction: str,
+                         sampler: str = "heun", steps: int = 200, spacing: str = "logsnr",
+                         **denoiser_options) -> tuple[Tensor, Tensor]:
+    """The converged end point of the probability-flow ODE from ``noise``, and a check that it converged.
+
+    The reference is ``sampler`` (default Heun, 2nd order; Karras et al. 2022, Alg. 1) with ``steps`` steps from
+    t = T−1 to the data, ``spacing`` uniform in log-SNR by default (even error per step, so it converges with far
+    fewer steps than uniform t). Every deterministic sampler that starts at T−1 (trailing, linspace, karras, logsnr
+    spacings) solves the same ODE from the same point, so its N-step result converges to this one as N → ∞. Returns (reference, gap) where gap (B,) is the per-sample
+    mean squared difference to the same solver at ``steps // 2``: for a p-th order solver the reference's own
+    error is ≈ gap / (2^p − 1), so a gap far below the smallest trajectory error measured shows convergence.
+    """
+    if not get_sampler(sampler).is_deterministic():
+        raise ValueError(f"the reference sampler must be deterministic; got {sampler!r}; choose one of: "
+                         f"{', '.join(n for n, s in SAMPLERS.items() if s.is_deterministic())}")
+    kw = dict(schedule=schedule, prediction=prediction, sampler=sampler, spacing=spacing, **denoiser_options)
+    ref = sample(net, noise, steps=steps, **kw).double()
+    half = sample(net, noise, steps=max(steps // 2, 1), **kw).double()
+    return ref, (ref - half).pow(2).flatten(1).mean(1)
+
+
+class Evaluator:
+    """Measures one :class:`EvalPlan`. Call ``run_chunk`` for each chunk this process owns (any order, any split
+    across DDP ranks), then ``compute`` on every rank (the metrics sync) → one row per step count.
+
+    ``quality``: a factory returning a :class:`SampleQuality` with its reference already set (one per step count),
+    or None to skip FID/KID; ``mixture``: a known data density (``log_prob``) for the exact NLL of the samples;
+    ``classifier``: also report the digits classifier's confidence."""
+
+    def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, *,
+                 quality: Callable[[], SampleQuality] | None = None, mixture=None, classifier: bool = False):
+        self.plan, self.schedule, self.prediction = plan, schedule, prediction
+        self.mixture, self.classifier = mixture, classifier
+        self.deterministic = get_sampler(plan.sampler).is_deterministic(**plan.sampler_options)
+        self.measure_mse = plan.mse_samples > 0 and self.deterministic
+        sums = {"n": (), "sample_seconds": (), "model_seconds": (), "nfe_sum": ()}
+        if mixture is not None:
+            sums["nll_sum"] = ()
+        if classifier:
+            sums.update({"cls_n": (), "cls_pmax_sum": (), "cls_confident": (), "cls_counts": (10,)})
+        if self.measure_mse:
+            sums.update({"mse_sum": (), "mse_n": ()})
+        self.quality = {n: quality() for n in plan.steps} if quality is not None else {}
+        self.totals = {n: Totals(sums, maxima=("peak_memory",)) for n in plan.steps}
+        self.reference = Totals({"gap_sum": (), "n": (), "seconds": ()})
+        self.kept: dict[int, list[Tensor]] = {n: [] for n in plan.steps}
+
+    def to(self, device) -> "Evaluator":
+        for m in [*self.quality.values(), *self.totals.values(), self.reference]:
+            m.to(device)
+        return self
+
+    def _metrics(self) -> list[Metric]:
+        return [*self.quality.values(), *self.totals.values(), self.reference]
+
+    @torch.no_grad()
+    def run_chunk(self, net: nn.Module, c: int, device=None) -> None:
+        """Generate chunk ``c`` at every step count and add it to the metrics."""
+        plan = self.plan
+        device = device or next((p.device for p in net.parameters()), torch.device("cpu"))
+        start, size = plan.chunk(c)
+        noise = chunk_noise(plan, c, device)
+        index = torch.arange(start, start + size)
+        timed = _TimedNet(net)
+        ref = None
+        n_ref = min(size, plan.mse_samples - start) if self.measure_mse else 0
+        if n_ref > 0:
+            t0 = time.perf_counter()
+            ref, gap = trajectory_reference(timed, noise[:n_ref], schedule=self.schedule, prediction=self.prediction,
+                                            sampler=plan.reference_sampler, steps=plan.reference_steps,
+                                            spacing=plan.reference_spacing,
+                                            **plan.denoiser_options)
+            self.reference.update(gap_sum=gap.sum(), n=n_ref, seconds=time.perf_counter() - t0)
+        for n in plan.steps:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timed.seconds = 0.0
+            _sync(device)
+            t0 = time.perf_counter()
+            res = sample(timed, noise, schedule=self.schedule, prediction=self.prediction, sampler=plan.sampler,
+                         steps=n, spacing=plan.spacing, generator=_sampler_generator(plan, c, device),
+                         return_info=True, **plan.options)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            x = res.sample
+            tot = self.totals[n]
+            tot.update(n=size, sample_seconds=seconds, model_seconds=timed.seconds, nfe_sum=res.nfe * size)
+            if device.type == "cuda":
+                tot.update(peak_memory=torch.cuda.max_memory_allocated(device) / 2**20)
+            if n in self.quality:
+                self.quality[n].update(x.float(), index)
+            if self.mixture is not None:
+                flat = x.reshape(size, -1).double().cpu()
+                tot.update(nll_sum=-(self.mixture.log_prob(flat) / flat.shape[1]).sum())
+            if self.classifier:
+                cc = confidence_counts(x.float())
+                tot.update(cls_n=cc["n"], cls_pmax_sum=cc["pmax_sum"], cls_confident=cc["confident"],
+                           cls_counts=cc["class_counts"])
+            if ref is not None:
+                err = (x[:n_ref].double() - ref).pow(2).flatten(1).mean(1)
+                tot.update(mse_sum=err.sum(), mse_n=n_ref)
+            kept = self.kept[n]
+            room = plan.keep_samples - sum(len(k) for k in kept)
+            if room > 0:
+                kept.append(x[:room].float().cpu())
+
+    def compute(self) -> list[dict]:
+        """One row per step count (plain floats), identical on every rank."""
+        gap = self.reference.compute()
+        rows = []
+        for n in self.plan.steps:
+            t = self.totals[n].compute()
+            count = float(t["n"])
+            row = {"sampler": self.plan.sampler, "spacing": self.plan.spacing, "steps": n,
+                   "nfe": round(float(t["nfe_sum"]) / count), "num_samples": int(count),
+                   "sample_seconds": float(t["sample_seconds"]), "model_seconds": float(t["model_seconds"]),
+                   "seconds_per_sample": float(t["sample_seconds"]) / count}
+            if math.isfinite(float(t["peak_memory"])):
+                row["peak_memory_mb"] = float(t["peak_memory"])
+            if n in self.quality:
+                row.update(self.quality[n].compute())
+            if "nll_sum" in t:
+                row["nll"] = float(t["nll_sum"]) / count  # nats per dimension
+            if "cls_n" in t:
+                summary = confidence_from_counts({"n": t["cls_n"], "pmax_sum": t["cls_pmax_sum"],
+                                                  "confident": t["cls_confident"], "class_counts": t["cls_counts"]})
+                row.update({f"classifier_{k}": v for k, v in summary.items() if isinstance(v, float)})
+            if "mse_sum" in t:
+                row["mse"] = float(t["mse_sum"]) / float(t["mse_n"])
+                row["mse_reference_gap"] = float(gap["gap_sum"]) / float(gap["n"])
+            rows.append(row)
+        return rows
+
+    def samples(self, n: int) -> Tensor:
+        """The samples this rank kept at ``n`` steps (rank 0: the first ``keep_samples`` in global order)."""
+        return torch.cat(self.kept[n]) if self.kept[n] else torch.empty(0, *self.plan.shape)
+
+
+class _Chunks(torch.utils.data.IterableDataset):
+    """This rank's chunk indices, c ≡ rank (mod world size). Iterable, so Lightning adds no DistributedSampler
+    (which would pad ranks to equal length by repeating chunks, counting samples twice)."""
+
+    def __init__(self, num_chunks: int):
+        self.num_chunks = num_chunks
+
+    def _mine(self) -> range:
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        return range(rank, self.num_chunks, world)
+
+    def __iter__(self):
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+class EvaluationModule(L.LightningModule):
+    """Runs an :class:`Evaluator` under ``trainer.test``, so Lightning places the network and, with DDP, starts
+    the processes (or reuses those training started). The evaluator — metrics and feature network — stays off
+    the module tree: it must not be moved, cast or wrapped with the model. ``rows`` holds the result after test."""
+
+    def __init__(self, net: nn.Module, evaluator: Evaluator):
+        super().__init__()
+        self.net = net
+        self.__dict__["evaluator"] = evaluator
+        self.rows: list[dict] | None = None
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(_Chunks(self.evaluator.plan.num_chunks), batch_size=None)
+
+    def on_test_start(self) -> None:
+        self.evaluator.to(self.device)
+
+    def test_step(self, chunk, batch_idx: int) -> None:
+        self.evaluator.run_chunk(self.net, int(chunk), self.device)
+
+    def on_test_epoch_end(self) -> None:
+        self.rows = self.evaluator.compute()
