@@ -138,3 +138,21 @@ def test_multirun_grid_shares_one_training(tmp_path):
     jobs = sorted(tmp_path.glob("outputs/multirun/*/*/*/metrics.json"))
     assert [json.loads(p.read_text())[0]["nfe"] for p in jobs] == [5, 9]  # ddim 5 steps, heun 2·5 − 1
     assert (proc.stdout + proc.stderr).count("reusing the checkpoint") == 1
+    # the multirun-end callback summarised both jobs; task=report re-reads the folder the same way
+    sweep = jobs[0].parents[1]
+    with open(sweep / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert sorted(r["sampler"] for r in summary) == ["ddim", "heun"]
+    assert (sweep / "summary_nll_vs_nfe.png").is_file() and (sweep / "pareto_nll.csv").is_file()
+    (sweep / "summary.csv").unlink()
+    proc = run_py(tmp_path, "task=report", f"report_dir={sweep}", name="report")
+    assert "summary of 2 rows" in proc.stdout and (sweep / "summary.csv").is_file()
+
+
+def test_schedules_task_draws_every_schedule_without_training(tmp_path):
+    proc = run_py(tmp_path, "task=schedules", name="schedules")
+    assert (tmp_path / "schedules" / "schedules.png").is_file()
+    with open(tmp_path / "schedules" / "schedules.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1000 and float(rows[0]["linear_beta"]) == pytest.approx(1e-4)
+    assert not (tmp_path / "outputs" / "checkpoints").exists() and "schedules in" in proc.stdout

@@ -1,6 +1,7 @@
 """diffsteps: how noise steps, schedules, samplers and losses trade diffusion-model quality against cost."""
 
 from .gaussian_mixture import ExactEpsilon, GaussianMixture
+from .likelihood import ELBO, elbo, elbo_bpd
 from .losses import LOSSES, DiffusionLoss, sample_timesteps
 from .parameterizations import PREDICTIONS, prediction_target, to_x0_eps
 from .process import posterior_coefficients, q_posterior, q_sample
@@ -16,5 +17,6 @@ __all__ = [
     "q_sample", "q_posterior", "posterior_coefficients",
     "GaussianMixture", "ExactEpsilon",
     "DiffusionLoss", "LOSSES", "sample_timesteps",
+    "elbo", "elbo_bpd", "ELBO",
 ]
 __version__ = "0.1.0"

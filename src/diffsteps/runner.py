@@ -436,7 +436,7 @@ def _figure_task(cfg: DictConfig) -> float:
         if not cfg.get("report_dir"):
             raise ValueError("task=report needs report_dir=<a multirun folder>")
         result = summarize(cfg.report_dir)
-        print(f"summary of {len(result['rows'])} rows in {Path(cfg.report_dir) / 'summary.md'}")
+        print(f"summary of {result['rows']} rows in {Path(cfg.report_dir) / 'summary.md'}")
     return math.nan
 
 
