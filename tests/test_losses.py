@@ -182,6 +182,24 @@ def test_hybrid_endpoints(schedule):
                                    loss_weights("vlb", schedule, ts, p, variance="large"), rtol=0, atol=0)
 
 
+def test_denoise_weight_mixes_any_kind_with_the_bound(schedule):
+    ts = list(range(1, T, 7))
+    for p in ds.PREDICTIONS:
+        vlb = loss_weights("vlb", schedule, ts, p)
+        for kind in ("simple", "snr", "min_snr", "sgm"):
+            pure = loss_weights(kind, schedule, ts, p)
+            torch.testing.assert_close(loss_weights(kind, schedule, ts, p, denoise_weight=0.3),
+                                       0.3 * pure + 0.7 * vlb, rtol=1e-12, atol=0)
+        torch.testing.assert_close(loss_weights("simple", schedule, ts, p, denoise_weight=0.6),
+                                   loss_weights("hybrid", schedule, ts, p, denoise_weight=0.6), rtol=0, atol=0)
+    # the per-sample loss uses the same mixed weight
+    out, x0, noise, t = _batch(schedule)
+    mixed = DiffusionLoss("snr", "v", denoise_weight=0.25)
+    w = 0.25 * loss_weights("snr", schedule, t, "v") + 0.75 * loss_weights("vlb", schedule, t, "v")
+    torch.testing.assert_close(mixed(out, x0, noise, t, schedule),
+                               w * DiffusionLoss("simple", "v")(out, x0, noise, t, schedule), rtol=1e-12, atol=0)
+
+
 # -- __call__ ----------------------------------------------------------------------------------------------------
 def _batch(schedule, n=64, d=4, seed=0, dtype=F64):
     g = torch.Generator().manual_seed(seed)

@@ -48,7 +48,8 @@ def test_quadratic_minimum_results_and_plots(tmp_path):
     assert res["best_value"] < 1.03 and res["best_value"] < statistics.median(values[:5]) - 0.1
     assert abs(res["best_params"]["x"] - 0.3) < 0.15 and abs(res["best_params"]["y"] - 7) < 2
     assert (tmp_path / "convergence.png").stat().st_size > 0 and (tmp_path / "partial_dependence.png").stat().st_size
-    assert text.count("Launching 1 jobs locally") == 14  # the basic launcher, one trial a batch
+    assert text.count("Launching 1 jobs locally") == 14  # the basic launcher, one trial a batch, in the sweeper
+    assert (tmp_path / "13" / "pid.txt").read_text().split()[1] == str(os.getpid())
     assert re.search(r"trial #13: x=\S+ y=\d+ -> [\d.]+", text) and "best so far" in text
 
 
@@ -60,8 +61,10 @@ def test_joblib_launches_batches_of_two(tmp_path):
     for batch in ("#0-#1", "#2-#3", "#4-#4"):
         assert f"batch of jobs {batch} done" in text
     assert job_dirs(tmp_path) == list(range(5))
-    pids = {(tmp_path / str(i) / "pid.txt").read_text() for i in range(5)}
-    assert str(os.getpid()) not in pids and len(pids) >= 2  # worker processes ran them
+    # joblib's workers, children of the sweeping process, ran the jobs (the basic launcher runs them in the sweeper,
+    # whose parent is this test: see the quadratic test)
+    parents = {(tmp_path / str(i) / "pid.txt").read_text().split()[1] for i in range(5)}
+    assert len(parents) == 1 and str(os.getpid()) not in parents
     assert {t["params"]["extra"] for t in results(tmp_path)["trials"]} <= {"a", "b"}
 
 
@@ -134,3 +137,33 @@ def test_run_py_sweeps_steps_on_one_training(tmp_path):
     assert text.count("reusing the checkpoint") == 3  # trained once
     assert (out / "convergence.png").is_file() and (out / "partial_dependence.png").is_file()
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # the summary run
+
+
+def test_space_grammar_maps_to_skopt_dimensions():
+    from hydra_plugins.diffsteps_gp_sweeper.core import parse_space
+
+    dims, fixed = parse_space(["a=interval(0,1)", "b=int(interval(5,200))", "c=tag(log,interval(1e-5,1e-2))",
+                               "d=int(tag(log,interval(1,64)))", "e=choice(x,y,[1,2])", "f=range(1,4)",
+                               "g=range(0,1,0.25)", "h=3", "+i=choice(7)", "a=interval(0,2)", "j=1,2"])
+    shown = {d.name: str(d.dimension) for d in dims}
+    assert list(shown) == ["b", "c", "d", "e", "f", "g", "a", "j"]  # a later override replaces, and comes last
+    assert shown["a"].startswith("Real(low=0.0, high=2.0, prior='uniform'")
+    assert shown["b"].startswith("Integer(low=5, high=200, prior='uniform'")
+    assert shown["c"].startswith("Real(low=1e-05, high=0.01, prior='log-uniform'")
+    assert shown["d"].startswith("Integer(low=1, high=64, prior='log-uniform'")
+    assert shown["f"].startswith("Integer(low=1, high=3,")
+    assert shown["g"] == "Categorical(categories=('0.0', '0.25', '0.5', '0.75'), prior=None)"
+    e = dims[3]
+    assert e.value("[1,2]") == [1, 2] and e.override("[1,2]") == "e=[1,2]" and e.value("x") == "x"
+    assert fixed == ["h=3", "+i=7"]
+
+
+def test_failed_trials_wait_for_a_finite_value_then_count_as_worse_than_the_worst():
+    from hydra_plugins.diffsteps_gp_sweeper.core import Search, Trial, parse_space
+
+    s = Search(parse_space(["x=interval(0,1)"])[0], n_initial_points=2, acq_func="EI", random_state=0)
+    s.tell([Trial(0, [0.1], {"x": 0.1}, None, "failed", "boom")])
+    assert s.opt.yi == []
+    s.tell([Trial(1, [0.5], {"x": 0.5}, 2.0), Trial(2, [0.9], {"x": 0.9}, 3.0)])
+    assert s.opt.yi[:2] == [2.0, 3.0] and s.opt.yi[2] > 3.0 and s.best.number == 1 and s.n_failed == 1
+    assert s.ask(1)[0] not in ([0.1], [0.5], [0.9])

@@ -195,8 +195,10 @@ class DiffusionLoss:
     function docstrings give each formula and its source); ``prediction``: ``epsilon``, ``x0`` or ``v``, what the
     network outputs; ``gamma``: γ of ``snr`` (default 1) or ``min_snr`` (default 5), must be finite and > 0;
     ``k``: k of ``snr`` (default 1, must be finite and > 0: it keeps the weight bounded as SNR → 0);
-    ``denoise_weight``: λ ∈ [0, 1] of ``hybrid`` (1 = pure simple); ``variance``: the fixed reverse variance of
-    ``vlb``/``hybrid``, ``small`` (β̃_t) or ``large`` (β_t). Options that ``kind`` does not use are validated but
+    ``denoise_weight``: λ ∈ [0, 1], the weight of the denoising term against the bound: λ·L_kind + (1 − λ)·L_vlb
+    for every kind but ``vlb`` (Nichol & Dhariwal 2021's hybrid objective generalised; ``hybrid`` is ``simple``
+    with λ, default 1 = the pure kind); ``variance``: the fixed reverse variance of the L_vlb term, ``small`` (β̃_t)
+    or ``large`` (β_t). Options that ``kind`` does not use are validated but
     ignored, so one config can sweep over kinds. Plain constructor arguments, for Hydra's ``_target_``.
 
     Nothing derived from a schedule is stored: weights are recomputed from the schedule's tables on every call
@@ -227,7 +229,14 @@ class DiffusionLoss:
     def weights(self, schedule: Schedule, t) -> torch.Tensor:
         """Own-space weight w_ε(t)/c_p(t) at integer timesteps ``t`` (B,), float64 on the CPU. Entries are finite
         wherever the true weight is, +∞ where it is infinite (the ELBO of an ε-network at ᾱ_t = 0), never NaN."""
-        return LOSSES[self.kind](_gather(schedule, t), self.prediction, self)
+        return self._weight(_gather(schedule, t))
+
+    def _weight(self, terms: _Terms) -> torch.Tensor:
+        w = LOSSES[self.kind](terms, self.prediction, self)
+        lam = self.denoise_weight
+        if lam == 1.0 or self.kind in ("vlb", "hybrid"):  # hybrid mixes inside; λ = 1 never touches an ∞ vlb weight
+            return w
+        return lam * w + (1.0 - lam) * _vlb(terms, self.prediction, self)
 
     def __call__(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t,
                  schedule: Schedule) -> torch.Tensor:
@@ -245,7 +254,7 @@ class DiffusionLoss:
         terms = _gather(schedule, t)
         if terms.t.shape != (B,):
             raise ValueError(f"t must have one timestep per sample ({B}), got shape {tuple(terms.t.shape)}")
-        w = LOSSES[self.kind](terms, self.prediction, self)
+        w = self._weight(terms)
         bad = ~torch.isfinite(w)
         if bool(bad.any()):
             ts = sorted(set(terms.t[bad].tolist()))
@@ -271,9 +280,10 @@ class DiffusionLoss:
             opts.append(f"gamma={self.gamma!r}")
         if self.kind == "snr":
             opts.append(f"k={self.k!r}")
-        if self.kind == "hybrid":
+        mixed = self.kind == "hybrid" or (self.kind != "vlb" and self.denoise_weight != 1.0)
+        if mixed:
             opts.append(f"denoise_weight={self.denoise_weight!r}")
-        if self.kind in ("vlb", "hybrid"):
+        if self.kind == "vlb" or mixed:
             opts.append(f"variance={self.variance!r}")
         return f"DiffusionLoss({', '.join(opts)})"
 
