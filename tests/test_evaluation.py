@@ -111,3 +111,18 @@ def test_plan_rejects_bad_sizes():
         EvalPlan("ddim", (10,), (2,), num_samples=1)
     with pytest.raises(ValueError, match="steps is empty"):
         EvalPlan("ddim", (), (2,))
+
+
+def test_classifier_confidence_accumulates_over_chunks_like_one_batch(linear):
+    from diffsteps.metrics import classifier_confidence
+
+    class Shrink(torch.nn.Module):  # a fixed, cheap "denoiser" on 8×8 images: ε̂ = x/2
+        def forward(self, x, t):
+            return 0.5 * x
+
+    plan = EvalPlan("ddim", (3, 8), (1, 8, 8), num_samples=90, batch_size=40, keep_samples=90)
+    ev, rows = evaluate(plan, linear, Shrink(), classifier=True)
+    for row in rows:
+        whole = classifier_confidence(ev.samples(row["steps"]))
+        for k in ("confidence", "confident_fraction", "class_entropy"):
+            assert row[f"classifier_{k}"] == pytest.approx(whole[k], rel=1e-9), k

@@ -22,7 +22,7 @@ def _default_space() -> Dict[str, Any]:
     return {
         "steps": "int(interval(5, 200))",
         "train": {"lr": "tag(log, interval(1e-5, 1e-2))"},
-        "loss": {"denoise_weight": "interval(0.1, 1.0)"},  # only loss=hybrid has it
+        "loss": {"denoise_weight": "interval(0.1, 1.0)"},  # λ·L_kind + (1 − λ)·L_vlb, every loss but vlb
     }
 
 

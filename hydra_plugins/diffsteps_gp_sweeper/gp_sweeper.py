@@ -156,8 +156,8 @@ class GPSweeper(Sweeper):
             try:
                 self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             except Exception as e:
-                hint = ("\n(the default search space includes loss.denoise_weight, which only loss=hybrid defines: "
-                        "add loss=hybrid, or drop it with '~hydra.sweeper.params.loss')"
+                hint = ("\n(the default search space includes loss.denoise_weight, which loss=vlb does not have: "
+                        "choose another loss, or drop it with '~hydra.sweeper.params.loss')"
                         if "denoise_weight" in str(e) else "")
                 raise SweepError(f"GP sweep: the search space does not fit the config ({' '.join(overrides)}):\n"
                                  f"{e}{hint}") from None

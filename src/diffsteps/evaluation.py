@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from .digits_classifier import load_digits_classifier
 from .metrics import SampleQuality, confidence_counts, confidence_from_counts
 from .samplers import SAMPLERS, get_sampler, sample
 from .schedules import Schedule
@@ -182,13 +183,15 @@ class Evaluator:
     def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, *,
                  quality: Callable[[], SampleQuality] | None = None, mixture=None, classifier: bool = False):
         self.plan, self.schedule, self.prediction = plan, schedule, prediction
-        self.mixture, self.classifier = mixture, classifier
+        self.mixture = mixture
+        # loaded once: it is read, checksummed and built from its file on every load
+        self.classifier = load_digits_classifier() if classifier else None
         self.deterministic = get_sampler(plan.sampler).is_deterministic(**plan.sampler_options)
         self.measure_mse = plan.mse_samples > 0 and self.deterministic
         sums = {"n": (), "sample_seconds": (), "model_seconds": (), "nfe_sum": ()}
         if mixture is not None:
             sums["nll_sum"] = ()
-        if classifier:
+        if self.classifier is not None:
             sums.update({"cls_n": (), "cls_pmax_sum": (), "cls_confident": (), "cls_counts": (10,)})
         if self.measure_mse:
             sums.update({"mse_sum": (), "mse_n": ()})
@@ -244,8 +247,8 @@ class Evaluator:
             if self.mixture is not None:
                 flat = x.reshape(size, -1).double().cpu()
                 tot.update(nll_sum=-(self.mixture.log_prob(flat) / flat.shape[1]).sum())
-            if self.classifier:
-                cc = confidence_counts(x.float())
+            if self.classifier is not None:
+                cc = confidence_counts(x.float(), classifier=self.classifier.to(device))
                 tot.update(cls_n=cc["n"], cls_pmax_sum=cc["pmax_sum"], cls_confident=cc["confident"],
                            cls_counts=cc["class_counts"])
             if ref is not None:
@@ -258,7 +261,7 @@ class Evaluator:
 
     def compute(self) -> list[dict]:
         """One row per step count (plain floats), identical on every rank."""
-        gap = self.reference.compute()
+        gap = self.reference.compute() if self.measure_mse else None  # same on every rank: they all sync or none
         rows = []
         for n in self.plan.steps:
             t = self.totals[n].compute()
