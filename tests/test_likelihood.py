@@ -362,3 +362,21 @@ def test_single_timestep_chain(schedule, gaussian):
     assert r.kl.shape == (200, 0)
     torch.testing.assert_close(r.total, r.prior + r.decoder, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rl.total, r.total, rtol=1e-12, atol=1e-14)
+
+
+def test_decoder_on_a_coarse_grid_matches_the_normal_cdf():
+    # digits take 17 values in [−1, 1]: bins of half-width 1/16, edge bins open; probabilities sum to 1
+    from scipy.stats import norm
+
+    from diffsteps.likelihood import discretized_gaussian_log_likelihood
+
+    levels = torch.linspace(-1, 1, 17, dtype=torch.float64)
+    mean, var = 0.3, 0.04
+    logp = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), var, levels=17)
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+    s = var ** 0.5
+    want = norm.cdf((0.5 + 1 / 16 - mean) / s) - norm.cdf((0.5 - 1 / 16 - mean) / s)
+    assert logp[12].exp().item() == pytest.approx(want, rel=1e-9)  # level 12 sits at 0.5
+    with pytest.raises(ValueError, match="17-level grid"):
+        ds.elbo(lambda x, t: torch.zeros_like(x), torch.full((2, 1, 2, 2), 0.01), ds.make_schedule("linear", 100),
+                levels=17)

@@ -117,6 +117,7 @@ class _InMemoryData(LightningDataModule, abc.ABC):
     ``sample_shape``, ``name`` and ``is_image``, and set ``_decode`` when they store raw uint8."""
 
     is_image: bool = False
+    levels: int | None = None  # discrete data: the number of equally spaced values in [−1, 1] (the ELBO's decoder)
     _decode = None
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
@@ -217,6 +218,7 @@ class DigitsData(_InMemoryData):
     """
 
     is_image = True
+    levels = 17
     num_classes = 10
 
     def __init__(self, val_fraction: float = 0.2, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
@@ -422,6 +424,7 @@ class ImageFolderData(_InMemoryData):
     """
 
     is_image = True
+    levels = 256
     _decode = staticmethod(_uint8_to_unit)
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3,
@@ -547,6 +550,7 @@ class CIFAR10Data(_InMemoryData):
     """
 
     is_image = True
+    levels = 256
     num_classes = 10
     _decode = staticmethod(_uint8_to_unit)
 

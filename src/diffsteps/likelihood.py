@@ -65,9 +65,8 @@ _LN2 = math.log(2.0)
 
 VARIANCES = ("posterior", "beta", "learned")
 
-# 8-bit data on [−1, 1]: level k sits at −1 + k·2/255, and its bin reaches half a level spacing either side
+# 8-bit data on [−1, 1] by default: level k sits at −1 + k·2/255, and its bin reaches half a level spacing either side
 _LEVELS = 256
-_HALF_BIN = 1.0 / (_LEVELS - 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,10 +98,11 @@ def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + torch.where(d > -_LN2, torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var) -> torch.Tensor:
-    """Elementwise log P(bin of x) under N(mean, var) for 8-bit data on [−1, 1] (Ho et al. 2020, §3.3, eq. 13):
-    the bin of level x is [x − 1/255, x + 1/255], with −∞ as the lower edge at x = −1 and +∞ as the upper edge at
-    x = +1, so the 256 bin probabilities sum to 1 for any mean and variance. Computed in float64 from log-CDFs
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var, levels: int = _LEVELS) -> torch.Tensor:
+    """Elementwise log P(bin of x) under N(mean, var) for data on ``levels`` equally spaced values in [−1, 1] (8-bit
+    images: 256; Ho et al. 2020, §3.3, eq. 13): the bin of level x is [x − 1/(L−1), x + 1/(L−1)], with −∞ as the
+    lower edge at x = −1 and +∞ as the upper edge at x = +1, so the L bin probabilities sum to 1 for any mean and
+    variance. Computed in float64 from log-CDFs
     (``log_ndtr``); for a bin above the mean the mirrored bin below it is used, since Φ(b) − Φ(a) = Φ(−a) − Φ(−b)
     and the lower tail is where log Φ keeps its precision — so no bin, however far from the mean, rounds to
     probability 0 (no clamp at 1e-12 as in other implementations)."""
@@ -110,8 +110,9 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, var
     x = torch.as_tensor(x, dtype=_F64)
     mean = torch.as_tensor(mean, dtype=_F64, device=x.device)
     std = torch.as_tensor(var, dtype=_F64, device=x.device).sqrt()
-    lo = torch.where(x <= -1.0, -math.inf, (x - _HALF_BIN - mean) / std)
-    hi = torch.where(x >= 1.0, math.inf, (x + _HALF_BIN - mean) / std)
+    half_bin = 1.0 / (levels - 1)
+    lo = torch.where(x <= -1.0, -math.inf, (x - half_bin - mean) / std)
+    hi = torch.where(x >= 1.0, math.inf, (x + half_bin - mean) / std)
     upper = (lo + hi) > 0  # the bin's centre lies above the mean (the edge bins resolve by their finite edge)
     lo, hi = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)
     log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
@@ -141,14 +142,17 @@ def _check_timesteps(timesteps, T: int) -> torch.Tensor:
     return ts
 
 
-def _check_discrete_data(x0: torch.Tensor) -> None:
+def _check_discrete_data(x0: torch.Tensor, levels: int) -> None:
+    if isinstance(levels, bool) or int(levels) != levels or levels < 2:
+        raise ValueError(f"levels must be an integer ≥ 2, got {levels!r}")
     if float(x0.min()) < -1.0 - 1e-6 or float(x0.max()) > 1.0 + 1e-6:
-        raise ValueError("discrete=True expects 8-bit data scaled to [−1, 1], got values in "
+        raise ValueError("discrete=True expects data scaled to [−1, 1], got values in "
                          f"[{float(x0.min()):.4g}, {float(x0.max()):.4g}]")
-    k = (x0.to(_F64) + 1.0) * (_LEVELS - 1) / 2.0
+    k = (x0.to(_F64) + 1.0) * (levels - 1) / 2.0
     if float((k - k.round()).abs().max()) > 1e-3:
-        raise ValueError("discrete=True expects values on the 256-level grid −1 + 2k/255 (8-bit data); for "
-                         "continuous or dequantised data pass discrete=False")
+        raise ValueError(f"discrete=True expects values on the {levels}-level grid −1 + 2k/{levels - 1}; pass the "
+                         "data's number of levels (levels=256 for 8-bit images), or discrete=False for continuous "
+                         "or dequantised data")
 
 
 class _Network(torch.nn.Module):
@@ -181,7 +185,7 @@ class _Network(torch.nn.Module):
 # -- the bound ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: str = "epsilon",
-         timesteps=None, variance: str = "posterior", discrete: bool | None = None,
+         timesteps=None, variance: str = "posterior", discrete: bool | None = None, levels: int = _LEVELS,
          clip_denoised: float | None = None, generator: torch.Generator | None = None) -> ELBO:
     """Per-sample variational bound L_vlb = L_T + Σ L_{i−1} + L_0 on −log p(x_0), in bits per dimension
     (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, eq. 10–13; module docstring for each term).
@@ -190,8 +194,9 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     float tensor) and returns ``prediction`` (``epsilon``, ``x0`` or ``v``), plus the v channels when ``variance``
     is ``learned``. ``x0`` (N, ...): the data. ``timesteps``: the chain τ_1 < … < τ_K, strictly increasing integers
     in [0, T) (default: all T). ``variance``: Σ of the reverse steps, ``posterior`` (β̃), ``beta`` (1 − ᾱ_t/ᾱ_s) or
-    ``learned``. ``discrete``: discretised-Gaussian decoder for 8-bit data in [−1, 1] (default: True for 4-D input,
-    i.e. images); otherwise a Gaussian density. ``clip_denoised``: clamp x̂_0 to [−c, c] (as the sampler would).
+    ``learned``. ``discrete``: discretised-Gaussian decoder for data on ``levels`` values in [−1, 1] (8-bit images:
+    256, the default; scikit-learn's digits: 17) — default True for 4-D input, i.e. images; otherwise a Gaussian
+    density (for discrete data that is a density, not a probability, and can be negative). ``clip_denoised``: clamp x̂_0 to [−c, c] (as the sampler would).
     ``generator``: for the draws x_{τ_i} ~ q(x_{τ_i} | x_0), one per sample and timestep.
 
     Runs under ``no_grad``; the model's train/eval mode is left as it is. The KL and decoder arithmetic is
@@ -208,7 +213,7 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     ts = _check_timesteps(timesteps, schedule.num_timesteps)
     discrete = x0.ndim == 4 if discrete is None else bool(discrete)
     if discrete:
-        _check_discrete_data(x0)
+        _check_discrete_data(x0, levels)
 
     N, D = x0.shape[0], x0[0].numel()
     device = x0.device
@@ -269,7 +274,7 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
         _, _, lower, _ = posterior_coefficients(abar[ts[1]], abar[t1])
         log_var = v * log_var + (1.0 - v) * lower.log().item()
     if discrete:
-        nll = -discretized_gaussian_log_likelihood(x0, x0_hat, log_var.exp())
+        nll = -discretized_gaussian_log_likelihood(x0, x0_hat, log_var.exp(), levels)
     else:
         nll = 0.5 * ((x0 - x0_hat).square() / log_var.exp() + log_var + math.log(2.0 * math.pi))
     decoder = per_sample(nll)

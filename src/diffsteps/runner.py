@@ -291,11 +291,17 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule, n_steps: int) -> dict:
     data = datamodule.real_samples(e.num_samples, split=e.split)
     device = next(module.net.parameters()).device
     ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
-    # the 8-bit discretised decoder (Ho et al. §3.3) only for data on the 256-level grid (digits' 17 levels are not)
-    u = (data.double() + 1) * 127.5
-    discrete = datamodule.is_image and bool(torch.allclose(u, u.round(), atol=1e-3))
+    # discrete data (images: 256 levels, digits: 17) get the discretised decoder (Ho et al. §3.3): a probability,
+    # so the bound is one on the discrete NLL; a density on discrete data would be unbounded below
+    levels = getattr(datamodule, "levels", None)
+    if levels is not None:
+        k = (data.double() + 1) * (levels - 1) / 2
+        if not torch.allclose(k, k.round(), atol=1e-3):  # e.g. images resized with interpolation
+            log.warning("the ELBO data are not on %d levels: using a continuous decoder (a density, not a "
+                        "probability: it can be negative)", levels)
+            levels = None
     kw = dict(prediction=module.prediction, variance=e.variance, batch_size=cfg.eval.batch_size, device=device,
-              discrete=discrete)
+              discrete=levels is not None, levels=levels or 256)
     with torch.no_grad():
         out = elbo_bpd(module.net, data, schedule, timesteps=ts,
                        generator=torch.Generator(device=device).manual_seed(cfg.eval.noise_seed), **kw)
