@@ -41,6 +41,7 @@ def test_trajectory_mse_shrinks_at_the_samplers_order(gaussian, linear, sampler,
     _, rows = evaluate(plan, linear, ds.ExactEpsilon(gaussian, linear))
     mses = [r["mse"] for r in rows]
     assert all(a > b for a, b in zip(mses, mses[1:]))
+    assert all(0 < r["mse_median"] < 10 * r["mse"] for r in rows)
     steps = [r["steps"] for r in rows]
     got = -np.polyfit(np.log(steps), np.log(mses), 1)[0] / 2  # MSE ∝ h^(2p)
     assert order - 0.25 < got < order + 0.6, (got, mses)
@@ -126,3 +127,22 @@ def test_classifier_confidence_accumulates_over_chunks_like_one_batch(linear):
         whole = classifier_confidence(ev.samples(row["steps"]))
         for k in ("confidence", "confident_fraction", "class_entropy"):
             assert row[f"classifier_{k}"] == pytest.approx(whole[k], rel=1e-9), k
+
+
+def test_trajectory_errors_equal_a_direct_computation(gaussian, linear):
+    # the evaluator's mean and median over chunks equal the per-sample errors of sample() against the reference
+    model = ds.ExactEpsilon(gaussian, linear)
+    plan = EvalPlan("dpmpp_2m", (7,), (3,), num_samples=50, batch_size=20, mse_samples=45, reference_steps=50)
+    _, rows = evaluate(plan, linear, model, order=[2, 0, 1])
+    errs = []
+    for c in range(plan.num_chunks):
+        start, size = plan.chunk(c)
+        x = chunk_noise(plan, c)[: max(0, min(size, 45 - start))]
+        ref, _ = trajectory_reference(model, x, schedule=linear, prediction="epsilon", steps=50)
+        out = ds.sample(model, x, schedule=linear, sampler="dpmpp_2m", steps=7).double()
+        errs.append((out - ref).pow(2).mean(1))
+    errs = torch.cat(errs)
+    assert len(errs) == 45
+    # (float32 states: the evaluator steps whole chunks, this the first rows only)
+    assert rows[0]["mse"] == pytest.approx(errs.mean().item(), rel=1e-6)
+    assert rows[0]["mse_median"] == pytest.approx(errs.median().item(), rel=1e-6)

@@ -125,7 +125,7 @@ def test_ddp_two_processes_train_once_and_evaluate_as_one_process(tmp_path):
     run_py(tmp_path, *FAST, *single, f"ckpt_path={tmp_path}/ddp/checkpoint.ckpt", "task=eval", name="single")
     alone = json.loads((tmp_path / "single" / "metrics.json").read_text())
     for a, b in zip(rows, alone):
-        for k in ("fid", "kid_mean", "kid_std", "nll", "mse", "elbo_bpd"):
+        for k in ("fid", "kid_mean", "kid_std", "nll", "mse", "mse_median", "elbo_bpd"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
         assert a["num_samples"] == b["num_samples"] and a["nfe"] == b["nfe"]
 

@@ -25,7 +25,7 @@ from typing import Callable
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import CatMetric, Metric
 
 from .digits_classifier import load_digits_classifier
 from .metrics import SampleQuality, confidence_counts, confidence_from_counts
@@ -197,16 +197,16 @@ class Evaluator:
             sums.update({"mse_sum": (), "mse_n": ()})
         self.quality = {n: quality() for n in plan.steps} if quality is not None else {}
         self.totals = {n: Totals(sums, maxima=("peak_memory",)) for n in plan.steps}
+        # per-sample trajectory errors, for the median: on a nonlinear flow one trajectory near a basin boundary can
+        # dominate the mean
+        self.errors = {n: CatMetric(nan_strategy="disable") for n in plan.steps} if self.measure_mse else {}
         self.reference = Totals({"gap_sum": (), "n": (), "seconds": ()})
         self.kept: dict[int, list[Tensor]] = {n: [] for n in plan.steps}
 
     def to(self, device) -> "Evaluator":
-        for m in [*self.quality.values(), *self.totals.values(), self.reference]:
+        for m in [*self.quality.values(), *self.totals.values(), *self.errors.values(), self.reference]:
             m.to(device)
         return self
-
-    def _metrics(self) -> list[Metric]:
-        return [*self.quality.values(), *self.totals.values(), self.reference]
 
     @torch.no_grad()
     def run_chunk(self, net: nn.Module, c: int, device=None) -> None:
@@ -254,6 +254,7 @@ class Evaluator:
             if ref is not None:
                 err = (x[:n_ref].double() - ref).pow(2).flatten(1).mean(1)
                 tot.update(mse_sum=err.sum(), mse_n=n_ref)
+                self.errors[n].update(err)
             kept = self.kept[n]
             room = plan.keep_samples - sum(len(k) for k in kept)
             if room > 0:
@@ -282,6 +283,7 @@ class Evaluator:
                 row.update({f"classifier_{k}": v for k, v in summary.items() if isinstance(v, float)})
             if "mse_sum" in t:
                 row["mse"] = float(t["mse_sum"]) / float(t["mse_n"])
+                row["mse_median"] = float(self.errors[n].compute().median())
                 row["mse_reference_gap"] = float(gap["gap_sum"]) / float(gap["n"])
             rows.append(row)
         return rows
