@@ -61,6 +61,7 @@ def plot_quality_vs_nfe(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[1].set_xlabel("sampling wall time (s)")
         for ax in axes:
             ax.set_xscale("log")
+            _log_y_if_wide(ax, [r[metric] for r in rows if metric in r])
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
@@ -135,11 +136,15 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=90, facecolors="none", edgecolors="black",
                        zorder=3)
         ax.set_xscale("log")
-        ticks = sorted({r[cost] for r in rows})
+        ticks = []
+        for t in sorted({r[cost] for r in rows}):
+            if not ticks or t >= 1.25 * ticks[-1]:  # neighbours like 9 and 10 would print over each other
+                ticks.append(t)
         if cost == "nfe" and len(ticks) <= 12:  # the NFE values themselves read better than powers of ten
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(labels.get(cost, cost))
+        _log_y_if_wide(ax, [r[metric] for r in rows])
         ax.set_ylabel(f"{metric} (lower is better)")
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="best")
@@ -184,3 +189,10 @@ def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _log_y_if_wide(ax, values) -> None:
+    """Log y axis when the positive values span more than two decades (trajectory errors fall as NFE^−2p)."""
+    pos = [v for v in values if isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
+    if len(pos) == len(values) and pos and max(pos) > 100 * min(pos):
+        ax.set_yscale("log")

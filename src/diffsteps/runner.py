@@ -262,6 +262,8 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
 
     evaluator = Evaluator(plan, schedule, module.prediction, quality=quality,
                           mixture=getattr(datamodule, "mixture", None), classifier=features == "digits")
+    # the chunk loader runs in the main process (no workers), where its per-rank __len__ is exact
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           default_root_dir=str(out_dir))
     runner = EvaluationModule(module.net, evaluator)
