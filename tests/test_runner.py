@@ -157,3 +157,24 @@ def test_schedules_task_draws_every_schedule_without_training(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1000 and float(rows[0]["linear_beta"]) == pytest.approx(1e-4)
     assert not (tmp_path / "outputs" / "checkpoints").exists() and "schedules in" in proc.stdout
+
+
+@pytest.mark.parametrize("preset,overrides,steps,sweep", [
+    ("steps_study", [], [10, 50, 100, 500], "sampler: ddpm,ddim"),
+    ("sampler_comparison", ["sampler=heun"], [5, 10, 25, 50], "sampler: ddim,heun,dpmpp_2m,dpmpp_3m,euler"),
+    ("sampler_comparison", ["sampler=dpmpp_3m"], [9, 19, 49, 99], "sampler: ddim,heun,dpmpp_2m,dpmpp_3m,euler"),
+    ("schedule_comparison", [], [10, 20, 50, 100], "schedule: linear,cosine,scaled_linear,sigmoid"),
+])
+def test_experiment_presets_compose_with_their_own_values(preset, overrides, steps, sweep):
+    # a preset's values must win over config.yaml's (`_self_` before `experiment` in the defaults list)
+    import yaml
+
+    env = {**os.environ, "DIFFSTEPS_ROOT": "/nonexistent"}
+    job = subprocess.run([sys.executable, str(ROOT / "run.py"), f"experiment={preset}", *overrides, "--cfg", "job",
+                          "--resolve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr[-2000:]
+    cfg = yaml.safe_load(job.stdout)
+    assert cfg["steps"] == steps and cfg["loss"]["prediction"] == "v"
+    hydra_cfg = subprocess.run([sys.executable, str(ROOT / "run.py"), f"experiment={preset}", "--cfg", "hydra"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert sweep in hydra_cfg.stdout, hydra_cfg.stdout[-2000:]
