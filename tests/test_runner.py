@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import os
 import subprocess
@@ -178,3 +179,17 @@ def test_experiment_presets_compose_with_their_own_values(preset, overrides, ste
     hydra_cfg = subprocess.run([sys.executable, str(ROOT / "run.py"), f"experiment={preset}", "--cfg", "hydra"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert sweep in hydra_cfg.stdout, hydra_cfg.stdout[-2000:]
+
+
+def test_objective_adds_its_cost_term():
+    from omegaconf import OmegaConf
+
+    from diffsteps.runner import objective_value
+
+    row = {"fid": 0.5, "kid_mean": 0.01, "nfe": 19, "seconds_per_sample": 0.002}
+    cfg = OmegaConf.create({"objective": {"name": "fid", "cost": "nfe", "cost_weight": 0.01}})
+    assert objective_value(cfg, row) == pytest.approx(0.5 + 0.19)
+    cfg.objective.update(name="kid", cost="seconds", cost_weight=10.0)
+    assert objective_value(cfg, row) == pytest.approx(0.01 + 0.02)
+    cfg.objective.name = "mse"  # not measured for this row: NaN, which a sweeper records as a failed trial
+    assert math.isnan(objective_value(cfg, row))
