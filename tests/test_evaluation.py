@@ -41,7 +41,6 @@ def test_trajectory_mse_shrinks_at_the_samplers_order(gaussian, linear, sampler,
     _, rows = evaluate(plan, linear, ds.ExactEpsilon(gaussian, linear))
     mses = [r["mse"] for r in rows]
     assert all(a > b for a, b in zip(mses, mses[1:]))
-    assert all(0 < r["mse_median"] < 10 * r["mse"] for r in rows)
     steps = [r["steps"] for r in rows]
     got = -np.polyfit(np.log(steps), np.log(mses), 1)[0] / 2  # MSE ∝ h^(2p)
     assert order - 0.25 < got < order + 0.6, (got, mses)

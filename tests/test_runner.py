@@ -34,7 +34,7 @@ def run_py(tmp: Path, *overrides: str, name: str = "run", check: bool = True) ->
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runner")
-    proc = run_py(tmp, *FAST, "steps=[5,20]", "sampler=ddim", name="first")
+    proc = run_py(tmp, *FAST, "steps=[5,20]", "sampler=ddim", "eval.elbo.full=true", name="first")
     return tmp, proc
 
 
@@ -52,6 +52,11 @@ def test_default_run_writes_every_output(trained):
     assert (out / "fid_vs_nfe.png").is_file() and (out / "nll_vs_nfe.png").is_file()
     # 20 DDIM steps of a (briefly) trained model are closer to the data than 5
     assert rows[1]["fid"] < rows[0]["fid"]
+    # the ELBO over each step count's own chain; the all-T bound once, the same in every row
+    assert rows[0]["elbo_bpd"] != rows[1]["elbo_bpd"] and math.isfinite(rows[0]["elbo_full_bpd"])
+    assert rows[0]["elbo_full_bpd"] == rows[1]["elbo_full_bpd"]
+    assert rows[0]["elbo_bpd"] == pytest.approx(rows[0]["elbo_prior_bpd"] + rows[0]["elbo_kl_bpd"]
+                                                + rows[0]["elbo_decoder_bpd"], rel=1e-9)
 
 
 def test_offline_wandb_run_and_csv_log(trained):

@@ -273,8 +273,9 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
         return None, trainer.global_rank
     rows = runner.rows
     if e.elbo.num_samples > 0:
+        elbo_at = _elbo(cfg, module, datamodule, schedule)
         for row in rows:
-            row.update(_elbo(cfg, module, datamodule, schedule, row["steps"]))
+            row.update(elbo_at(row["steps"]))
     _save_samples(evaluator, rows, plan, e, out_dir)
     for row in rows:
         log.info("%s %d steps: %s", row["sampler"], row["steps"],
@@ -282,16 +283,15 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     return rows, 0
 
 
-def _elbo(cfg: DictConfig, module, datamodule, schedule, n_steps: int) -> dict:
-    """The negative ELBO (bits/dim) of held-out data over the integer timesteps ``n_steps`` of the sampler's spacing
-    visits (a K-step chain), and optionally over all T."""
+def _elbo(cfg: DictConfig, module, datamodule, schedule):
+    """A function of the step count n: the negative ELBO (bits/dim) of held-out data over the integer timesteps the
+    sampler's spacing visits at n steps (a K-step chain), and with ``eval.elbo.full`` over all T."""
     from .likelihood import elbo_bpd
     from .spacings import make_timesteps, to_integer_timesteps
 
     e = cfg.eval.elbo
     data = datamodule.real_samples(e.num_samples, split=e.split)
     device = next(module.net.parameters()).device
-    ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
     # discrete data (images: 256 levels, digits: 17) get the discretised decoder (Ho et al. §3.3): a probability,
     # so the bound is one on the discrete NLL; a density on discrete data would be unbounded below
     levels = getattr(datamodule, "levels", None)
@@ -303,14 +303,23 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule, n_steps: int) -> dict:
             levels = None
     kw = dict(prediction=module.prediction, variance=e.variance, batch_size=cfg.eval.batch_size, device=device,
               discrete=levels is not None, levels=levels or 256)
-    with torch.no_grad():
-        out = elbo_bpd(module.net, data, schedule, timesteps=ts,
-                       generator=torch.Generator(device=device).manual_seed(cfg.eval.noise_seed), **kw)
-        if e.full:
-            full = elbo_bpd(module.net, data, schedule, timesteps=None, progress=True,
-                            generator=torch.Generator(device=device).manual_seed(cfg.eval.noise_seed), **kw)
-            out["elbo_full_bpd"] = full["elbo_bpd"]
-    return {k: v for k, v in out.items() if k != "elbo_num_samples"}
+
+    def bound(timesteps, **extra) -> dict:
+        # the same draws x_t ~ q(x_t | x_0) at every step count: differences between chains are the chains'
+        g = torch.Generator(device=device).manual_seed(cfg.eval.noise_seed)
+        with torch.no_grad():
+            return elbo_bpd(module.net, data, schedule, timesteps=timesteps, generator=g, **extra, **kw)
+
+    full = bound(None, progress=True)["elbo_bpd"] if e.full else None
+
+    def at(n_steps: int) -> dict:
+        ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
+        out = {k: v for k, v in bound(ts).items() if k != "elbo_num_samples"}
+        if full is not None:
+            out["elbo_full_bpd"] = full
+        return out
+
+    return at
 
 
 def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:
