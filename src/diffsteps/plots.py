@@ -14,7 +14,7 @@ import torch  # noqa: E402
 __all__ = ["save_grid", "save_steps_grid", "plot_quality_vs_nfe", "plot_schedules", "plot_sweep_metric"]
 
 # metrics drawn against NFE when present, lower is better for all
-CURVE_METRICS = ("fid", "kid_mean", "nll", "mse")
+CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 
 
 def save_grid(samples: torch.Tensor, path: Path, title: str | None = None) -> None:

@@ -22,7 +22,8 @@ __all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "MultirunS
 
 log = logging.getLogger("diffsteps.report")
 
-SUMMARY_METRICS = ("fid", "kid_mean", "mse", "nll", "elbo_bpd")
+# plots.CURVE_METRICS, kept here too: importing plots (matplotlib) would slow every Hydra start
+SUMMARY_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 # overrides that vary inside one job's rows (steps) or only label the run: never a configuration group
 _NOT_GROUP_KEYS = ("steps",)
 # settings read from each job's config.yaml: what a reader needs to tell runs apart even if no override named them

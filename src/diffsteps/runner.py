@@ -352,6 +352,8 @@ def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
     figures; to the CSV logger the same numbers with the step count as step."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+    from .plots import CURVE_METRICS
+
     keys = list(dict.fromkeys(k for r in rows for k in r))
     numeric = [k for k in keys if k != "steps" and all(isinstance(r.get(k), (int, float)) for r in rows)]
     for lg in loggers:
@@ -366,7 +368,7 @@ def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
                 run.log({"eval/steps": r["steps"], **{f"eval/{k}": r[k] for k in numeric}})
             table = wandb.Table(columns=keys, data=[[r.get(k) for k in keys] for r in rows])
             curves = {f"curves/{k}_vs_nfe": wandb.plot.line(table, "nfe", k, title=f"{k} vs NFE")
-                      for k in ("fid", "kid_mean", "mse", "nll", "elbo_bpd") if k in numeric}
+                      for k in CURVE_METRICS if k in numeric}
             run.log({"eval/table": table, **curves})
             for png in sorted(out_dir.glob("grid_*.png")):
                 lg.log_image(key=f"samples/{png.stem}", images=[str(png)])
