@@ -67,7 +67,8 @@ class EvalPlan:
 
     def __post_init__(self):
         if self.num_samples < 2 or self.batch_size < 1:
-            raise ValueError(f"num_samples must be ≥ 2 and batch_size ≥ 1, got {self.num_samples}, {self.batch_size}")
+            raise ValueError(f"num_samples must be ≥ 2 and batch_size ≥ 1, got {self.num_samples} and "
+                             f"{self.batch_size}")
         if not self.steps:
             raise ValueError("steps is empty")
         if self.mse_samples < 0 or self.reference_steps < 2:
@@ -159,9 +160,10 @@ def trajectory_reference(net: Callable, noise: Tensor, *, schedule: Schedule, pr
     The reference is ``sampler`` (default Heun, 2nd order; Karras et al. 2022, Alg. 1) with ``steps`` steps from
     t = T−1 to the data, ``spacing`` uniform in log-SNR by default (even error per step, so it converges with far
     fewer steps than uniform t). Every deterministic sampler that starts at T−1 (trailing, linspace, karras, logsnr
-    spacings) solves the same ODE from the same point, so its N-step result converges to this one as N → ∞. Returns (reference, gap) where gap (B,) is the per-sample
-    mean squared difference to the same solver at ``steps // 2``: for a p-th order solver the reference's own
-    error is ≈ gap / (2^p − 1), so a gap far below the smallest trajectory error measured shows convergence.
+    spacings) solves the same ODE from the same point, so its N-step result converges to this one as N → ∞.
+    Returns (reference, gap) where gap (B,) is the per-sample mean squared difference to the same solver at
+    ``steps // 2``: for a p-th order solver the reference's own error is ≈ gap / (2^p − 1), so a gap far below the
+    smallest trajectory error measured shows convergence.
     """
     if not get_sampler(sampler).is_deterministic():
         raise ValueError(f"the reference sampler must be deterministic; got {sampler!r}; choose one of: "
@@ -261,7 +263,8 @@ class Evaluator:
                 kept.append(x[:room].float().cpu())
 
     def compute(self) -> list[dict]:
-        """One row per step count (plain floats), identical on every rank."""
+        """One row per step count (plain floats), identical on every rank. Seconds are summed over ranks (device
+        time, not wall time, under DDP); ``mse_reference_seconds`` is the reference solver's, shared by all rows."""
         gap = self.reference.compute() if self.measure_mse else None  # same on every rank: they all sync or none
         rows = []
         for n in self.plan.steps:
@@ -285,11 +288,13 @@ class Evaluator:
                 row["mse"] = float(t["mse_sum"]) / float(t["mse_n"])
                 row["mse_median"] = float(self.errors[n].compute().median())
                 row["mse_reference_gap"] = float(gap["gap_sum"]) / float(gap["n"])
+                row["mse_reference_seconds"] = float(gap["seconds"])
             rows.append(row)
         return rows
 
     def samples(self, n: int) -> Tensor:
-        """The samples this rank kept at ``n`` steps (rank 0: the first ``keep_samples`` in global order)."""
+        """The first ``keep_samples`` samples this rank generated at ``n`` steps, in its chunk order: on rank 0 they
+        start with chunk 0, i.e. global samples 0, 1, … — the same noise at every step count."""
         return torch.cat(self.kept[n]) if self.kept[n] else torch.empty(0, *self.plan.shape)
 
 
