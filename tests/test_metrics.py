@@ -459,3 +459,19 @@ def test_ddp_sync_gathers_generated_samples_but_not_the_reference():
     assert got["kid_mean"] == want["kid_mean"] and got["kid_std"] == want["kid_std"]
     unordered = fid_of(real, torch.cat([fake[0::2], fake[1::2]]), kid_subset_size=50)
     assert unordered["kid_mean"] != want["kid_mean"]  # the ordering matters, so the test above can fail
+
+def test_shared_reference_gives_the_same_metric(tmp_path):
+    real = gaussian(300, MEAN, COV, seed=95)
+    fake = gaussian(200, MEAN + 0.3, COV, seed=96)
+    extractor = make_features("identity", num_features=D)
+    first = SampleQuality(extractor, kid_subset_size=50, kid_subsets=10, cache_dir=tmp_path)
+    first.set_reference(real, key="real")
+    second = SampleQuality(extractor, kid_subset_size=50, kid_subsets=10)
+    second.share_reference(first)
+    second.update(fake)
+    assert second.compute() == fid_of(real, fake, kid_subset_size=50)
+    assert second.features_name == "identity" and first.cache_path("real").is_file()
+    with pytest.raises(RuntimeError, match="no reference"):
+        second.share_reference(SampleQuality(extractor))
+    with pytest.raises(ValueError, match="features differ"):
+        SampleQuality("digits").share_reference(first)

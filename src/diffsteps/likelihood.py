@@ -196,7 +196,8 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     in [0, T) (default: all T). ``variance``: Σ of the reverse steps, ``posterior`` (β̃), ``beta`` (1 − ᾱ_t/ᾱ_s) or
     ``learned``. ``discrete``: discretised-Gaussian decoder for data on ``levels`` values in [−1, 1] (8-bit images:
     256, the default; scikit-learn's digits: 17) — default True for 4-D input, i.e. images; otherwise a Gaussian
-    density (for discrete data that is a density, not a probability, and can be negative). ``clip_denoised``: clamp x̂_0 to [−c, c] (as the sampler would).
+    density (for discrete data that is a density, not a probability, and can be negative). ``clip_denoised``: clamp
+    x̂_0 to [−c, c] (as the sampler would).
     ``generator``: for the draws x_{τ_i} ~ q(x_{τ_i} | x_0), one per sample and timestep.
 
     Runs under ``no_grad``; the model's train/eval mode is left as it is. The KL and decoder arithmetic is

@@ -523,6 +523,18 @@ class SampleQuality(Metric):
         self.reference_key = key
         self._computed = None
 
+    def share_reference(self, other: "SampleQuality") -> None:
+        """Use ``other``'s reference statistics (same features): several metrics over one reference — one per step
+        count — then read, hash and hold it once."""
+        if other.ref_features is None:
+            raise RuntimeError("the other metric has no reference: call its set_reference first")
+        if other.fingerprint != self.fingerprint:
+            raise ValueError(f"features differ: {other.fingerprint!r} vs {self.fingerprint!r}")
+        self.ref_mean, self.ref_cov, self.ref_features = (t.to(self.device) for t in
+                                                          (other.ref_mean, other.ref_cov, other.ref_features))
+        self.reference_key, self.reference_source = other.reference_key, other.reference_source
+        self._computed = None
+
     def _load_cache(self, path: Path, input_sha: str) -> dict | None:
         if not path.exists():
             return None

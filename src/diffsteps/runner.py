@@ -65,7 +65,8 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     least = max(2, e.kid_subset_size)
     if e.num_samples < least:
         raise ValueError(f"eval.num_samples={e.num_samples} is below the minimum {least}: FID needs ≥ 2 samples and "
-                         f"KID ≥ eval.kid_subset_size={e.kid_subset_size}; raise num_samples or lower kid_subset_size")
+                         f"KID ≥ eval.kid_subset_size={e.kid_subset_size}; raise num_samples or lower "
+                         "kid_subset_size")
     if o.name == "mse" and not (spec.is_deterministic(**options) and e.mse.num_samples > 0):
         raise ValueError(f"objective=mse needs a deterministic sampler (not {cfg.sampler.name!r} with {options}) "
                          f"and eval.mse.num_samples > 0")
@@ -241,7 +242,7 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     from hydra.utils import instantiate
 
     from .evaluation import EvalPlan, EvaluationModule, Evaluator
-    from .metrics import SampleQuality
+    from .metrics import SampleQuality, make_features
 
     e = cfg.eval
     features = feature_name(cfg, datamodule)
@@ -254,9 +255,17 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     real = datamodule.real_samples(e.num_reference, split=e.reference_split)
     key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
 
+    # one extractor and one reference for all step counts: loaded (Inception: ~100 MB) and hashed once
+    extractor = make_features(features)
+    first: list[SampleQuality] = []
+
     def quality() -> SampleQuality:
-        q = SampleQuality(features=features, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
-        q.set_reference(real, key=key)  # computed once, then read from the cache
+        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
+        if first:
+            q.share_reference(first[0])
+        else:
+            q.set_reference(real, key=key)  # computed once, then read from the cache by later runs
+            first.append(q)
         return q
 
     evaluator = Evaluator(plan, schedule, module.prediction, quality=quality,
@@ -305,7 +314,7 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule):
               discrete=levels is not None, levels=levels or 256)
 
     def bound(timesteps, **extra) -> dict:
-        # the same draws x_t ~ q(x_t | x_0) at every step count: differences between chains are the chains'
+        # reseeded for each step count: a row's ELBO does not depend on which step counts came before it
         g = torch.Generator(device=device).manual_seed(cfg.eval.noise_seed)
         with torch.no_grad():
             return elbo_bpd(module.net, data, schedule, timesteps=timesteps, generator=g, **extra, **kw)
