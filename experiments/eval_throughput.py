@@ -1,4 +1,4 @@
-"""Evaluation throughput: the full :class:`~diffsteps.evaluation.Evaluator` against the bare network forwards it makes,
+"""Evaluation throughput: the full :class:`~diffsteps.evaluation.evaluator.Evaluator` against the bare network forwards it makes,
 and the saving from cached reference statistics.
 
 1. Overhead. The default evaluation (digits, the default UNet of ``conf/model/unet.yaml``, untrained, eval mode;
@@ -42,11 +42,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import diffsteps as ds
-from diffsteps import evaluation, metrics
 from diffsteps.data import DigitsData, Toy2DData
-from diffsteps.evaluation import EvalPlan, Evaluator
-from diffsteps.metrics import SampleQuality
-from diffsteps.runner import build_net
+from diffsteps.evaluation.evaluator import Evaluator
+from diffsteps.evaluation import evaluator, quality
+from diffsteps.evaluation.plan import EvalPlan
+from diffsteps.evaluation.quality import SampleQuality
+from diffsteps.runner.build import build_net
 
 warnings.filterwarnings("ignore", message=".*compute.*method of metric.*called before the.*update")
 
@@ -179,7 +180,7 @@ def patched(module, name, value):
 @contextlib.contextmanager
 def phases(inst: Instrumented, clock: Clock | None = None):
     """Label the network's calls with the step count / reference phase (and time those functions with ``clock``)."""
-    orig_sample, orig_ref = evaluation.sample, evaluation.trajectory_reference
+    orig_sample, orig_ref = evaluator.sample, evaluator.trajectory_reference
 
     def sample(*a, steps=None, **kw):
         if inst.phase != "reference":
@@ -196,7 +197,7 @@ def phases(inst: Instrumented, clock: Clock | None = None):
     if clock is not None:
         sample = clock.wrap("sample", sample, key=lambda: "reference" if inst.phase == "reference" else "sample")
         reference = clock.wrap("reference", reference, key=lambda: "reference_total")
-    with patched(evaluation, "sample", sample), patched(evaluation, "trajectory_reference", reference):
+    with patched(evaluator, "sample", sample), patched(evaluator, "trajectory_reference", reference):
         yield
 
 
@@ -315,9 +316,9 @@ def breakdown(s: Setting, args) -> None:
         t.compute = clock.wrap("Totals.compute", t.compute)
     with contextlib.ExitStack() as stack:
         stack.enter_context(phases(inst, clock))
-        for mod, name in [(evaluation, "confidence_counts"), (evaluation, "chunk_noise"),
-                          (metrics, "kernel_distance"), (metrics, "frechet_distance"),
-                          (metrics, "load_digits_classifier")]:
+        for mod, name in [(evaluator, "confidence_counts"), (evaluator, "chunk_noise"),
+                          (quality, "kernel_distance"), (quality, "frechet_distance"),
+                          (evaluator, "load_digits_classifier")]:
             stack.enter_context(patched(mod, name, clock.wrap(f"{mod.__name__.split('.')[-1]}.{name}",
                                                               getattr(mod, name))))
         if s.mixture is not None:
@@ -346,16 +347,16 @@ def breakdown(s: Setting, args) -> None:
     line("reference solver arithmetic (trajectory_reference − its forwards)", sec["reference_total"] - model_ref,
          clock.calls["reference_total"])
     named = ["SampleQuality.update", "SampleQuality._extract", "feature extractor forward",
-             "evaluation.confidence_counts", "metrics.load_digits_classifier", "Totals.update",
-             "SampleQuality.compute", "metrics.kernel_distance", "metrics.frechet_distance", "Totals.compute",
-             "evaluation.chunk_noise", "mixture.log_prob"]
+             "evaluator.confidence_counts", "evaluator.load_digits_classifier", "Totals.update",
+             "SampleQuality.compute", "quality.kernel_distance", "quality.frechet_distance", "Totals.compute",
+             "evaluator.chunk_noise", "mixture.log_prob"]
     for name in named:
         if name in sec:
             line(("    " if name in ("SampleQuality._extract", "feature extractor forward",
-                                     "metrics.load_digits_classifier", "metrics.kernel_distance",
-                                     "metrics.frechet_distance") else "") + name, sec[name], clock.calls[name])
-    top = (sec["sample"] + sec["reference_total"] + sec["SampleQuality.update"] + sec["evaluation.confidence_counts"]
-           + sec["Totals.update"] + sec["SampleQuality.compute"] + sec["Totals.compute"] + sec["evaluation.chunk_noise"]
+                                     "evaluator.load_digits_classifier", "quality.kernel_distance",
+                                     "quality.frechet_distance") else "") + name, sec[name], clock.calls[name])
+    top = (sec["sample"] + sec["reference_total"] + sec["SampleQuality.update"] + sec["evaluator.confidence_counts"]
+           + sec["Totals.update"] + sec["SampleQuality.compute"] + sec["Totals.compute"] + sec["evaluator.chunk_noise"]
            + sec.get("mixture.log_prob", 0.0))
     line("everything else (run_chunk/compute bookkeeping, MSE error, kept samples, wrappers)", total - top)
     line("**total**", total, is_over=False)
@@ -397,7 +398,7 @@ def reference_cache(s: Setting, args) -> None:
                     assert q.reference_source == expected, (what, q.reference_source)
                 size = q.cache_path(key).stat().st_size / 2**20
             t0 = time.perf_counter()
-            metrics._input_sha256(real)
+            quality._input_sha256(real)
             t["sha"].append(time.perf_counter() - t0)
         none, cold, warm, sha = (median(t[k]) for k in ("none", "cold", "warm", "sha"))
         say(f"| {name} | {len(real)} | {size:.2f} | {none:.4f} | {cold:.4f} | {warm:.4f} | {cold / warm:.1f}× | "

@@ -1,9 +1,9 @@
 """Train the digits classifier behind the ``digits`` sample-quality features and write its weights.
 
-    python experiments/train_digits_classifier.py          # writes src/diffsteps/assets/digits_classifier.pt
+    python experiments/train_digits_classifier.py          # writes src/diffsteps/reference/assets/digits_classifier.pt
     python experiments/train_digits_classifier.py --check  # retrains, compares with the shipped file, writes nothing
 
-Training is deterministic (see ``diffsteps.digits_classifier``): on the same platform and torch version the output
+Training is deterministic (see ``diffsteps.reference.digits_classifier``): on the same platform and torch version the output
 is bit-identical to the shipped file, so its sha256 equals ``WEIGHTS_SHA256``. If it differs (another CPU or torch
 version), the script says so and prints the two constants to record in ``src/diffsteps/digits_classifier.py``;
 until they are updated, loading the new file fails the checksum, by design.
@@ -21,8 +21,15 @@ import time
 from pathlib import Path
 
 from diffsteps.data import DigitsData
-from diffsteps.digits_classifier import (HELD_OUT_CORRECT, TRAIN_CONFIG, WEIGHTS_SHA256, accuracy,
-                                         default_weights_path, serialize_state_dict, train_digits_classifier)
+from diffsteps.reference.digits_classifier import (
+    HELD_OUT_CORRECT,
+    TRAIN_CONFIG,
+    WEIGHTS_SHA256,
+    accuracy,
+    default_weights_path,
+    serialize_state_dict,
+)
+from diffsteps.training.classifier import train_digits_classifier
 
 
 def main(argv=None) -> int:

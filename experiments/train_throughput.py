@@ -24,9 +24,10 @@ import torch
 
 import diffsteps as ds
 from diffsteps.data import DigitsData
-from diffsteps.losses import DiffusionLoss
-from diffsteps.module import DiffusionModule, ema_callback
 from diffsteps.nets import UNet
+from diffsteps.training.ema import ema_callback
+from diffsteps.training.losses import DiffusionLoss
+from diffsteps.training.module import DiffusionModule
 
 warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -21,7 +21,14 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from diffsteps import GaussianMixture
-from diffsteps.data import DATAMODULES, CIFAR10Data, DigitsData, GMMData, ImageFolderData, Toy2DData
+from diffsteps.data import (
+    DATAMODULES,
+    CIFAR10Data,
+    DigitsData,
+    GMMData,
+    ImageFolderData,
+    Toy2DData,
+)
 
 Z = 5.0  # a 5-SE band: a correct implementation fails a given check with probability < 1e-6
 

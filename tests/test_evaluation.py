@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import diffsteps as ds
-from diffsteps.evaluation import EvalPlan, Evaluator, chunk_noise, trajectory_reference
-from diffsteps.metrics import SampleQuality
+from diffsteps.evaluation.evaluator import Evaluator
+from diffsteps.evaluation.plan import EvalPlan, chunk_noise
+from diffsteps.evaluation.quality import SampleQuality
+from diffsteps.evaluation.trajectory import trajectory_reference
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_plan_rejects_bad_sizes():
 
 
 def test_classifier_confidence_accumulates_over_chunks_like_one_batch(linear):
-    from diffsteps.metrics import classifier_confidence
+    from diffsteps.evaluation.classifier import classifier_confidence
 
     class Shrink(torch.nn.Module):  # a fixed, cheap "denoiser" on 8×8 images: ε̂ = x/2
         def forward(self, x, t):

@@ -1,4 +1,4 @@
-"""Tests of diffsteps.likelihood (the variational bound in bits per dimension).
+"""Tests of diffsteps.evaluation.likelihood (the variational bound in bits per dimension).
 
 Ground truth is derived here, independently of the module, for Gaussian data x_0 ~ N(μ, s² I) in d dimensions.
 With x_t = √a x_0 + √(1 − a) ε (a = ᾱ_t), the pair is jointly Gaussian, so per dimension
@@ -20,7 +20,12 @@ import scipy.stats
 import torch
 
 import diffsteps as ds
-from diffsteps.likelihood import ELBO, discretized_gaussian_log_likelihood, elbo, elbo_bpd
+from diffsteps.evaluation.likelihood import (
+    ELBO,
+    discretized_gaussian_log_likelihood,
+    elbo,
+    elbo_bpd,
+)
 
 F64 = torch.float64
 T = 1000
@@ -368,7 +373,7 @@ def test_decoder_on_a_coarse_grid_matches_the_normal_cdf():
     # digits take 17 values in [−1, 1]: bins of half-width 1/16, edge bins open; probabilities sum to 1
     from scipy.stats import norm
 
-    from diffsteps.likelihood import discretized_gaussian_log_likelihood
+    from diffsteps.evaluation.likelihood import discretized_gaussian_log_likelihood
 
     levels = torch.linspace(-1, 1, 17, dtype=torch.float64)
     mean, var = 0.3, 0.04

@@ -1,4 +1,4 @@
-"""Tests of diffsteps.losses.
+"""Tests of diffsteps.training.losses.
 
 Reference values are computed here in plain Python floats from the betas (math.prod for ᾱ), in the textbook form of
 each formula (ε-space weight divided by c_p), independently of the own-space forms the module uses.
@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import diffsteps as ds
-from diffsteps.losses import LOSSES, DiffusionLoss, loss_weights, sample_timesteps
+from diffsteps.training.losses import (
+    LOSSES,
+    DiffusionLoss,
+    loss_weights,
+    sample_timesteps,
+)
 
 F64 = torch.float64
 T = 1000

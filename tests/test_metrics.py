@@ -19,11 +19,25 @@ import scipy.linalg
 import torch
 
 from diffsteps.data import DigitsData
-from diffsteps.digits_classifier import (HELD_OUT_CORRECT, WEIGHTS_SHA256, DigitsCNN, accuracy, default_weights_path,
-                                         load_digits_classifier, serialize_state_dict, train_digits_classifier)
-from diffsteps.metrics import (FEATURES, INCEPTION_WEIGHTS_FILE, IdentityFeatures, SampleQuality,
-                               classifier_confidence, expected_null_fid, frechet_distance, kernel_distance,
-                               make_features, polynomial_mmd2)
+from diffsteps.evaluation.classifier import classifier_confidence
+from diffsteps.evaluation.distances import expected_null_fid, frechet_distance, kernel_distance, polynomial_mmd2
+from diffsteps.evaluation.features import (
+    FEATURES,
+    INCEPTION_WEIGHTS_FILE,
+    IdentityFeatures,
+    make_features,
+)
+from diffsteps.evaluation.quality import SampleQuality
+from diffsteps.reference.digits_classifier import (
+    HELD_OUT_CORRECT,
+    WEIGHTS_SHA256,
+    DigitsCNN,
+    accuracy,
+    default_weights_path,
+    load_digits_classifier,
+    serialize_state_dict,
+)
+from diffsteps.training.classifier import train_digits_classifier
 
 Z = 5.0
 

@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import diffsteps as ds
+from diffsteps.core.parameterizations import prediction_target, to_x0_eps
 from diffsteps.data import GMMData, Toy2DData
-from diffsteps.module import DiffusionModule, NonFiniteLossError, ema_callback, lr_factor
 from diffsteps.nets import MLP
-from diffsteps.parameterizations import prediction_target, to_x0_eps
+from diffsteps.training.ema import ema_callback
+from diffsteps.training.module import DiffusionModule, NonFiniteLossError, lr_factor
 
 pytestmark = [
     # Benign on a CPU test machine: in-memory data need no worker processes, and the tiny fits log rarely.

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from diffsteps import report
-from diffsteps.plots import plot_schedules
-from diffsteps.schedules import SCHEDULES, make_schedule
+from diffsteps.core.schedules import SCHEDULES, make_schedule
+from diffsteps.reporting import report
+from diffsteps.reporting.plots import plot_schedules
 
 
 # -- Pareto front ---------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_callback_warns_instead_of_raising_without_results(tmp_path, caplog):
 def test_callback_is_instantiable_by_hydra():
     from hydra.utils import instantiate
 
-    cb = instantiate({"_target_": "diffsteps.report.MultirunSummary", "metrics": ["fid"]})
+    cb = instantiate({"_target_": "diffsteps.reporting.report.MultirunSummary", "metrics": ["fid"]})
     assert isinstance(cb, report.MultirunSummary) and cb.metrics == ("fid",)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -189,7 +189,7 @@ def test_experiment_presets_compose_with_their_own_values(preset, overrides, ste
 def test_objective_adds_its_cost_term():
     from omegaconf import OmegaConf
 
-    from diffsteps.runner import objective_value
+    from diffsteps.runner.validate import objective_value
 
     row = {"fid": 0.5, "kid_mean": 0.01, "nfe": 19, "seconds_per_sample": 0.002}
     cfg = OmegaConf.create({"objective": {"name": "fid", "cost": "nfe", "cost_weight": 0.01}})

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import CountingModel, noise
 
 import diffsteps as ds
-from conftest import CountingModel, noise
 
 DETERMINISTIC = [n for n, s in ds.SAMPLERS.items() if not s.stochastic]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffsteps as ds
-from diffsteps.spacings import to_integer_timesteps
+from diffsteps.core.spacings import to_integer_timesteps
 
 
 def test_diffusers_spacings_match_lin_et_al_table2(linear):

@@ -134,9 +134,9 @@ def make_optimizer(dims: Sequence[Dim], n_initial_points: int = 10, acq_func: st
     minimised by L-BFGS from the 5 best of 10,000 random candidates (by the best candidate when the kernel has no
     gradient: an all-categorical space), with xi = 0.01 and kappa = 1.96."""
     import numpy as np
+    from sklearn.utils import check_random_state
     from skopt import Optimizer
     from skopt.space import Space
-    from sklearn.utils import check_random_state
     from skopt.utils import cook_estimator
 
     if acq_func not in ACQ_FUNCS:

@@ -19,7 +19,16 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  registers hydra/sweeper=gp wherever this module is imported
-from .core import ACQ_FUNCS, Dim, Search, SweepError, Trial, TooManyFailures, minimize, parse_space
+from .core import (
+    ACQ_FUNCS,
+    Dim,
+    Search,
+    SweepError,
+    TooManyFailures,
+    Trial,
+    minimize,
+    parse_space,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,15 @@
 """diffsteps: how noise steps, schedules, samplers and losses trade diffusion-model quality against cost."""
 
-from .gaussian_mixture import ExactEpsilon, GaussianMixture
-from .likelihood import ELBO, elbo, elbo_bpd
-from .losses import LOSSES, DiffusionLoss, sample_timesteps
-from .parameterizations import PREDICTIONS, prediction_target, to_x0_eps
-from .process import posterior_coefficients, q_posterior, q_sample
-from .samplers import SAMPLERS, Denoiser, SampleResult, plan_sampling, sample
-from .schedules import SCHEDULES, Schedule, make_schedule
-from .spacings import SPACINGS, make_timesteps
+from .core.parameterizations import PREDICTIONS, prediction_target, to_x0_eps
+from .core.process import posterior_coefficients, q_posterior, q_sample
+from .core.schedules import SCHEDULES, Schedule, make_schedule
+from .core.spacings import SPACINGS, make_timesteps
+from .evaluation.likelihood import ELBO, elbo, elbo_bpd
+from .reference.gaussian_mixture import ExactEpsilon, GaussianMixture
+from .sampling.api import SampleResult, plan_sampling, sample
+from .sampling.denoiser import Denoiser
+from .sampling.registry import SAMPLERS
+from .training.losses import LOSSES, DiffusionLoss, sample_timesteps
 
 __all__ = [
     "sample", "plan_sampling", "SampleResult", "SAMPLERS", "Denoiser",

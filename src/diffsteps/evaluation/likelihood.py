@@ -10,7 +10,7 @@ p(x_{τ_{i−1}} | x_{τ_i}) = N(μ_θ, Σ), with p(x_{τ_K}) = N(0, I) and the 
     L_0     = E_q −log p(x_0 | x_{τ_1}),                                          the decoder term.
 
 The forward posterior between any s < t is q(x_s | x_t, x_0) = N(c_0 x_0 + c_t x_t, β̃_{t|s} I)
-(:func:`~diffsteps.process.posterior_coefficients`: Ho et al. eq. 6–7 with β_t → β_{t|s} = 1 − ᾱ_t/ᾱ_s), and the
+(:func:`~diffsteps.core.process.posterior_coefficients`: Ho et al. eq. 6–7 with β_t → β_{t|s} = 1 − ᾱ_t/ᾱ_s), and the
 model mean is the same expression with the network's x̂_0 in place of x_0, μ_θ = c_0 x̂_0 + c_t x_t (Ho et al. §3.2,
 eq. 11 in ε form). Both are Gaussians, so each transition term is the closed-form Gaussian KL, per dimension
 
@@ -53,10 +53,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from .parameterizations import check_prediction
-from .process import posterior_coefficients, q_posterior, q_sample
-from .samplers import Denoiser
-from .schedules import Schedule
+from ..core.parameterizations import check_prediction
+from ..core.process import posterior_coefficients, q_posterior, q_sample
+from ..core.schedules import Schedule
+from ..sampling.denoiser import Denoiser
 
 __all__ = ["ELBO", "VARIANCES", "elbo", "elbo_bpd", "discretized_gaussian_log_likelihood"]
 
@@ -156,7 +156,7 @@ def _check_discrete_data(x0: torch.Tensor, levels: int) -> None:
 
 
 class _Network(torch.nn.Module):
-    """The user's model as :class:`~diffsteps.samplers.Denoiser` sees it: rejects non-finite outputs and, for a
+    """The user's model as :class:`~diffsteps.sampling.denoiser.Denoiser` sees it: rejects non-finite outputs and, for a
     learned variance, splits off the v channels (kept in ``v``) so the Denoiser only receives the prediction.
     Holding the model as a submodule keeps the Denoiser's dtype detection (its first floating parameter)."""
 
@@ -190,7 +190,7 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     """Per-sample variational bound L_vlb = L_T + Σ L_{i−1} + L_0 on −log p(x_0), in bits per dimension
     (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, eq. 10–13; module docstring for each term).
 
-    ``model(x, t)`` is called through :class:`~diffsteps.samplers.Denoiser` (x cast to the model's dtype, t a 1-D
+    ``model(x, t)`` is called through :class:`~diffsteps.sampling.denoiser.Denoiser` (x cast to the model's dtype, t a 1-D
     float tensor) and returns ``prediction`` (``epsilon``, ``x0`` or ``v``), plus the v channels when ``variance``
     is ``learned``. ``x0`` (N, ...): the data. ``timesteps``: the chain τ_1 < … < τ_K, strictly increasing integers
     in [0, T) (default: all T). ``variance``: Σ of the reverse steps, ``posterior`` (β̃), ``beta`` (1 − ᾱ_t/ᾱ_s) or

@@ -14,7 +14,7 @@ w_ε/c_p, because the quotient is 0·∞ or ∞/∞ at ᾱ_t = 0 (zero terminal 
 the weight itself is finite. A weight is +∞ only where the true weight is infinite (e.g. the ELBO of an
 ε-prediction network at ᾱ_t = 0, where x̂_0 = (x_t − σ ε̂)/α is undetermined); it is never NaN.
 
-Index convention as in :mod:`diffsteps.schedules`: t = 0 … T−1, ᾱ_t = Π_{s≤t}(1 − β_s), ᾱ_{−1} = 1 (the data).
+Index convention as in :mod:`diffsteps.core.schedules`: t = 0 … T−1, ᾱ_t = Π_{s≤t}(1 − β_s), ᾱ_{−1} = 1 (the data).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from .parameterizations import check_prediction, prediction_target
-from .schedules import Schedule
+from ..core.parameterizations import check_prediction, prediction_target
+from ..core.schedules import Schedule
 
 __all__ = ["DiffusionLoss", "LOSSES", "VARIANCES", "sample_timesteps", "loss_weights"]
 
@@ -89,7 +89,7 @@ def _simple(terms: _Terms, prediction: str, loss: "DiffusionLoss") -> torch.Tens
 def _vlb(terms: _Terms, prediction: str, loss: "DiffusionLoss") -> torch.Tensor:
     """L_{t−1} = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) in nats per dimension, for a reverse process with the
     fixed variance σ_t² (β̃_t for ``small``, β_t for ``large``) and mean μ_θ = c_0 x̂_0 + c_t x_t (the posterior mean
-    with x̂_0 in place of x_0; c_0 = √ᾱ_{t−1} β_t/(1 − ᾱ_t), :func:`~diffsteps.process.posterior_coefficients`).
+    with x̂_0 in place of x_0; c_0 = √ᾱ_{t−1} β_t/(1 − ᾱ_t), :func:`~diffsteps.core.process.posterior_coefficients`).
     Both are Gaussians with μ_q − μ_θ = c_0 (x_0 − x̂_0), so, dropping the θ-independent variance terms
     (½(β̃/σ² − 1 − log(β̃/σ²)), zero for ``small``):
         x0-space  c_0²/(2σ_t²) = ᾱ_{t−1} β_t² / (2 σ_t² (1 − ᾱ_t)²),
@@ -107,7 +107,7 @@ def _vlb(terms: _Terms, prediction: str, loss: "DiffusionLoss") -> torch.Tensor:
     continues smoothly into t = 1 (w_ε(1) ≈ β_1/(2β_0) ≈ 0.6 for the linear schedule). (improved-diffusion instead
     uses β̃_1 as the t = 0 variance and a discretised likelihood for 8-bit images; that is a data-specific choice.)
     """
-    b, a, ap, oma = terms.beta, terms.abar, terms.abar_prev, terms.one_minus_abar
+    b, _a, ap, oma = terms.beta, terms.abar, terms.abar_prev, terms.one_minus_abar
     if loss.variance == "small":
         var = (1.0 - ap) * b / oma  # β̃_t = (1 − ᾱ_{t−1}) β_t / (1 − ᾱ_t)
     else:

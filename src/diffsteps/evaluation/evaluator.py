@@ -8,18 +8,17 @@ the sampler's, not the noise's). Chunk c runs on rank c mod world size; every me
 synced at the end — FID/KID features put back in global sample order — so a DDP evaluation reproduces the
 single-process numbers.
 
-Per step count: FID/KID (:class:`~diffsteps.metrics.SampleQuality`), NFE, sampling seconds and the part spent in
+Per step count: FID/KID (:class:`~diffsteps.evaluation.quality.SampleQuality`), NFE, sampling seconds and the part spent in
 the network, peak accelerator memory, and where they apply the digits classifier's confidence, the exact NLL of
 the samples under a known mixture density, and the trajectory error of a deterministic sampler against a converged
 reference solution from the same noise (:func:`trajectory_reference`).
 """
 
+
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import lightning as L
@@ -27,81 +26,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import CatMetric, Metric
 
-from .digits_classifier import load_digits_classifier
-from .metrics import SampleQuality, confidence_counts, confidence_from_counts
-from .samplers import SAMPLERS, get_sampler, sample
-from .schedules import Schedule
-
-__all__ = ["EvalPlan", "Evaluator", "EvaluationModule", "Totals", "chunk_noise", "trajectory_reference",
-           "DENOISER_OPTIONS"]
-
-# options of the shared model wrapper (any sampler), as opposed to one sampler's own (eta, variance, ...)
-DENOISER_OPTIONS = ("clip_denoised", "dynamic_threshold", "threshold_max", "denoise_final")
-
-
-def _seed(*words: int) -> int:
-    digest = hashlib.sha256(("diffsteps-eval:" + ",".join(map(str, words))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """What to generate: ``num_samples`` of shape ``shape`` with ``sampler`` (``spacing``, ``options``) at each
-    of ``steps``, ``batch_size`` at a time. ``mse_samples`` > 0 measures the trajectory error of a deterministic
-    sampler on the first that many samples, against ``reference_sampler`` at ``reference_steps``.
-    ``keep_samples``: how many samples of each step count rank 0 keeps (for grids and sample files)."""
-
-    sampler: str
-    steps: tuple[int, ...]
-    shape: tuple[int, ...]
-    num_samples: int = 1000
-    batch_size: int = 500
-    spacing: str = "trailing"
-    options: dict = field(default_factory=dict)
-    noise_seed: int = 1234
-    mse_samples: int = 0
-    reference_sampler: str = "heun"
-    reference_steps: int = 200
-    reference_spacing: str = "logsnr"
-    keep_samples: int = 64
-
-    def __post_init__(self):
-        if self.num_samples < 2 or self.batch_size < 1:
-            raise ValueError(f"num_samples must be ≥ 2 and batch_size ≥ 1, got {self.num_samples} and "
-                             f"{self.batch_size}")
-        if not self.steps:
-            raise ValueError("steps is empty")
-        if self.mse_samples < 0 or self.reference_steps < 2:
-            raise ValueError("mse_samples must be ≥ 0 and reference_steps ≥ 2")
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def chunk(self, c: int) -> tuple[int, int]:
-        """(first global index, size) of chunk ``c``."""
-        start = c * self.batch_size
-        return start, min(self.batch_size, self.num_samples - start)
-
-    @property
-    def denoiser_options(self) -> dict:
-        return {k: v for k, v in self.options.items() if k in DENOISER_OPTIONS}
-
-    @property
-    def sampler_options(self) -> dict:
-        return {k: v for k, v in self.options.items() if k not in DENOISER_OPTIONS}
-
-
-def chunk_noise(plan: EvalPlan, c: int, device=None, dtype=torch.float32) -> Tensor:
-    """The initial noise x_T of chunk ``c``: a function of (``plan.noise_seed``, c) only."""
-    _, size = plan.chunk(c)
-    g = torch.Generator().manual_seed(_seed(plan.noise_seed, c))
-    return torch.randn((size, *plan.shape), generator=g, dtype=dtype).to(device)
-
-
-def _sampler_generator(plan: EvalPlan, c: int, device) -> torch.Generator:
-    # the stochastic sampler's own noise: common across step counts too, and on the device that draws it
-    return torch.Generator(device=device).manual_seed(_seed(plan.noise_seed, c, "sampler"))
+from ..core.schedules import Schedule
+from ..reference.digits_classifier import load_digits_classifier
+from ..sampling.api import sample
+from ..sampling.registry import get_sampler
+from .classifier import confidence_counts, confidence_from_counts
+from .plan import EvalPlan, _sampler_generator, chunk_noise
+from .quality import SampleQuality
+from .trajectory import trajectory_reference
 
 
 class Totals(Metric):
@@ -151,27 +83,6 @@ def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def trajectory_reference(net: Callable, noise: Tensor, *, schedule: Schedule, prediction: str,
-                         sampler: str = "heun", steps: int = 200, spacing: str = "logsnr",
-                         **denoiser_options) -> tuple[Tensor, Tensor]:
-    """The converged end point of the probability-flow ODE from ``noise``, and a check that it converged.
-
-    The reference is ``sampler`` (default Heun, 2nd order; Karras et al. 2022, Alg. 1) with ``steps`` steps from
-    t = T−1 to the data, ``spacing`` uniform in log-SNR by default (even error per step, so it converges with far
-    fewer steps than uniform t). Every deterministic sampler that starts at T−1 (trailing, linspace, karras, logsnr
-    spacings) solves the same ODE from the same point, so its N-step result converges to this one as N → ∞.
-    Returns (reference, gap) where gap (B,) is the per-sample mean squared difference to the same solver at
-    ``steps // 2``: for a p-th order solver the reference's own error is ≈ gap / (2^p − 1), so a gap far below the
-    smallest trajectory error measured shows convergence.
-    """
-    if not get_sampler(sampler).is_deterministic():
-        raise ValueError(f"the reference sampler must be deterministic; got {sampler!r}; choose one of: "
-                         f"{', '.join(n for n, s in SAMPLERS.items() if s.is_deterministic())}")
-    kw = dict(schedule=schedule, prediction=prediction, sampler=sampler, spacing=spacing, **denoiser_options)
-    ref = sample(net, noise, steps=steps, **kw).double()
-    half = sample(net, noise, steps=max(steps // 2, 1), **kw).double()
-    return ref, (ref - half).pow(2).flatten(1).mean(1)
 
 
 class Evaluator:

@@ -43,8 +43,8 @@ def schedule_figure(out_dir: str | Path, num_timesteps: int = 1000, names: Seque
     :func:`plots.plot_schedules`) and ``schedules.csv`` (the full curves: ``t``, ``t_over_T`` and per schedule
     ``<label>_beta``, ``<label>_alpha_bar``, ``<label>_log_snr``, float64 written exactly) to ``out_dir``.
     Returns the PNG's path."""
+    from ..core.schedules import SCHEDULES, make_schedule
     from .plots import plot_schedules
-    from .schedules import SCHEDULES, make_schedule
 
     names = list(SCHEDULES) if names is None else list(names)
     schedules = {n: make_schedule(n, num_timesteps) for n in names}

@@ -1,7 +1,7 @@
 """The Lightning module that trains a denoiser: loss, logging, optimiser and learning-rate schedule, sampling.
 
 ``DiffusionModule(net, schedule, loss, ...)`` takes its three collaborators as objects (Hydra builds each from its own
-``_target_``), so one module trains any net under any schedule with any loss of :mod:`diffsteps.losses`.
+``_target_``), so one module trains any net under any schedule with any loss of :mod:`diffsteps.training.losses`.
 
 Exponential moving averages of the weights are not done here but by Lightning's
 ``lightning.pytorch.callbacks.EMAWeightAveraging`` callback, which deep-copies this module. The module therefore holds
@@ -28,30 +28,18 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from ..core.process import q_sample
+from ..core.schedules import Schedule
+from ..sampling.api import sample
 from .losses import DiffusionLoss, sample_timesteps
-from .process import q_sample
-from .samplers import sample
-from .schedules import Schedule
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor", "ema_callback"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor"]
 
 # Seed-sequence tags, so the training and validation streams can never coincide.
 _TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
 _VAL_SEED = 20200619  # fixed: validation noise must not depend on the run's seed
 _CKPT_KEY = "diffsteps_module"
 
-
-def ema_callback(decay: float):
-    """Lightning's ``EMAWeightAveraging`` with the multi-tensor update ema ← ema + (1 − decay)(θ − ema) in one
-    ``torch._foreach_lerp_`` (``get_ema_multi_avg_fn``) instead of its default per-parameter Python loop, which cost
-    ~15 ms per step on the digits UNet on CPU — more than the rest of Lightning's overhead together."""
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-    from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-    ema = EMAWeightAveraging(decay=decay)
-    # the callback hands these to AveragedModel at setup; it accepts one of avg_fn / multi_avg_fn
-    ema._kwargs = {**ema._kwargs, "avg_fn": None, "multi_avg_fn": get_ema_multi_avg_fn(decay)}
-    return ema
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,7 +91,7 @@ class DiffusionModule(L.LightningModule):
     uneven band counts, steps that miss the band and DDP; a band no sample fell in during the epoch logs NaN).
 
     ``compile=True`` compiles ``net`` in place (``nn.Module.compile``) in ``configure_model``, so parameter names
-    and checkpoint keys stay ``net.…``. ``generate`` samples with any sampler of :mod:`diffsteps.samplers`.
+    and checkpoint keys stay ``net.…``. ``generate`` samples with any sampler of :mod:`diffsteps.sampling`.
     Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...)``.
     """
 

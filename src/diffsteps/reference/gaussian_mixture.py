@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .schedules import Schedule
+from ..core.schedules import Schedule
 
 __all__ = ["GaussianMixture", "ExactEpsilon"]
 

@@ -3,7 +3,7 @@ on :class:`~diffsteps.data.DigitsData` (the role Inception-v3 plays for natural 
 
 The architecture is :class:`DigitsCNN`; :func:`train_digits_classifier` trains it deterministically on the train
 split of ``DigitsData(val_fraction=0.2, seed=0)``, and ``experiments/train_digits_classifier.py`` runs that and writes
-the shipped weights ``diffsteps/assets/digits_classifier.pt`` (a plain ``state_dict``, 95 KB).
+the shipped weights ``diffsteps/reference/assets/digits_classifier.pt`` (a plain ``state_dict``, 95 KB).
 :func:`load_digits_classifier` checks the file's sha256 against :data:`WEIGHTS_SHA256` before loading it with
 ``torch.load(weights_only=True)``.
 
@@ -25,21 +25,17 @@ kernels), giving the same accuracy to within an image or two but a different has
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import math
-import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "DigitsCNN", "train_digits_classifier", "accuracy", "serialize_state_dict", "load_digits_classifier",
+    "DigitsCNN", "accuracy", "serialize_state_dict", "load_digits_classifier",
     "default_weights_path", "WEIGHTS_SHA256", "HELD_OUT_CORRECT", "HELD_OUT_ACCURACY", "TRAIN_CONFIG",
     "REGENERATE_HINT",
 ]
@@ -106,7 +102,7 @@ class DigitsCNN(nn.Module):
 
 def default_weights_path() -> Path:
     """Where the shipped weights live inside the installed package."""
-    return Path(str(resources.files("diffsteps").joinpath("assets", "digits_classifier.pt")))
+    return Path(str(resources.files("diffsteps.reference").joinpath("assets", "digits_classifier.pt")))
 
 
 def serialize_state_dict(model: nn.Module) -> bytes:
@@ -137,7 +133,7 @@ def load_digits_classifier(path: str | Path | None = None, sha256: str | None = 
     if sha256 is not None and _sha256(data) != sha256:
         raise RuntimeError(
             f"digits classifier weights at {path} have sha256 {_sha256(data)}, expected {sha256} (the file is corrupt "
-            f"or was retrained without updating diffsteps.digits_classifier.WEIGHTS_SHA256); {REGENERATE_HINT}, "
+            f"or was retrained without updating diffsteps.reference.digits_classifier.WEIGHTS_SHA256); {REGENERATE_HINT}, "
             f"then record the sha256 it prints")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -156,78 +152,3 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     for i in range(0, len(x), batch_size):
         correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
     return correct, len(x)
-
-
-def _random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Each image translated by an integer offset in [−max_shift, max_shift]² (pad with the background −1, crop)."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
-
-
-@contextlib.contextmanager
-def _deterministic_single_thread():
-    # One thread and deterministic kernels make the float summation order, hence the weights' bits, reproducible;
-    # the caller's settings are restored afterwards.
-    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det)
-
-
-def train_digits_classifier(seed: int = TRAIN_CONFIG["seed"], epochs: int = TRAIN_CONFIG["epochs"],
-                            batch_size: int = TRAIN_CONFIG["batch_size"], lr: float = TRAIN_CONFIG["lr"],
-                            weight_decay: float = TRAIN_CONFIG["weight_decay"],
-                            val_fraction: float = TRAIN_CONFIG["val_fraction"],
-                            data_seed: int = TRAIN_CONFIG["data_seed"],
-                            log: Callable[[str], None] | None = None) -> DigitsCNN:
-    """Train :class:`DigitsCNN` on the train split of ``DigitsData(val_fraction, seed=data_seed)``; deterministic
-    given the arguments (see the module docstring). Returns the model frozen and in eval mode. Does not touch the
-    global RNG state. ``log`` receives one line per 10 epochs (train loss, val accuracy)."""
-    from .data import DigitsData
-
-    data = DigitsData(val_fraction=val_fraction, seed=data_seed)
-    x, y = data.real_samples(split="train"), data.labels("train")
-    xv, yv = data.real_samples(split="val"), data.labels("val")
-    steps_per_epoch = len(x) // batch_size
-    total = epochs * steps_per_epoch
-    t0 = time.perf_counter()
-    with _deterministic_single_thread(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # parameter initialisation draws from the global generator
-        model = DigitsCNN()
-        g = torch.Generator().manual_seed(seed + 1)  # shuffling and augmentation
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        step = 0
-        for epoch in range(epochs):
-            model.train()
-            perm = torch.randperm(len(x), generator=g)
-            losses = []
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch_size:(i + 1) * batch_size]
-                xb = _random_shift(x[idx], g)
-                # cosine decay to 0 over the whole run
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(model(xb), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                step += 1
-            if log is not None and ((epoch + 1) % 10 == 0 or epoch + 1 == epochs):
-                model.eval()
-                c, n = accuracy(model, xv, yv)
-                log(f"epoch {epoch + 1:3d}  train loss {sum(losses) / len(losses):.4f}  val acc {c}/{n} "
-                    f"({100 * c / n:.2f} %)  {time.perf_counter() - t0:.1f} s")
-        model.eval()
-        with torch.no_grad():
-            model.feature_scale.fill_(model._hidden(x).square().mean().rsqrt().item())
-    return model.requires_grad_(False).eval()

@@ -1,166 +1,16 @@
-"""Denoiser networks: ``net(x, t)`` → a tensor of x's shape (ε, x_0 or v — the network does not care which).
-
-``x`` is (B, D) for vector data (:class:`MLP`) or (B, C, H, W) for images (:class:`UNet`); ``t`` is a 1-D float
-tensor (B,) of training-time indices in [0, T − 1], not necessarily integers (a 0-d ``t`` is broadcast over the
-batch). A net computes in its own parameter dtype: the input is cast to it and the output is returned in it. The
-sinusoidal time features are formed in at least float32 whatever the net's dtype, because t·freq reaches ~10³ and a
-half-precision argument would make sin/cos of it meaningless; they are cast to the net's dtype afterwards.
-
-Both nets zero-initialise their output layer, so an untrained net predicts exactly 0. That is the best constant guess
-for ε (and for x_0 or v of centred data), so training starts from the target's variance instead of from the much
-larger error of a random function, and the residual trunk starts as an unperturbed identity path. The price is that
-at the very first step only the output layer receives a gradient; from the second step on every parameter does.
-
-Forward passes contain no data-dependent Python control flow (only shape checks, which ``torch.compile`` turns into
-guards), so the nets compile with ``fullgraph=True``.
-"""
+"""The UNet denoiser for images."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "ResBlock", "AttentionBlock"]
+from .layers import TimeEmbedding, _as_batch_t, _check_dropout, _divisors, _int_tuple
 
 
-def _int_tuple(name: str, value) -> tuple[int, ...]:
-    # Hydra hands over ListConfig / list where the signature defaults to a tuple; normalise both. A bare string is
-    # iterable too, and would silently become a tuple of characters, so reject it explicitly.
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a sequence of ints, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or int(v) != v:
-            raise ValueError(f"{name} must contain ints, got {value!r}")
-        out.append(int(v))
-    return tuple(out)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_dropout(dropout: float) -> float:
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
-def _as_batch_t(t, x: torch.Tensor) -> torch.Tensor:
-    # expand() both broadcasts a 0-d / single t over the batch and raises on a genuinely mismatched length, without
-    # a Python branch on the size.
-    t = torch.as_tensor(t, device=x.device)
-    return t.reshape(-1).expand(x.shape[0])
-
-
-class SinusoidalEmbedding(nn.Module):
-    """Sinusoidal features of a real-valued t (Vaswani et al. 2017, §3.5; Ho et al. 2020, App. B; the frequency
-    spacing of Dhariwal & Nichol 2021's ``timestep_embedding``).
-
-    With half = dim/2 and freq_i = exp(−log(max_period)·i/half) for i = 0 … half−1, the output is
-    ``[cos(t·freq_0), …, cos(t·freq_{half−1}), sin(t·freq_0), …, sin(t·freq_{half−1})]`` — cosines first, as in
-    ADM and diffusers' ``flip_sin_to_cos=True``. Parameter-free; computed in t's dtype promoted to at least float32
-    (float64 stays float64). ``dim`` must be even so that every frequency gets both a cos and a sin.
-    """
-
-    def __init__(self, dim: int, max_period: float = 10000.0):
-        super().__init__()
-        if int(dim) != dim or dim < 2 or dim % 2:
-            raise ValueError(f"SinusoidalEmbedding dim must be an even int >= 2, got {dim!r}")
-        if not max_period > 1:
-            raise ValueError(f"max_period must be > 1, got {max_period!r}")
-        self.dim, self.max_period = int(dim), float(max_period)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(t.dtype, torch.float32)
-        half = self.dim // 2
-        # Built per call rather than stored as a buffer: a buffer would be cast along with the net by .to(bf16),
-        # which is exactly the precision loss the promotion above avoids. It is a constant to torch.compile.
-        freqs = torch.exp(torch.arange(half, device=t.device, dtype=dtype) * (-math.log(self.max_period) / half))
-        args = t.to(dtype)[:, None] * freqs
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, max_period={self.max_period:g}"
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t followed by Linear → SiLU → Linear (Ho et al. 2020, App. B; ADM's ``time_embed``).
-    The output is left without a final non-linearity: consumers apply SiLU before their own projection, as in ADM."""
-
-    def __init__(self, sinusoid_dim: int, out_dim: int, max_period: float = 10000.0):
-        super().__init__()
-        self.sinusoid = SinusoidalEmbedding(sinusoid_dim, max_period)
-        self.fc1 = nn.Linear(sinusoid_dim, out_dim)
-        self.fc2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = self.sinusoid(t).to(self.fc1.weight.dtype)
-        return self.fc2(F.silu(self.fc1(emb)))
-
-
-# -- vector data ------------------------------------------------------------------------------------------------------
-class _MLPBlock(nn.Module):
-    def __init__(self, hidden: int, emb_dim: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.emb = nn.Linear(emb_dim, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # Time enters after the first non-linearity, as a bias on the hidden units (the DDPM ResBlock pattern moved
-        # to a pre-LayerNorm MLP block), so every block can re-read t rather than relying on the input projection.
-        r = F.silu(self.fc1(self.norm(h))) + self.emb(emb)
-        return h + self.fc2(self.drop(r))
-
-
-class MLP(nn.Module):
-    """Residual MLP denoiser for vector data, ``net(x: (B, dim), t: (B,)) -> (B, dim)``.
-
-    Architecture: the residual MLP block of Gorishniy et al. 2021 ("Revisiting Deep Learning Models for Tabular
-    Data", ResNet: x + Linear(Dropout(act(Linear(Norm(x)))))) with LayerNorm, i.e. a pre-norm residual stack as in
-    Xiong et al. 2020, and DDPM-style time conditioning (Ho et al. 2020, App. B): t → sinusoidal(time_dim) →
-    Linear → SiLU → Linear (width ``hidden``); input Linear(dim → hidden); ``depth`` blocks
-    h ← h + Linear(Dropout(SiLU(Linear(LN(h))) + Linear(SiLU(emb)))); output LayerNorm → SiLU → Linear(hidden → dim),
-    zero-initialised (see the module docstring for why). No batch statistics anywhere, so samples never interact.
-    """
-
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 128, dropout: float = 0.0):
-        super().__init__()
-        for name, v in (("dim", dim), ("hidden", hidden)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if int(depth) != depth or depth < 1:
-            # t only enters through the blocks, so depth 0 would be a t-independent net.
-            raise ValueError(f"depth must be an int >= 1 (time enters through the blocks), got {depth!r}")
-        dim, hidden, depth = int(dim), int(hidden), int(depth)
-        dropout = _check_dropout(dropout)
-        self.dim = dim
-        self.time_embed = TimeEmbedding(time_dim, hidden)
-        self.proj_in = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(_MLPBlock(hidden, hidden, dropout) for _ in range(depth))
-        self.norm_out = nn.LayerNorm(hidden)
-        self.proj_out = nn.Linear(hidden, dim)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLP(dim={self.dim}) expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
-        h = self.proj_in(x.to(self.proj_in.weight.dtype))
-        emb = F.silu(self.time_embed(_as_batch_t(t, x)))
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.proj_out(F.silu(self.norm_out(h)))
-
-
-# -- images -----------------------------------------------------------------------------------------------------------
 class ResBlock(nn.Module):
     """ADM residual block (Dhariwal & Nichol 2021, App. A; Ho et al. 2020's block with adaptive GroupNorm):
     GN → SiLU → conv3×3 → GN·(1 + scale) + shift → SiLU → Dropout → conv3×3, plus a skip (1×1 conv when the

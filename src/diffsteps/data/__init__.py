@@ -1,0 +1,17 @@
+"""Lightning data modules, one module per family: :mod:`.base` (the interface they share), :mod:`.images`,
+:mod:`.toy`."""
+
+from .base import EpochShuffle
+from .images import CIFAR10Data, DigitsData, ImageFolderData
+from .toy import TOY_KINDS, GMMData, Toy2DData
+
+__all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "DATAMODULES", "TOY_KINDS",
+           "EpochShuffle"]
+
+DATAMODULES = {
+    "digits": DigitsData,
+    "toy2d": Toy2DData,
+    "gmm": GMMData,
+    "imagefolder": ImageFolderData,
+    "cifar10": CIFAR10Data,
+}

@@ -1,0 +1,191 @@
+"""Lightning data modules: small, in-memory data sets for diffusion experiments.
+
+Every module keeps its whole data set in memory as one tensor per split (images as uint8 where they come from image
+files, decoded to float on the fly) and shares one interface, so that training and evaluation code need not know
+which data set it has:
+
+- ``setup(stage)`` loads or generates the data once (idempotent); ``real_samples`` and ``labels`` call it themselves,
+  so evaluation code can use a module outside a Trainer;
+- ``train_dataloader()`` shuffles with a generator seeded from ``seed`` and drops the last partial batch;
+  ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — no labels.
+  Under DDP Lightning swaps in a DistributedSampler itself;
+- ``sample_shape`` (known before setup, so models can be built first), ``is_image``, ``name`` (a file-name-safe key
+  that changes whenever the reference data would, for caching evaluation statistics);
+- ``real_samples(n, split)``: the first n points of a split; splits are stored in a random order, so any prefix is a
+  uniform sample of the split.
+
+Images are scaled to [−1, 1]. 2-D toy sets are centred and scaled to unit mean per-coordinate variance by constants
+computed from the generating distribution (not from the sample), so the scaling does not depend on the seed.
+
+``seed`` is the data module's own: it fixes generated data, the held-out split and the shuffling order, through
+independent random streams. Keep it fixed while varying the training seed to compare runs on the same reference set.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SPLITS = ("train", "val")
+_STREAM_DATA, _STREAM_SHUFFLE, _STREAM_GMM = 0, 1, 2
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order per epoch, drawn from (seed, epoch) alone. Lightning calls ``set_epoch`` before every epoch,
+    so a run resumed from a checkpoint continues with that epoch's order instead of replaying epoch 0's, which a
+    DataLoader generator (restarted with every new iterator) would do."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=_generator(self.seed, _STREAM_SHUFFLE, self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _generator(seed: int, stream: int, *more: int) -> torch.Generator:
+    # Generation/splitting and shuffling draw from separate streams: one seed reused for both would start them from
+    # the same state, and changing how data are generated would silently change the shuffle order.
+    state = np.random.SeedSequence([int(seed) % 2**64, stream, *more]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
+    # 127.5 is exact in binary, so 0 → −1 and 255 → +1 exactly.
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+class _TensorDataset(Dataset):
+    """Rows of one tensor, decoded on access; yields the bare tensor so a batch is a tensor, not a 1-tuple."""
+
+    def __init__(self, data: torch.Tensor, decode=None):
+        self.data, self.decode = data, decode
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x = self.data[i]
+        return x if self.decode is None else self.decode(x)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_fraction(value) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _fmt(x: float) -> str:
+    return f"{float(x):g}"
+
+
+class _InMemoryData(LightningDataModule, abc.ABC):
+    """Shared machinery; subclasses implement ``_load`` (returning per-split data and optional labels),
+    ``sample_shape``, ``name`` and ``is_image``, and set ``_decode`` when they store raw uint8."""
+
+    is_image: bool = False
+    levels: int | None = None  # discrete data: the number of equally spaced values in [−1, 1] (the ELBO's decoder)
+    _decode = None
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        if int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self._data: dict[str, torch.Tensor] | None = None
+        self._labels: dict[str, torch.Tensor] | None = None
+
+    # -- subclass hooks ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _load(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """Per-split data and optional labels."""
+
+    @property
+    @abc.abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, known before ``setup``."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """File-name-safe identity of the data (covers every argument that changes it)."""
+
+    # -- common interface ----------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._data is None:
+            data, labels = self._load()
+            self._data, self._labels = data, labels
+
+    def _split(self, split: str) -> torch.Tensor:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        return self._data[split]
+
+    def _dataset(self, split: str) -> _TensorDataset:
+        return _TensorDataset(self._split(split), self._decode)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset("train")
+        if len(ds) < self.batch_size:
+            # drop_last would otherwise yield an empty epoch and training would silently do nothing.
+            raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} samples, fewer than "
+                             f"batch_size={self.batch_size}, so no full batch can be formed")
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffle(len(ds), self.seed), drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("val"), batch_size=self.batch_size, shuffle=False, drop_last=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def real_samples(self, n: int | None = None, split: str = "val") -> torch.Tensor:
+        """The first ``n`` points of ``split`` (all if None) as float32 (n, *sample_shape). May share memory with
+        the stored data set: do not modify it in place."""
+        data = self._split(split)
+        if n is not None:
+            if int(n) != n or n < 0:
+                raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
+            if n > len(data):
+                # Silently returning fewer points would bias reference statistics computed for n points.
+                raise ValueError(f"{self.name}: asked for {n} {split} samples, the split has only {len(data)}")
+            data = data[: int(n)]
+        return data if self._decode is None else self._decode(data)
+
+    def labels(self, split: str = "val") -> torch.Tensor:
+        """Class labels (int64) of ``split``, aligned with ``real_samples(split=split)``."""
+        self._split(split)
+        if self._labels is None:
+            raise ValueError(f"{type(self).__name__} has no labels")
+        return self._labels[split]
+
+
+def _stratified_split(labels: torch.Tensor, val_fraction: float, g: torch.Generator):
+    """Indices (train, val), each class contributing round(val_fraction · its size) to val, each split in random
+    order (so a prefix of a split is a uniform sample, not one class)."""
+    val, train = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = int(round(val_fraction * len(idx)))
+        val.append(idx[:k])
+        train.append(idx[k:])
+    train, val = torch.cat(train), torch.cat(val)
+    return train[torch.randperm(len(train), generator=g)], val[torch.randperm(len(val), generator=g)]

@@ -1,0 +1,154 @@
+"""Quality versus steps for the runner: the evaluation plan from the config, the ELBO per step count, sample files
+and grids, and the results files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("diffsteps")
+
+def feature_name(cfg: DictConfig, datamodule) -> str:
+    if cfg.eval.features != "auto":
+        return cfg.eval.features
+    if not datamodule.is_image:
+        return "identity"
+    return "digits" if tuple(datamodule.sample_shape) == (1, 8, 8) else "inception"
+
+
+def sampler_options(cfg: DictConfig, datamodule) -> dict:
+    options = OmegaConf.to_container(cfg.sampler.options, resolve=True) or {}
+    # images live in [−1, 1]: clipping x̂_0 there keeps an ε-network's errors at high noise (amplified by σ/α ≈ 157
+    # at t = T−1 on the linear schedule) from compounding; vector data has no such bound
+    clip = cfg.eval.get("clip_denoised", "auto")
+    options["clip_denoised"] = (1.0 if datamodule.is_image else None) if clip == "auto" else clip
+    return options
+
+
+def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
+             out_dir: Path) -> tuple[list[dict] | None, int]:
+    """Sample at every step count from the same noise, in chunks, on every process of the trainer (DDP: each its
+    share of the chunks), and measure. Returns (rows, rank); rows only on rank zero, which also writes the grids
+    and sample files."""
+    from hydra.utils import instantiate
+
+    from ..evaluation.evaluator import EvaluationModule, Evaluator
+    from ..evaluation.features import make_features
+    from ..evaluation.plan import EvalPlan
+    from ..evaluation.quality import SampleQuality
+
+    e = cfg.eval
+    features = feature_name(cfg, datamodule)
+    plan = EvalPlan(sampler=cfg.sampler.name, steps=tuple(steps), shape=tuple(datamodule.sample_shape),
+                    num_samples=e.num_samples, batch_size=e.batch_size, spacing=cfg.sampler.spacing,
+                    options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
+                    mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
+                    reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
+                    keep_samples=max(e.grid_size, e.grid_columns, e.save_samples))
+    real = datamodule.real_samples(e.num_reference, split=e.reference_split)
+    key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
+
+    # one extractor and one reference for all step counts: loaded (Inception: ~100 MB) and hashed once
+    extractor = make_features(features)
+    first: list[SampleQuality] = []
+
+    def quality() -> SampleQuality:
+        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
+        if first:
+            q.share_reference(first[0])
+        else:
+            q.set_reference(real, key=key)  # computed once, then read from the cache by later runs
+            first.append(q)
+        return q
+
+    evaluator = Evaluator(plan, schedule, module.prediction, quality=quality,
+                          mixture=getattr(datamodule, "mixture", None), classifier=features == "digits")
+    # the chunk loader runs in the main process (no workers), where its per-rank __len__ is exact
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+                          default_root_dir=str(out_dir))
+    runner = EvaluationModule(module.net, evaluator)
+    log.info("evaluating %s at %s steps: %d samples in chunks of %d", plan.sampler, list(steps), plan.num_samples,
+             plan.batch_size)
+    trainer.test(runner, verbose=False)
+    if trainer.global_rank != 0:
+        return None, trainer.global_rank
+    rows = runner.rows
+    if e.elbo.num_samples > 0:
+        elbo_at = _elbo(cfg, module, datamodule, schedule)
+        for row in rows:
+            row.update(elbo_at(row["steps"]))
+    _save_samples(evaluator, rows, plan, e, out_dir)
+    for row in rows:
+        log.info("%s %d steps: %s", row["sampler"], row["steps"],
+                 {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
+    return rows, 0
+
+
+def _elbo(cfg: DictConfig, module, datamodule, schedule):
+    """A function of the step count n: the negative ELBO (bits/dim) of held-out data over the integer timesteps the
+    sampler's spacing visits at n steps (a K-step chain), and with ``eval.elbo.full`` over all T."""
+    from ..core.spacings import make_timesteps, to_integer_timesteps
+    from ..evaluation.likelihood import elbo_bpd
+
+    e = cfg.eval.elbo
+    data = datamodule.real_samples(e.num_samples, split=e.split)
+    device = next(module.net.parameters()).device
+    # discrete data (images: 256 levels, digits: 17) get the discretised decoder (Ho et al. §3.3): a probability,
+    # so the bound is one on the discrete NLL; a density on discrete data would be unbounded below
+    levels = getattr(datamodule, "levels", None)
+    if levels is not None:
+        k = (data.double() + 1) * (levels - 1) / 2
+        if not torch.allclose(k, k.round(), atol=1e-3):  # e.g. images resized with interpolation
+            log.warning("the ELBO data are not on %d levels: using a continuous decoder (a density, not a "
+                        "probability: it can be negative)", levels)
+            levels = None
+    kw = dict(prediction=module.prediction, variance=e.variance, batch_size=cfg.eval.batch_size, device=device,
+              discrete=levels is not None, levels=levels or 256)
+
+    def bound(timesteps, **extra) -> dict:
+        # reseeded for each step count: a row's ELBO does not depend on which step counts came before it
+        g = torch.Generator(device=device).manual_seed(cfg.eval.noise_seed)
+        with torch.no_grad():
+            return elbo_bpd(module.net, data, schedule, timesteps=timesteps, generator=g, **extra, **kw)
+
+    full = bound(None, progress=True)["elbo_bpd"] if e.full else None
+
+    def at(n_steps: int) -> dict:
+        ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
+        out = {k: v for k, v in bound(ts).items() if k != "elbo_num_samples"}
+        if full is not None:
+            out["elbo_full_bpd"] = full
+        return out
+
+    return at
+
+
+def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:
+    from ..reporting.plots import save_grid, save_steps_grid
+
+    by_steps = {}
+    for row in rows:
+        n = row["steps"]
+        x = evaluator.samples(n)
+        torch.save(x[: e.save_samples].clone(), out_dir / f"samples_{plan.sampler}_{n}.pt")
+        save_grid(x[: e.grid_size], out_dir / f"grid_{plan.sampler}_{n}.png",
+                  title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})")
+        by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_columns] if x.ndim == 4 else x[: e.grid_size]
+    save_steps_grid(by_steps, out_dir / f"grid_steps_{plan.sampler}.png",
+                    title=f"{plan.sampler}: the same noise at each step count")
+
+
+def write_results(rows: list[dict], out_dir: Path) -> None:
+    (out_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)

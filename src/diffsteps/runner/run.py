@@ -1,0 +1,88 @@
+"""The experiment runner behind ``run.py``: config → objects → training (or a reused checkpoint) → sampling at every
+step count → metrics, files, plots and logs. Returns the objective so Hydra sweepers can minimise it.
+
+Data flows one way: this module builds and calls the others; nothing imports it back.
+"""
+
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .build import build
+from .checkpoints import load_weights
+from .evaluate import evaluate, write_results
+from .loggers import log_results, make_loggers, print_sync_hint
+from .train import train
+from .validate import objective_value, validate
+
+
+def run(cfg: DictConfig) -> float:
+    """Train (or reuse), evaluate at each of ``cfg.steps``, write results; return the objective at the last."""
+    from hydra.utils import instantiate
+
+    from ..reporting.plots import plot_quality_vs_nfe
+
+    if cfg.task in ("schedules", "report"):
+        return _figure_task(cfg)
+    schedule = instantiate(cfg.schedule)
+    steps = validate(cfg, schedule)  # seconds, before any training
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
+    datamodule, module = build(cfg, schedule)
+    if cfg.objective.name == "nll" and getattr(datamodule, "mixture", None) is None:
+        raise ValueError(f"objective=nll needs data with a known density (toy2d with kind=8gaussians, gmm); "
+                         f"{datamodule.name} has none: choose objective=fid, kid, mse or elbo")
+    loggers = make_loggers(cfg, out_dir)
+    rank = 0
+    if cfg.ckpt_path:
+        load_weights(module, cfg.ckpt_path)
+        ckpt = Path(cfg.ckpt_path)
+    elif cfg.task == "eval":
+        raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
+    else:
+        ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
+    rows = None
+    if cfg.task != "train":
+        rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir)  # every rank takes part
+    if rank != 0:
+        return math.nan  # rank zero writes the results
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    link = out_dir / "checkpoint.ckpt"
+    if not link.exists():
+        link.symlink_to(Path(ckpt).resolve())
+    if rows is None:
+        return math.nan
+    for row in rows:
+        row["objective"] = objective_value(cfg, row)
+    write_results(rows, out_dir)
+    plot_quality_vs_nfe(rows, out_dir)
+    log_results(rows, loggers, out_dir)
+    for lg in loggers:
+        lg.finalize("success")
+    print_sync_hint(loggers)
+    print(f"results in {out_dir}; objective {cfg.objective.name} = {rows[-1]['objective']:.6g}")
+    return rows[-1]["objective"]
+
+
+
+def _figure_task(cfg: DictConfig) -> float:
+    """``task=schedules``: every noise schedule in one figure; ``task=report``: a finished sweep's summary."""
+    from ..reporting.report import schedule_figure, summarize
+
+    out = Path(cfg.paths.output_dir)
+    if cfg.task == "schedules":
+        png = schedule_figure(out, num_timesteps=cfg.schedule.num_timesteps)
+        print(f"schedules in {png} and {out / 'schedules.csv'}")
+    else:
+        if not cfg.get("report_dir"):
+            raise ValueError("task=report needs report_dir=<a multirun folder>")
+        result = summarize(cfg.report_dir)
+        print(f"summary of {result['rows']} rows in {Path(cfg.report_dir) / 'summary.md'}")
+    return math.nan
