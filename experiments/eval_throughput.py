@@ -43,10 +43,17 @@ from torch import nn
 
 import diffsteps as ds
 from diffsteps.data import DigitsData, Toy2DData
-from diffsteps.evaluation.evaluator import Evaluator
 from diffsteps.evaluation import evaluator, quality
-from diffsteps.evaluation.measures import ClassifierConfidence, MixtureNLL, Quality, Totals, TrajectoryError
-from diffsteps.evaluation.measures import classifier as classifier_measure, trajectory as trajectory_measure
+from diffsteps.evaluation.evaluator import Evaluator
+from diffsteps.evaluation.measures import (
+    ClassifierConfidence,
+    MixtureNLL,
+    Quality,
+    Totals,
+    TrajectoryError,
+)
+from diffsteps.evaluation.measures import classifier as classifier_measure
+from diffsteps.evaluation.measures import trajectory as trajectory_measure
 from diffsteps.evaluation.plan import EvalPlan
 from diffsteps.evaluation.quality import SampleQuality
 from diffsteps.runner.build import build_net

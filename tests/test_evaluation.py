@@ -9,7 +9,12 @@ import torch
 
 import diffsteps as ds
 from diffsteps.evaluation.evaluator import Evaluator
-from diffsteps.evaluation.measures import ClassifierConfidence, MixtureNLL, Quality, TrajectoryError
+from diffsteps.evaluation.measures import (
+    ClassifierConfidence,
+    MixtureNLL,
+    Quality,
+    TrajectoryError,
+)
 from diffsteps.evaluation.plan import EvalPlan, chunk_noise
 from diffsteps.evaluation.quality import SampleQuality
 from diffsteps.evaluation.trajectory import trajectory_reference

@@ -170,9 +170,9 @@ def test_elbo_split_among_processes_equals_one_process(mixture, linear, monkeypa
 def test_the_package_docstrings_example_measure(mixture, linear):
     # the example in diffsteps.evaluation's docstring, run as written: its entry follows the cost entries and
     # equals the mean squared norm of all samples, accumulated over chunks taken in any order
-    code = re.search(r"::\n\n(.*?)\n\n    MeanSquare\(plan\)", diffsteps.evaluation.__doc__, re.S).group(1)
+    code = re.search(r"::\n\n(.*?)\n\n    MeanSquare\(plan\)", diffsteps.evaluation.__doc__, re.DOTALL).group(1)
     scope = {"Measure": Measure, "Totals": Totals, "Chunk": Chunk, "EvalPlan": EvalPlan, "Tensor": Tensor}
-    exec(textwrap.dedent(code), scope)
+    exec(textwrap.dedent(code), scope)  # noqa: S102 (the docstring's own example, run as documentation)
     plan = EvalPlan("ddpm", (4, 10), (2,), num_samples=70, batch_size=32, keep_samples=70)
     ev = Evaluator(plan, linear, "epsilon", [MixtureNLL(plan, mixture), scope["MeanSquare"](plan)])
     for c in (2, 0, 1):

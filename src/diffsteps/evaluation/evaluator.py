@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -29,7 +29,7 @@ from ..sampling.api import sample
 from .measures.base import Chunk, Measure, Totals
 from .plan import EvalPlan, _sampler_generator, chunk_noise
 
-__all__ = ["Evaluator", "EvaluationModule", "Totals"]
+__all__ = ["EvaluationModule", "Evaluator", "Totals"]
 
 
 class _TimedNet(nn.Module):
@@ -84,7 +84,7 @@ class Evaluator:
         """Every torchmetrics state: the cost totals' and the measures'."""
         return [*self.totals.values(), *(s for m in self.measures for s in m.metrics())]
 
-    def to(self, device) -> "Evaluator":
+    def to(self, device) -> Evaluator:
         for m in self.metrics():
             m.to(device)
         return self

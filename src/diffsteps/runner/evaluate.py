@@ -40,7 +40,12 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
 
     from ..evaluation.evaluator import EvaluationModule, Evaluator
     from ..evaluation.features import make_features
-    from ..evaluation.measures import ClassifierConfidence, MixtureNLL, Quality, TrajectoryError
+    from ..evaluation.measures import (
+        ClassifierConfidence,
+        MixtureNLL,
+        Quality,
+        TrajectoryError,
+    )
     from ..evaluation.plan import EvalPlan
     from ..evaluation.quality import SampleQuality
 

@@ -10,5 +10,5 @@ from .nll import MixtureNLL
 from .quality import Quality
 from .trajectory import TrajectoryError
 
-__all__ = ["Chunk", "Measure", "Totals", "Quality", "MixtureNLL", "ClassifierConfidence", "TrajectoryError",
-           "ChainELBO"]
+__all__ = ["ChainELBO", "Chunk", "ClassifierConfidence", "Measure", "MixtureNLL", "Quality", "Totals",
+           "TrajectoryError"]
