@@ -10,8 +10,9 @@ from .base import Chunk, Measure, Totals
 
 class MixtureNLL(Measure):
     """``nll``: −E log p(x) / D over the samples, in nats per dimension, under the data's exact density ``mixture``
-    (anything with ``log_prob`` of (N, D) float64, e.g. a :class:`~diffsteps.reference.gaussian_mixture.GaussianMixture`).
-    With the exact model and enough steps it approaches the entropy of p per dimension."""
+    (anything with ``log_prob`` of (N, D) float64, e.g. a
+    :class:`~diffsteps.reference.gaussian_mixture.GaussianMixture`). With the exact model and enough steps it
+    approaches the entropy of p per dimension."""
 
     def __init__(self, plan: EvalPlan, mixture):
         self.mixture = mixture

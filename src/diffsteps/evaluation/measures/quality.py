@@ -1,4 +1,5 @@
-"""FID and KID of each step count's samples against one reference (:class:`~diffsteps.evaluation.quality.SampleQuality`)."""
+"""FID and KID of each step count's samples against one reference
+(:class:`~diffsteps.evaluation.quality.SampleQuality`)."""
 
 from __future__ import annotations
 

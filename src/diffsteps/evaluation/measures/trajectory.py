@@ -56,6 +56,7 @@ class TrajectoryError(Measure):
             return {}
         t = self.totals[steps].compute()
         gap = self.reference.compute()  # synced once: torchmetrics keeps the result until the next update
-        return {"mse": float(t["mse_sum"]) / float(t["mse_n"]), "mse_median": float(self.errors[steps].compute().median()),
+        return {"mse": float(t["mse_sum"]) / float(t["mse_n"]),
+                "mse_median": float(self.errors[steps].compute().median()),
                 "mse_reference_gap": float(gap["gap_sum"]) / float(gap["n"]),
                 "mse_reference_seconds": float(gap["seconds"])}
