@@ -43,8 +43,17 @@ from torch import nn
 
 import diffsteps as ds
 from diffsteps.data import DigitsData, Toy2DData
-from diffsteps.evaluation.evaluator import Evaluator
 from diffsteps.evaluation import evaluator, quality
+from diffsteps.evaluation.evaluator import Evaluator
+from diffsteps.evaluation.measures import (
+    ClassifierConfidence,
+    MixtureNLL,
+    Quality,
+    Totals,
+    TrajectoryError,
+)
+from diffsteps.evaluation.measures import classifier as classifier_measure
+from diffsteps.evaluation.measures import trajectory as trajectory_measure
 from diffsteps.evaluation.plan import EvalPlan
 from diffsteps.evaluation.quality import SampleQuality
 from diffsteps.runner.build import build_net
@@ -106,9 +115,14 @@ class Setting:
         return q
 
     def evaluator(self, mse: bool) -> Evaluator:
-        ev = Evaluator(self.plan(mse), self.schedule, self.prediction, quality=self.quality, mixture=self.mixture,
-                       classifier=self.classifier)
-        return ev.to(self.device)
+        plan = self.plan(mse)
+        measures = [m for m in (  # as runner/evaluate.py builds them (no ELBO: it needs no samples)
+            Quality(plan, self.quality),
+            MixtureNLL(plan, self.mixture) if self.mixture is not None else None,
+            ClassifierConfidence(plan) if self.classifier else None,
+            TrajectoryError(plan, self.schedule, self.prediction) if plan.mse_samples > 0 else None,
+        ) if m is not None]
+        return Evaluator(plan, self.schedule, self.prediction, measures).to(self.device)
 
 
 def run_evaluation(s: Setting, ev: Evaluator, net: nn.Module | None = None) -> dict:
@@ -121,8 +135,8 @@ def run_evaluation(s: Setting, ev: Evaluator, net: nn.Module | None = None) -> d
     rows = ev.compute()
     sync(s.device)
     total = time.perf_counter() - t0
-    ref = ev.reference.compute()
-    return {"total": total, "rows": {r["steps"]: r for r in rows}, "reference_seconds": float(ref["seconds"])}
+    return {"total": total, "rows": {r["steps"]: r for r in rows},
+            "reference_seconds": rows[0].get("mse_reference_seconds", 0.0)}
 
 
 # -- recording and replaying the forwards ------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ def patched(module, name, value):
 @contextlib.contextmanager
 def phases(inst: Instrumented, clock: Clock | None = None):
     """Label the network's calls with the step count / reference phase (and time those functions with ``clock``)."""
-    orig_sample, orig_ref = evaluator.sample, evaluator.trajectory_reference
+    orig_sample, orig_ref = evaluator.sample, trajectory_measure.trajectory_reference
 
     def sample(*a, steps=None, **kw):
         if inst.phase != "reference":
@@ -197,7 +211,7 @@ def phases(inst: Instrumented, clock: Clock | None = None):
     if clock is not None:
         sample = clock.wrap("sample", sample, key=lambda: "reference" if inst.phase == "reference" else "sample")
         reference = clock.wrap("reference", reference, key=lambda: "reference_total")
-    with patched(evaluator, "sample", sample), patched(evaluator, "trajectory_reference", reference):
+    with patched(evaluator, "sample", sample), patched(trajectory_measure, "trajectory_reference", reference):
         yield
 
 
@@ -306,19 +320,19 @@ def breakdown(s: Setting, args) -> None:
     ev = s.evaluator(mse=args.mse_samples > 0)
     inst = Instrumented(s.net, s.device)
     clock = Clock(s.device)
-    for q in ev.quality.values():
+    for q in next(m for m in ev.measures if isinstance(m, Quality)).quality.values():
         q.update = clock.wrap("SampleQuality.update", q.update)
         q.compute = clock.wrap("SampleQuality.compute", q.compute)
         q.extractor.forward = clock.wrap("feature extractor forward", q.extractor.forward)
         q._extract = clock.wrap("SampleQuality._extract", q._extract)
-    for t in [*ev.totals.values(), ev.reference]:
+    for t in [m for m in ev.metrics() if isinstance(m, Totals)]:
         t.update = clock.wrap("Totals.update", t.update)
         t.compute = clock.wrap("Totals.compute", t.compute)
     with contextlib.ExitStack() as stack:
         stack.enter_context(phases(inst, clock))
-        for mod, name in [(evaluator, "confidence_counts"), (evaluator, "chunk_noise"),
+        for mod, name in [(classifier_measure, "confidence_counts"), (evaluator, "chunk_noise"),
                           (quality, "kernel_distance"), (quality, "frechet_distance"),
-                          (evaluator, "load_digits_classifier")]:
+                          (classifier_measure, "load_digits_classifier")]:
             stack.enter_context(patched(mod, name, clock.wrap(f"{mod.__name__.split('.')[-1]}.{name}",
                                                               getattr(mod, name))))
         if s.mixture is not None:
@@ -347,18 +361,19 @@ def breakdown(s: Setting, args) -> None:
     line("reference solver arithmetic (trajectory_reference − its forwards)", sec["reference_total"] - model_ref,
          clock.calls["reference_total"])
     named = ["SampleQuality.update", "SampleQuality._extract", "feature extractor forward",
-             "evaluator.confidence_counts", "evaluator.load_digits_classifier", "Totals.update",
+             "classifier.confidence_counts", "classifier.load_digits_classifier", "Totals.update",
              "SampleQuality.compute", "quality.kernel_distance", "quality.frechet_distance", "Totals.compute",
              "evaluator.chunk_noise", "mixture.log_prob"]
     for name in named:
         if name in sec:
             line(("    " if name in ("SampleQuality._extract", "feature extractor forward",
-                                     "evaluator.load_digits_classifier", "quality.kernel_distance",
+                                     "classifier.load_digits_classifier", "quality.kernel_distance",
                                      "quality.frechet_distance") else "") + name, sec[name], clock.calls[name])
-    top = (sec["sample"] + sec["reference_total"] + sec["SampleQuality.update"] + sec["evaluator.confidence_counts"]
+    top = (sec["sample"] + sec["reference_total"] + sec["SampleQuality.update"] + sec["classifier.confidence_counts"]
            + sec["Totals.update"] + sec["SampleQuality.compute"] + sec["Totals.compute"] + sec["evaluator.chunk_noise"]
            + sec.get("mixture.log_prob", 0.0))
-    line("everything else (run_chunk/compute bookkeeping, MSE error, kept samples, wrappers)", total - top)
+    line("everything else (run_chunk/compute bookkeeping, measure hooks, MSE error, kept samples, wrappers)",
+         total - top)
     line("**total**", total, is_over=False)
     say()
 

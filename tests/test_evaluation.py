@@ -9,6 +9,12 @@ import torch
 
 import diffsteps as ds
 from diffsteps.evaluation.evaluator import Evaluator
+from diffsteps.evaluation.measures import (
+    ClassifierConfidence,
+    MixtureNLL,
+    Quality,
+    TrajectoryError,
+)
 from diffsteps.evaluation.plan import EvalPlan, chunk_noise
 from diffsteps.evaluation.quality import SampleQuality
 from diffsteps.evaluation.trajectory import trajectory_reference
@@ -19,8 +25,14 @@ def exact(mixture, linear):
     return ds.ExactEpsilon(mixture, linear)
 
 
-def evaluate(plan, linear, model, order=None, **kw):
-    ev = Evaluator(plan, linear, "epsilon", **kw)
+def evaluate(plan, linear, model, order=None, quality=None, mixture=None, classifier=False):
+    # the measures the runner would build (runner/evaluate.py), trajectory error whenever the plan asks for it
+    measures = [m for m in (Quality(plan, quality) if quality is not None else None,
+                            MixtureNLL(plan, mixture) if mixture is not None else None,
+                            ClassifierConfidence(plan) if classifier else None,
+                            TrajectoryError(plan, linear, "epsilon") if plan.mse_samples > 0 else None)
+                if m is not None]
+    ev = Evaluator(plan, linear, "epsilon", measures)
     for c in order if order is not None else range(plan.num_chunks):
         ev.run_chunk(model, c, torch.device("cpu"))
     return ev, ev.compute()

@@ -8,10 +8,9 @@ the sampler's, not the noise's). Chunk c runs on rank c mod world size; every me
 synced at the end — FID/KID features put back in global sample order — so a DDP evaluation reproduces the
 single-process numbers.
 
-Per step count: FID/KID (:class:`~diffsteps.evaluation.quality.SampleQuality`), NFE, sampling seconds and the part spent in
-the network, peak accelerator memory, and where they apply the digits classifier's confidence, the exact NLL of
-the samples under a known mixture density, and the trajectory error of a deterministic sampler against a converged
-reference solution from the same noise (:func:`trajectory_reference`).
+The evaluator itself times the sampling (NFE, sampling seconds and the part spent in the network, peak
+accelerator memory); everything else is a :class:`~diffsteps.evaluation.measures.Measure` in the list it is given
+(:mod:`diffsteps.evaluation.measures`: FID/KID, classifier confidence, exact NLL, trajectory error, ELBO).
 """
 
 
@@ -19,48 +18,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Sequence
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import CatMetric, Metric
 
 from ..core.schedules import Schedule
-from ..reference.digits_classifier import load_digits_classifier
 from ..sampling.api import sample
-from ..sampling.registry import get_sampler
-from .classifier import confidence_counts, confidence_from_counts
+from .measures.base import Chunk, Measure, Totals
 from .plan import EvalPlan, _sampler_generator, chunk_noise
-from .quality import SampleQuality
-from .trajectory import trajectory_reference
 
-
-class Totals(Metric):
-    """Named float64 accumulators synced across processes: ``sums`` (name → shape) add, ``maxima`` take the max."""
-
-    full_state_update = False
-
-    def __init__(self, sums: dict[str, tuple[int, ...]], maxima: tuple[str, ...] = (), **kwargs):
-        super().__init__(**kwargs)
-        self.sum_names, self.max_names = tuple(sums), tuple(maxima)
-        for name, shape in sums.items():
-            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        for name in maxima:
-            self.add_state(name, torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
-
-    def update(self, **values) -> None:
-        for name, v in values.items():
-            v = torch.as_tensor(v, dtype=torch.float64, device=self.device)
-            if name in self.sum_names:
-                setattr(self, name, getattr(self, name) + v)
-            elif name in self.max_names:
-                setattr(self, name, torch.maximum(getattr(self, name), v))
-            else:
-                raise KeyError(f"unknown total {name!r}; known: {', '.join(self.sum_names + self.max_names)}")
-
-    def compute(self) -> dict[str, Tensor]:
-        return {n: getattr(self, n).clone() for n in self.sum_names + self.max_names}
+__all__ = ["EvaluationModule", "Evaluator", "Totals"]
 
 
 class _TimedNet(nn.Module):
@@ -84,40 +53,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    return next((p.device for p in net.parameters()), torch.device("cpu"))
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
 
 class Evaluator:
-    """Measures one :class:`EvalPlan`. Call ``run_chunk`` for each chunk this process owns (any order, any split
-    across DDP ranks), then ``compute`` on every rank (the metrics sync) → one row per step count.
+    """Measures one :class:`EvalPlan` with ``measures``. Call ``run_chunk`` for each chunk this process owns (any
+    order, any split across DDP ranks), ``run_steps`` once on every process (the measures' work without samples,
+    e.g. the ELBO), then ``compute`` on every process (the metrics sync) → one row per step count: the sampling
+    cost, then each measure's entries in list order."""
 
-    ``quality``: a factory returning a :class:`SampleQuality` with its reference already set (one per step count),
-    or None to skip FID/KID; ``mixture``: a known data density (``log_prob``) for the exact NLL of the samples;
-    ``classifier``: also report the digits classifier's confidence."""
-
-    def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, *,
-                 quality: Callable[[], SampleQuality] | None = None, mixture=None, classifier: bool = False):
+    def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, measures: Sequence[Measure] = ()):
+        not_measures = [type(m).__name__ for m in measures if not isinstance(m, Measure)]
+        if not_measures:
+            raise TypeError(f"measures must be Measure instances (diffsteps.evaluation.measures), got "
+                            f"{', '.join(not_measures)}")
         self.plan, self.schedule, self.prediction = plan, schedule, prediction
-        self.mixture = mixture
-        # loaded once: it is read, checksummed and built from its file on every load
-        self.classifier = load_digits_classifier() if classifier else None
-        self.deterministic = get_sampler(plan.sampler).is_deterministic(**plan.sampler_options)
-        self.measure_mse = plan.mse_samples > 0 and self.deterministic
+        self.measures = list(measures)
+        # the cost of sampling is the evaluator's own bookkeeping: it alone sees the sampler's clock and NFE
         sums = {"n": (), "sample_seconds": (), "model_seconds": (), "nfe_sum": ()}
-        if mixture is not None:
-            sums["nll_sum"] = ()
-        if self.classifier is not None:
-            sums.update({"cls_n": (), "cls_pmax_sum": (), "cls_confident": (), "cls_counts": (10,)})
-        if self.measure_mse:
-            sums.update({"mse_sum": (), "mse_n": ()})
-        self.quality = {n: quality() for n in plan.steps} if quality is not None else {}
         self.totals = {n: Totals(sums, maxima=("peak_memory",)) for n in plan.steps}
-        # per-sample trajectory errors, for the median: on a nonlinear flow one trajectory near a basin boundary can
-        # dominate the mean
-        self.errors = {n: CatMetric(nan_strategy="disable") for n in plan.steps} if self.measure_mse else {}
-        self.reference = Totals({"gap_sum": (), "n": (), "seconds": ()})
         self.kept: dict[int, list[Tensor]] = {n: [] for n in plan.steps}
 
-    def to(self, device) -> "Evaluator":
-        for m in [*self.quality.values(), *self.totals.values(), *self.errors.values(), self.reference]:
+    def metrics(self) -> list:
+        """Every torchmetrics state: the cost totals' and the measures'."""
+        return [*self.totals.values(), *(s for m in self.measures for s in m.metrics())]
+
+    def to(self, device) -> Evaluator:
+        for m in self.metrics():
             m.to(device)
         return self
 
@@ -125,29 +93,21 @@ class Evaluator:
     def run_chunk(self, net: nn.Module, c: int, device=None) -> None:
         """Generate chunk ``c`` at every step count and add it to the metrics."""
         plan = self.plan
-        device = device or next((p.device for p in net.parameters()), torch.device("cpu"))
+        device = device or _device_of(net)
         start, size = plan.chunk(c)
-        noise = chunk_noise(plan, c, device)
-        index = torch.arange(start, start + size)
         timed = _TimedNet(net)
-        ref = None
-        n_ref = min(size, plan.mse_samples - start) if self.measure_mse else 0
-        if n_ref > 0:
-            t0 = time.perf_counter()
-            ref, gap = trajectory_reference(timed, noise[:n_ref], schedule=self.schedule, prediction=self.prediction,
-                                            sampler=plan.reference_sampler, steps=plan.reference_steps,
-                                            spacing=plan.reference_spacing,
-                                            **plan.denoiser_options)
-            self.reference.update(gap_sum=gap.sum(), n=n_ref, seconds=time.perf_counter() - t0)
+        chunk = Chunk(c, torch.arange(start, start + size), chunk_noise(plan, c, device), timed, device)
+        for m in self.measures:
+            m.begin_chunk(chunk)
         for n in plan.steps:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timed.seconds = 0.0
             _sync(device)
             t0 = time.perf_counter()
-            res = sample(timed, noise, schedule=self.schedule, prediction=self.prediction, sampler=plan.sampler,
-                         steps=n, spacing=plan.spacing, generator=_sampler_generator(plan, c, device),
-                         return_info=True, **plan.options)
+            res = sample(timed, chunk.noise, schedule=self.schedule, prediction=self.prediction,
+                         sampler=plan.sampler, steps=n, spacing=plan.spacing,
+                         generator=_sampler_generator(plan, c, device), return_info=True, **plan.options)
             _sync(device)
             seconds = time.perf_counter() - t0
             x = res.sample
@@ -155,28 +115,26 @@ class Evaluator:
             tot.update(n=size, sample_seconds=seconds, model_seconds=timed.seconds, nfe_sum=res.nfe * size)
             if device.type == "cuda":
                 tot.update(peak_memory=torch.cuda.max_memory_allocated(device) / 2**20)
-            if n in self.quality:
-                self.quality[n].update(x.float(), index)
-            if self.mixture is not None:
-                flat = x.reshape(size, -1).double().cpu()
-                tot.update(nll_sum=-(self.mixture.log_prob(flat) / flat.shape[1]).sum())
-            if self.classifier is not None:
-                cc = confidence_counts(x.float(), classifier=self.classifier.to(device))
-                tot.update(cls_n=cc["n"], cls_pmax_sum=cc["pmax_sum"], cls_confident=cc["confident"],
-                           cls_counts=cc["class_counts"])
-            if ref is not None:
-                err = (x[:n_ref].double() - ref).pow(2).flatten(1).mean(1)
-                tot.update(mse_sum=err.sum(), mse_n=n_ref)
-                self.errors[n].update(err)
+            for m in self.measures:
+                m.update(n, x, chunk)
             kept = self.kept[n]
             room = plan.keep_samples - sum(len(k) for k in kept)
             if room > 0:
                 kept.append(x[:room].float().cpu())
 
+    @torch.no_grad()
+    def run_steps(self, net: nn.Module, device=None) -> None:
+        """The measures' per-step-count work that needs no samples (:meth:`Measure.run_steps`), for the step counts
+        this process owns: the i-th of ``plan.steps`` on rank i mod world size."""
+        device = device or _device_of(net)
+        rank, world = _rank_world()
+        for n in self.plan.steps[rank::world]:
+            for m in self.measures:
+                m.run_steps(n, net, device)
+
     def compute(self) -> list[dict]:
         """One row per step count (plain floats), identical on every rank. Seconds are summed over ranks (device
-        time, not wall time, under DDP); ``mse_reference_seconds`` is the reference solver's, shared by all rows."""
-        gap = self.reference.compute() if self.measure_mse else None  # same on every rank: they all sync or none
+        time, not wall time, under DDP)."""
         rows = []
         for n in self.plan.steps:
             t = self.totals[n].compute()
@@ -187,19 +145,12 @@ class Evaluator:
                    "seconds_per_sample": float(t["sample_seconds"]) / count}
             if math.isfinite(float(t["peak_memory"])):
                 row["peak_memory_mb"] = float(t["peak_memory"])
-            if n in self.quality:
-                row.update(self.quality[n].compute())
-            if "nll_sum" in t:
-                row["nll"] = float(t["nll_sum"]) / count  # nats per dimension
-            if "cls_n" in t:
-                summary = confidence_from_counts({"n": t["cls_n"], "pmax_sum": t["cls_pmax_sum"],
-                                                  "confident": t["cls_confident"], "class_counts": t["cls_counts"]})
-                row.update({f"classifier_{k}": v for k, v in summary.items() if isinstance(v, float)})
-            if "mse_sum" in t:
-                row["mse"] = float(t["mse_sum"]) / float(t["mse_n"])
-                row["mse_median"] = float(self.errors[n].compute().median())
-                row["mse_reference_gap"] = float(gap["gap_sum"]) / float(gap["n"])
-                row["mse_reference_seconds"] = float(gap["seconds"])
+            for m in self.measures:
+                entries = m.compute(n)
+                if entries.keys() & row.keys():
+                    raise ValueError(f"{type(m).__name__} reports {sorted(entries.keys() & row.keys())}, which "
+                                     "another measure already reported")
+                row.update(entries)
             rows.append(row)
         return rows
 
@@ -217,9 +168,7 @@ class _Chunks(torch.utils.data.IterableDataset):
         self.num_chunks = num_chunks
 
     def _mine(self) -> range:
-        dist = torch.distributed
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
+        rank, world = _rank_world()
         return range(rank, self.num_chunks, world)
 
     def __iter__(self):
@@ -250,4 +199,6 @@ class EvaluationModule(L.LightningModule):
         self.evaluator.run_chunk(self.net, int(chunk), self.device)
 
     def on_test_epoch_end(self) -> None:
+        # in the test loop too: the network in eval mode on its device (Lightning moves it to the CPU afterwards)
+        self.evaluator.run_steps(self.net, self.device)
         self.rows = self.evaluator.compute()

@@ -1,4 +1,4 @@
-"""Quality versus steps for the runner: the evaluation plan from the config, the ELBO per step count, sample files
+"""Quality versus steps for the runner: the evaluation plan and the list of measures from the config, sample files
 and grids, and the results files."""
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
 
     from ..evaluation.evaluator import EvaluationModule, Evaluator
     from ..evaluation.features import make_features
+    from ..evaluation.measures import (
+        ClassifierConfidence,
+        MixtureNLL,
+        Quality,
+        TrajectoryError,
+    )
     from ..evaluation.plan import EvalPlan
     from ..evaluation.quality import SampleQuality
 
@@ -67,8 +73,16 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
             first.append(q)
         return q
 
-    evaluator = Evaluator(plan, schedule, module.prediction, quality=quality,
-                          mixture=getattr(datamodule, "mixture", None), classifier=features == "digits")
+    mixture = getattr(datamodule, "mixture", None)
+    # one line per measure; a row holds their entries in this order
+    measures = [m for m in (
+        Quality(plan, quality),
+        MixtureNLL(plan, mixture) if mixture is not None else None,
+        ClassifierConfidence(plan) if features == "digits" else None,
+        TrajectoryError(plan, schedule, module.prediction) if plan.mse_samples > 0 else None,
+        _elbo(cfg, module, datamodule, schedule, plan) if e.elbo.num_samples > 0 else None,
+    ) if m is not None]
+    evaluator = Evaluator(plan, schedule, module.prediction, measures)
     # the chunk loader runs in the main process (no workers), where its per-rank __len__ is exact
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
@@ -80,10 +94,6 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     if trainer.global_rank != 0:
         return None, trainer.global_rank
     rows = runner.rows
-    if e.elbo.num_samples > 0:
-        elbo_at = _elbo(cfg, module, datamodule, schedule)
-        for row in rows:
-            row.update(elbo_at(row["steps"]))
     _save_samples(evaluator, rows, plan, e, out_dir)
     for row in rows:
         log.info("%s %d steps: %s", row["sampler"], row["steps"],
@@ -91,43 +101,15 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     return rows, 0
 
 
-def _elbo(cfg: DictConfig, module, datamodule, schedule):
-    """A function of the step count n: the negative ELBO (bits/dim) of held-out data over the integer timesteps the
-    sampler's spacing visits at n steps (a K-step chain), and with ``eval.elbo.full`` over all T."""
-    from ..core.spacings import make_timesteps, to_integer_timesteps
-    from ..evaluation.likelihood import elbo_bpd
+def _elbo(cfg: DictConfig, module, datamodule, schedule, plan):
+    """The ELBO measure: the negative ELBO (bits/dim) of held-out data over the integer timesteps the sampler's
+    spacing visits at each step count (a K-step chain), and with ``eval.elbo.full`` over all T. Discrete data
+    (images: 256 levels, digits: 17) get the discretised decoder."""
+    from ..evaluation.measures import ChainELBO
 
     e = cfg.eval.elbo
-    data = datamodule.real_samples(e.num_samples, split=e.split)
-    device = next(module.net.parameters()).device
-    # discrete data (images: 256 levels, digits: 17) get the discretised decoder (Ho et al. §3.3): a probability,
-    # so the bound is one on the discrete NLL; a density on discrete data would be unbounded below
-    levels = getattr(datamodule, "levels", None)
-    if levels is not None:
-        k = (data.double() + 1) * (levels - 1) / 2
-        if not torch.allclose(k, k.round(), atol=1e-3):  # e.g. images resized with interpolation
-            log.warning("the ELBO data are not on %d levels: using a continuous decoder (a density, not a "
-                        "probability: it can be negative)", levels)
-            levels = None
-    kw = dict(prediction=module.prediction, variance=e.variance, batch_size=cfg.eval.batch_size, device=device,
-              discrete=levels is not None, levels=levels or 256)
-
-    def bound(timesteps, **extra) -> dict:
-        # reseeded for each step count: a row's ELBO does not depend on which step counts came before it
-        g = torch.Generator(device=device).manual_seed(cfg.eval.noise_seed)
-        with torch.no_grad():
-            return elbo_bpd(module.net, data, schedule, timesteps=timesteps, generator=g, **extra, **kw)
-
-    full = bound(None, progress=True)["elbo_bpd"] if e.full else None
-
-    def at(n_steps: int) -> dict:
-        ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
-        out = {k: v for k, v in bound(ts).items() if k != "elbo_num_samples"}
-        if full is not None:
-            out["elbo_full_bpd"] = full
-        return out
-
-    return at
+    return ChainELBO(plan, schedule, module.prediction, datamodule.real_samples(e.num_samples, split=e.split),
+                     variance=e.variance, levels=getattr(datamodule, "levels", None), full=e.full)
 
 
 def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:

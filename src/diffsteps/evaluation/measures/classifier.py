@@ -1,0 +1,32 @@
+"""The digits classifier's confidence on each step count's samples (:mod:`diffsteps.evaluation.classifier`)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ...reference.digits_classifier import load_digits_classifier
+from ..classifier import confidence_counts, confidence_from_counts
+from ..plan import EvalPlan
+from .base import Chunk, Measure, Totals
+
+
+class ClassifierConfidence(Measure):
+    """``classifier_confidence``, ``classifier_confident_fraction``, ``classifier_class_entropy`` and
+    ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1]: sums of per-chunk counts, so they equal
+    :func:`~diffsteps.evaluation.classifier.classifier_confidence` of all samples at once."""
+
+    def __init__(self, plan: EvalPlan):
+        # loaded once: it is read, checksummed and built from its file on every load
+        self.classifier = load_digits_classifier()
+        self.totals = {n: Totals({"n": (), "pmax_sum": (), "confident": (), "class_counts": (10,)})
+                       for n in plan.steps}
+
+    def update(self, steps: int, x: Tensor, chunk: Chunk) -> None:
+        cc = confidence_counts(x.float(), classifier=self.classifier.to(chunk.device))
+        self.totals[steps].update(n=cc["n"], pmax_sum=cc["pmax_sum"], confident=cc["confident"],
+                                  class_counts=cc["class_counts"])
+
+    def compute(self, steps: int) -> dict:
+        t = self.totals[steps].compute()
+        # the histogram (a tensor) stays out of the row
+        return {f"classifier_{k}": v for k, v in confidence_from_counts(t).items() if isinstance(v, float)}
