@@ -59,7 +59,8 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     first: list[SampleQuality] = []
 
     def quality() -> SampleQuality:
-        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
+        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, kid_seed=e.kid_seed,
+                          cache_dir=cfg.paths.cache_dir)
         if first:
             q.share_reference(first[0])
         else:
@@ -118,7 +119,7 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule):
         with torch.no_grad():
             return elbo_bpd(module.net, data, schedule, timesteps=timesteps, generator=g, **extra, **kw)
 
-    full = bound(None, progress=True)["elbo_bpd"] if e.full else None
+    full = bound(None, progress=bool(cfg.trainer.get("enable_progress_bar", True)))["elbo_bpd"] if e.full else None
 
     def at(n_steps: int) -> dict:
         ts = torch.unique(to_integer_timesteps(make_timesteps(cfg.sampler.spacing, n_steps, schedule)))
