@@ -45,7 +45,7 @@ def _logger_class(name: str, node: DictConfig) -> type:
 
     try:
         return get_class(node._target_)
-    except Exception as err:
+    except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"logger.{name}: cannot import _target_ {node._target_!r} ({err})") from None
 
 

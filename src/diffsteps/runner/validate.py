@@ -8,8 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..sampling.api import plan_sampling
 from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 
-__all__ = ["OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "FOLLOWS_TRAIN", "steps_list", "validate", "instantiate_checked",
-           "check_follows_train"]
+__all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "instantiate_checked",
+           "steps_list", "validate"]
 
 TASKS = ("train_eval", "train", "eval", "schedules", "report")
 # keys that the checkpoint cache must see: they live in `train` (part of the training key) and these interpolate them;

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
 import numpy as np
