@@ -27,7 +27,7 @@ from diffsteps.data import DigitsData
 from diffsteps.nets import UNet
 from diffsteps.training.ema import ema_callback
 from diffsteps.training.losses import DiffusionLoss
-from diffsteps.training.module import DiffusionModule
+from diffsteps.training.module import DiffusionModule, warmup_cosine
 
 warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -86,7 +86,8 @@ def lightning_loop(net, datamodule, schedule, steps: int, ema: bool, device: str
 
     warm = max(steps // 4, 2)
     clock = Clock(warm)
-    module = DiffusionModule(net, schedule, DiffusionLoss("simple"), warmup_steps=0)
+    module = DiffusionModule(net, schedule, DiffusionLoss("simple"),
+                             lr_scheduler=lambda opt, total_steps: warmup_cosine(opt, total_steps, warmup_steps=0))
     callbacks = [clock] + ([ema_callback(0.999)] if ema else [])
     trainer = L.Trainer(accelerator=device, devices=1, max_steps=steps + warm, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
 import os
 import time
@@ -28,7 +29,7 @@ from diffsteps.core.parameterizations import prediction_target, to_x0_eps
 from diffsteps.data import GMMData, Toy2DData
 from diffsteps.nets import MLP
 from diffsteps.training.ema import ema_callback
-from diffsteps.training.module import DiffusionModule, NonFiniteLossError, lr_factor
+from diffsteps.training.module import DiffusionModule, NonFiniteLossError, lr_factor, warmup_cosine
 
 pytestmark = [
     # Benign on a CPU test machine: in-memory data need no worker processes, and the tiny fits log rarely.
@@ -53,10 +54,21 @@ def make_trainer(**kw) -> L.Trainer:
     return L.Trainer(**opts)
 
 
+_OPTIM_KEYS = ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio")
+
+
+def optim(lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=100, min_lr_ratio=0.0) -> dict:
+    """DiffusionModule's optimizer and lr_scheduler partials (AdamW, warm-up + cosine), as the config groups build
+    them; the defaults are the module's own."""
+    return dict(optimizer=functools.partial(torch.optim.AdamW, lr=lr, betas=betas, weight_decay=weight_decay),
+                lr_scheduler=functools.partial(warmup_cosine, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio))
+
+
 def small_module(schedule, prediction="epsilon", seed=0, dim=2, **kw) -> DiffusionModule:
     L.seed_everything(seed, verbose=False)
     net = MLP(dim, hidden=16, depth=1, time_dim=8)
-    return DiffusionModule(net, schedule, ds.DiffusionLoss("simple", prediction), **kw)
+    opt = {k: kw.pop(k) for k in _OPTIM_KEYS if k in kw}
+    return DiffusionModule(net, schedule, ds.DiffusionLoss("simple", prediction), **optim(**opt), **kw)
 
 
 def weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +113,7 @@ def train_on(dm, prediction: str, steps: int, seed: int = 0) -> tuple[DiffusionM
     L.seed_everything(seed, verbose=False)
     net = MLP(dm.mixture.dim, hidden=64, depth=2, time_dim=32)
     module = DiffusionModule(net, ds.make_schedule("linear", T), ds.DiffusionLoss("simple", prediction),
-                             lr=3e-3, warmup_steps=20, min_lr_ratio=0.05)
+                             **optim(lr=3e-3, warmup_steps=20, min_lr_ratio=0.05))
     start = time.perf_counter()
     make_trainer(max_steps=steps).fit(module, dm)
     return module, time.perf_counter() - start
@@ -360,7 +372,7 @@ class _NaNAfter(nn.Module):
 def test_non_finite_loss_stops_before_backward(linear, tmp_path):
     L.seed_everything(0, verbose=False)
     net = _NaNAfter(MLP(2, hidden=16, depth=1, time_dim=8), k=3)
-    module = DiffusionModule(net, linear, ds.DiffusionLoss("simple"), warmup_steps=0, lr=1e-2)
+    module = DiffusionModule(net, linear, ds.DiffusionLoss("simple"), **optim(warmup_steps=0, lr=1e-2))
     dm = GMMData(dim=2, components=3, n_train=512, n_val=64, batch_size=64, seed=3)
     raw = _RecordRaw()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=0)
@@ -447,7 +459,7 @@ def test_band_metrics_logged_and_consistent_with_epoch_loss(tmp_path):
     schedule = ds.make_schedule("cosine", 10)
     L.seed_everything(0, verbose=False)
     loss = _RecordingLoss("simple")
-    module = DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8), schedule, loss, warmup_steps=2,
+    module = DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8), schedule, loss, **optim(warmup_steps=2),
                              timestep_bands=3)
     assert module.band_names == ["loss_t0-2", "loss_t3-5", "loss_t6-9"]
     dm = GMMData(dim=2, components=3, n_train=256, n_val=64, batch_size=32, seed=3)  # 8 steps per epoch
@@ -521,10 +533,18 @@ def test_validation_loss_is_deterministic_and_matches_bands(linear):
 def test_constructor_contract_and_generate(linear):
     loss = ds.DiffusionLoss("simple", "x0")
     net = MLP(2, hidden=16, depth=1, time_dim=8)
-    module = DiffusionModule(net, linear, loss, lr=1e-3, betas=[0.9, 0.99])
+    module = DiffusionModule(net, linear, loss, **optim(lr=1e-3, betas=[0.9, 0.99]))
     assert module.net is net and module.schedule is linear and module.loss_fn is loss and module.prediction == "x0"
-    assert dict(module.hparams) == dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=100,
-                                        min_lr_ratio=0.0, timestep_bands=4, compile=False)
+    # the optimiser and scheduler partials are not hyperparameters (the runner saves the config that built them)
+    assert dict(module.hparams) == dict(timestep_bands=4, compile=False)
+    assert module.optimizer_factory.keywords == dict(lr=1e-3, betas=[0.9, 0.99], weight_decay=0.0)
+    # without partials: AdamW(lr 2e-3, betas (0.9, 0.999), no weight decay), 100 warm-up steps, cosine to 0
+    plain = DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8), linear, loss)
+    opt = plain.optimizer_factory(plain.parameters())
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 2e-3 and opt.defaults["weight_decay"] == 0
+    assert tuple(opt.defaults["betas"]) == (0.9, 0.999)
+    assert plain.lr_scheduler_factory.func is warmup_cosine
+    assert plain.lr_scheduler_factory.keywords == dict(warmup_steps=100, min_lr_ratio=0.0)
     assert list(module.state_dict()) == ["net." + k for k in net.state_dict()]  # metric states are not saved
     x, t = torch.randn(5, 2), torch.full((5,), 10.0)
     assert torch.equal(module(x, t), net(x, t))
@@ -546,8 +566,9 @@ def test_constructor_contract_and_generate(linear):
 
     for bad in (dict(lr=0.0), dict(betas=(0.9,)), dict(warmup_steps=-1), dict(min_lr_ratio=1.5),
                 dict(timestep_bands=0), dict(timestep_bands=T + 1), dict(weight_decay=-1.0)):
+        opt = {k: bad.pop(k) for k in _OPTIM_KEYS if k in bad}
         with pytest.raises(ValueError):
-            DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8), linear, loss, **bad)
+            DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8), linear, loss, **optim(**opt), **bad)
 
 
 def test_compile_in_place_keeps_state_dict_keys(linear):

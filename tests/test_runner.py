@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # a small, fast configuration: 2-D mixture data, a small MLP, a few dozen training steps
 FAST = ["data=toy2d", "data.n_train=2048", "data.n_val=1024", "model=mlp", "model.hidden=64", "model.depth=2",
-        "train.max_steps=30", "train.val_check_interval=15", "train.ckpt_every_n_steps=15", "train.warmup_steps=5",
-        "eval.num_samples=256", "eval.batch_size=128", "eval.kid_subset_size=64", "objective=nll"]
+        "train.max_steps=30", "trainer.val_check_interval=15", "callbacks.model_checkpoint.every_n_train_steps=15",
+        "lr_scheduler.warmup_steps=5", "callbacks.progress.every_n_steps=10", "eval.num_samples=256",
+        "eval.batch_size=128", "eval.kid_subset_size=64", "objective=nll"]
 
 
 def run_py(tmp: Path, *overrides: str, name: str = "run", check: bool = True) -> subprocess.CompletedProcess:
@@ -74,6 +75,32 @@ def test_offline_wandb_run_and_csv_log(trained):
     assert evals == {r["steps"]: pytest.approx(r["nll"]) for r in summary}
 
 
+def test_progress_is_log_lines_without_a_terminal(trained):
+    # stderr is a pipe here: no progress bar (its carriage-return updates would fill the log), periodic lines instead
+    tmp, proc = trained
+    log_file = (tmp / "first" / "run.log").read_text()
+    for text in (proc.stdout + proc.stderr, log_file):
+        assert "\r" not in text
+        for step in (10, 20, 30):
+            assert re.search(rf"step {step}/30 \({100 * step // 30}%\): loss \S+, [\d.e+]+ steps/s, ETA \S+", text)
+        assert re.search(r"validation at step 15: val/loss [\d.]+", text)
+        assert "training done: step 30" in text
+
+
+def test_seed_reaches_kid_subsets_and_explicit_sub_seeds_win(trained):
+    # the first run's checkpoint evaluated with seed=1 but data.seed=0 and eval.noise_seed=0 pinned: the same data,
+    # noise and samples, so FID, NLL, MSE and ELBO repeat; only KID's subsets (eval.kid_seed = seed) change
+    tmp, _ = trained
+    run_py(tmp, *FAST, "steps=[5,20]", "sampler=ddim", "logger=csv", "seed=1", "data.seed=0", "eval.noise_seed=0",
+           f"ckpt_path={tmp}/first/checkpoint.ckpt", "task=eval", name="seed1")
+    first = json.loads((tmp / "first" / "metrics.json").read_text())
+    again = json.loads((tmp / "seed1" / "metrics.json").read_text())
+    for a, b in zip(first, again):
+        for k in ("fid", "nll", "mse", "elbo_bpd"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+        assert a["kid_mean"] != pytest.approx(b["kid_mean"], rel=1e-6)
+
+
 def test_sampler_and_steps_change_reuses_checkpoint(trained):
     tmp, _ = trained
     ckpt = (tmp / "first" / "checkpoint.ckpt").resolve()
@@ -94,6 +121,12 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     ("sampler.options.eta=2.0", r"eta in \[0, 1\]"),
     ("objective=accuracy", r"Available options in 'objective':\s+elbo\s+fid\s+kid\s+mse\s+nll"),
     ("objective.cost=joules", "valid choices: nfe, seconds"),
+    ("sampler.name=dpm_fast", "unknown sampler 'dpm_fast'; valid choices: ddpm, ddim"),
+    ("+sampler.options.gamma=1", r"sampler 'ddim' has no option\(s\) \['gamma'\]; its options: eta"),
+    ("trainer.max_steps=10", r"trainer.max_steps is 10 but train.max_steps is 30: set train.max_steps instead"),
+    ("callbacks.ema.decay=0.9", "callbacks.ema.decay is 0.9 but train.ema_decay is 0.995"),
+    ("optimizer.lr=0", "the optimizer's lr must be a finite number > 0"),
+    ("lr_scheduler.min_lr_ratio=2", r"min_lr_ratio must lie in \[0, 1\]"),
     ("eval.num_samples=50", "eval.num_samples=50 is below the minimum 64"),
     ("objective=mse sampler=ddpm", "objective=mse needs a deterministic sampler"),
     ("data.kind=moons", "objective=nll needs data with a known density"),
@@ -187,14 +220,10 @@ def test_experiment_presets_compose_with_their_own_values(preset, overrides, ste
 
 
 def test_objective_adds_its_cost_term():
-    from omegaconf import OmegaConf
-
-    from diffsteps.runner.validate import objective_value
+    from diffsteps.runner.objects import Objective
 
     row = {"fid": 0.5, "kid_mean": 0.01, "nfe": 19, "seconds_per_sample": 0.002}
-    cfg = OmegaConf.create({"objective": {"name": "fid", "cost": "nfe", "cost_weight": 0.01}})
-    assert objective_value(cfg, row) == pytest.approx(0.5 + 0.19)
-    cfg.objective.update(name="kid", cost="seconds", cost_weight=10.0)
-    assert objective_value(cfg, row) == pytest.approx(0.01 + 0.02)
-    cfg.objective.name = "mse"  # not measured for this row: NaN, which a sweeper records as a failed trial
-    assert math.isnan(objective_value(cfg, row))
+    assert Objective("fid", "nfe", 0.01).value(row) == pytest.approx(0.5 + 0.19)
+    assert Objective("kid", "seconds", 10.0).value(row) == pytest.approx(0.01 + 0.02)
+    # not measured for this row: NaN, which a sweeper records as a failed trial
+    assert math.isnan(Objective("mse").value(row))

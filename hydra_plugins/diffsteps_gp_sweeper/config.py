@@ -21,7 +21,7 @@ def _default_space() -> Dict[str, Any]:
     # nested rather than dotted keys, so `~hydra.sweeper.params.loss` removes a dimension from the command line
     return {
         "steps": "int(interval(5, 200))",
-        "train": {"lr": "tag(log, interval(1e-5, 1e-2))"},
+        "optimizer": {"lr": "tag(log, interval(1e-5, 1e-2))"},
         "loss": {"denoise_weight": "interval(0.1, 1.0)"},  # λ·L_kind + (1 − λ)·L_vlb, every loss but vlb
     }
 

@@ -36,7 +36,7 @@ STATE, RESULTS = "sweep_state.yaml", "optimization_results.yaml"
 
 
 def _flatten(params: Any, prefix: str = "") -> List[str]:
-    """``{train: {lr: spec}, "loss.w": spec}`` → ``["train.lr=spec", "loss.w=spec"]``; a null drops the key."""
+    """``{optimizer: {lr: spec}, "loss.w": spec}`` → ``["optimizer.lr=spec", "loss.w=spec"]``; a null drops the key."""
     out = []
     for k, v in (params or {}).items():
         if isinstance(v, dict):

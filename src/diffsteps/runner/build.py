@@ -1,4 +1,5 @@
-"""Config → objects: the data module, the network (shaped from the data) and the Lightning module."""
+"""Config → objects: the data module, the network (shaped from the data) and the Lightning module (with the
+optimiser and LR scheduler as partials)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ def build_net(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module
 
 
 def build(cfg: DictConfig, schedule):
+    """The data module, and the Lightning module with its network, loss, optimiser and LR-scheduler partials."""
     from hydra.utils import instantiate
 
     from ..training.module import DiffusionModule
+    from .validate import instantiate_checked
 
     datamodule = instantiate(cfg.data)
     net = build_net(cfg, tuple(datamodule.sample_shape))
     loss = instantiate(cfg.loss)
-    t = cfg.train
-    module = DiffusionModule(net, schedule, loss, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps,
-                             min_lr_ratio=t.min_lr_ratio, compile=t.compile)
+    module = DiffusionModule(net, schedule, loss, optimizer=instantiate_checked(cfg.optimizer),
+                             lr_scheduler=instantiate_checked(cfg.lr_scheduler), compile=cfg.train.compile)
     return datamodule, module

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 # config sections that change the trained weights; sampler, steps and eval never force retraining
-TRAINING_KEYS = ("data", "model", "schedule", "loss", "train", "seed")
+TRAINING_KEYS = ("data", "model", "schedule", "loss", "optimizer", "lr_scheduler", "train", "seed")
 
 
 def training_key(cfg: DictConfig) -> str:

@@ -65,7 +65,8 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     first: list[SampleQuality] = []
 
     def quality() -> SampleQuality:
-        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, cache_dir=cfg.paths.cache_dir)
+        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, kid_seed=e.kid_seed,
+                          cache_dir=cfg.paths.cache_dir)
         if first:
             q.share_reference(first[0])
         else:
@@ -109,7 +110,8 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule, plan):
 
     e = cfg.eval.elbo
     return ChainELBO(plan, schedule, module.prediction, datamodule.real_samples(e.num_samples, split=e.split),
-                     variance=e.variance, levels=getattr(datamodule, "levels", None), full=e.full)
+                     variance=e.variance, levels=getattr(datamodule, "levels", None), full=e.full,
+                     progress=bool(cfg.trainer.get("enable_progress_bar", True)))
 
 
 def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:

@@ -8,16 +8,17 @@ Data flows one way: this module builds and calls the others; nothing imports it 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .build import build
 from .checkpoints import load_weights
 from .evaluate import evaluate, write_results
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
-from .validate import objective_value, validate
+from .validate import instantiate_checked, validate
 
 
 def run(cfg: DictConfig) -> float:
@@ -30,13 +31,19 @@ def run(cfg: DictConfig) -> float:
         return _figure_task(cfg)
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
+    objective = instantiate_checked(cfg.objective)
+    if cfg.trainer.get("enable_progress_bar") is None:
+        # a bar on a terminal; in a log file its carriage-return updates pile up, so there the ProgressLog
+        # callback writes lines instead (and evaluation shows no bar)
+        with open_dict(cfg.trainer):
+            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
     datamodule, module = build(cfg, schedule)
-    if cfg.objective.name == "nll" and getattr(datamodule, "mixture", None) is None:
+    if objective.name == "nll" and getattr(datamodule, "mixture", None) is None:
         raise ValueError(f"objective=nll needs data with a known density (toy2d with kind=8gaussians, gmm); "
                          f"{datamodule.name} has none: choose objective=fid, kid, mse or elbo")
     loggers = make_loggers(cfg, out_dir)
@@ -60,14 +67,14 @@ def run(cfg: DictConfig) -> float:
     if rows is None:
         return math.nan
     for row in rows:
-        row["objective"] = objective_value(cfg, row)
+        row["objective"] = objective.value(row)
     write_results(rows, out_dir)
     plot_quality_vs_nfe(rows, out_dir)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")
     print_sync_hint(loggers)
-    print(f"results in {out_dir}; objective {cfg.objective.name} = {rows[-1]['objective']:.6g}")
+    print(f"results in {out_dir}; objective {objective.name} = {rows[-1]['objective']:.6g}")
     return rows[-1]["objective"]
 
 

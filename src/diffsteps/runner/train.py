@@ -14,13 +14,26 @@ from .checkpoints import TRAINING_KEYS, load_weights, training_key
 log = logging.getLogger("diffsteps")
 
 
+def make_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+    """The ``callbacks`` group, in config order (``callbacks.<name>=null`` drops one); a null ``dirpath`` (the
+    model checkpoint's) is filled with the checkpoint cache folder of this training config."""
+    from .validate import instantiate_checked
+
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if not OmegaConf.is_dict(node) or "_target_" not in node:
+            raise ValueError(f"callbacks.{name} must be a config node with a _target_, got {node!r}")
+        fill = {"dirpath": str(ckpt_dir)} if "dirpath" in node and node.dirpath is None else {}
+        callbacks.append(instantiate_checked(node, **fill))
+    return callbacks
+
+
 def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[Path, int]:
     """Train, or reuse / resume the checkpoint trained with the same training-relevant config. Returns the
     checkpoint and this process's global rank (DDP starts its other processes inside ``fit``)."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from ..training.ema import ema_callback
 
     # the module overrides configure_model only to compile in place; it shards nothing, so EMA's warning is moot
     warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides")
@@ -32,13 +45,12 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
         return last, 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: cfg[k] for k in TRAINING_KEYS}, resolve=True))
-    callbacks = [ema_callback(cfg.train.ema_decay),
-                 ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                 every_n_train_steps=cfg.train.ckpt_every_n_steps)]
-    trainer = instantiate(cfg.trainer, max_steps=cfg.train.max_steps, callbacks=callbacks, logger=loggers or False,
-                          gradient_clip_val=cfg.train.gradient_clip_val, default_root_dir=str(out_dir),
-                          val_check_interval=min(cfg.train.val_check_interval, cfg.train.max_steps),
-                          check_val_every_n_epoch=None)
+    fill = {}
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and cfg.train.max_steps > 0:
+        fill["val_check_interval"] = min(interval, cfg.train.max_steps)  # a short run still validates, at its end
+    trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg, ckpt_dir), logger=loggers or False,
+                          default_root_dir=str(out_dir), **fill)
     resume = str(last) if last.is_file() else None
     if resume:
         log.info("resuming unfinished training from %s", resume)

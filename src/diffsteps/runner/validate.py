@@ -1,18 +1,21 @@
 """Everything that would otherwise fail after training, checked in seconds before it: task, objective, sampler,
-spacing, steps, sampler options and evaluation sizes."""
+spacing, steps, sampler options, loggers, evaluation sizes, and keys that must follow ``train.*``."""
 
 from __future__ import annotations
-
-import math
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..sampling.api import plan_sampling
+from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 
-# objective name → the metrics.json key it reads
-OBJECTIVES = {"fid": "fid", "kid": "kid_mean", "mse": "mse", "nll": "nll", "elbo": "elbo_bpd"}
-OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
+__all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "instantiate_checked",
+           "steps_list", "validate"]
+
 TASKS = ("train_eval", "train", "eval", "schedules", "report")
+# keys that the checkpoint cache must see: they live in `train` (part of the training key) and these interpolate them;
+# a different value set on the derived key would train something the cache files under another config
+FOLLOWS_TRAIN = {"trainer.max_steps": "train.max_steps", "trainer.gradient_clip_val": "train.gradient_clip_val",
+                 "callbacks.ema.decay": "train.ema_decay"}
 
 
 def steps_list(cfg: DictConfig) -> list[int]:
@@ -23,25 +26,51 @@ def steps_list(cfg: DictConfig) -> list[int]:
     return steps
 
 
+def instantiate_checked(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` with the target's own exception re-raised (Hydra wraps it in an
+    InstantiationException whose message repeats the config), so a bad value reads as its plain message."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, TypeError)):
+            raise err.__cause__ from None
+        raise
+
+
+def check_follows_train(cfg: DictConfig) -> None:
+    """Reject a ``trainer.max_steps`` (etc.) that differs from the ``train.*`` key it must follow."""
+    marker = object()
+    for derived, source in FOLLOWS_TRAIN.items():
+        want = OmegaConf.select(cfg, source, default=marker)
+        if want is marker:
+            continue
+        got = OmegaConf.select(cfg, derived, default=marker)
+        if got is marker or got != want:
+            shown = "absent" if got is marker else repr(got)
+            raise ValueError(f"{derived} is {shown} but {source} is {want!r}: set {source} instead ({derived} follows "
+                             f"it as ${{{source}}}, and the checkpoint cache keys on {source})")
+
+
 def validate(cfg: DictConfig, schedule) -> list[int]:
     """Check everything that would otherwise fail after training: task, objective, sampler, spacing, steps and
-    sampler options (each against the schedule), evaluation sizes. Returns the step counts."""
+    sampler options (each against the schedule), loggers, evaluation sizes, keys that follow ``train.*``. Returns
+    the step counts."""
+    from .loggers import check_loggers
+
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}; valid choices: {', '.join(TASKS)}")
-    o = cfg.objective
-    if o.name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {o.name!r}; valid choices: {', '.join(OBJECTIVES)}")
-    if o.cost not in OBJECTIVE_COSTS:
-        raise ValueError(f"unknown objective.cost {o.cost!r}; valid choices: {', '.join(OBJECTIVE_COSTS)}")
-    if not (isinstance(o.cost_weight, (int, float)) and math.isfinite(o.cost_weight)):
-        raise ValueError(f"objective.cost_weight must be a finite number, got {o.cost_weight!r}")
+    objective: Objective = instantiate_checked(cfg.objective)
+    sampler: SamplerChoice = instantiate_checked(cfg.sampler)
+    check_follows_train(cfg)
+    check_loggers(cfg)
     steps = steps_list(cfg)
-    options = OmegaConf.to_container(cfg.sampler.options, resolve=True) or {}
-    spec = None
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"steps must be integers, got {n!r}")
-        spec, _, _ = plan_sampling(schedule, cfg.sampler.name, n, cfg.sampler.spacing, **options)
+        plan_sampling(schedule, sampler.name, n, sampler.spacing, **sampler.options)
     e = cfg.eval
     if e.batch_size < 1:
         raise ValueError(f"eval.batch_size must be ≥ 1, got {e.batch_size}")
@@ -50,18 +79,10 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
         raise ValueError(f"eval.num_samples={e.num_samples} is below the minimum {least}: FID needs ≥ 2 samples and "
                          f"KID ≥ eval.kid_subset_size={e.kid_subset_size}; raise num_samples or lower "
                          "kid_subset_size")
-    if o.name == "mse" and not (spec.is_deterministic(**options) and e.mse.num_samples > 0):
-        raise ValueError(f"objective=mse needs a deterministic sampler (not {cfg.sampler.name!r} with {options}) "
+    if objective.name == "mse" and not (sampler.deterministic and e.mse.num_samples > 0):
+        raise ValueError(f"objective=mse needs a deterministic sampler (not {sampler.name!r} with {sampler.options}) "
                          f"and eval.mse.num_samples > 0")
-    if o.name == "elbo" and not e.elbo.num_samples > 0:
+    if objective.name == "elbo" and not e.elbo.num_samples > 0:
         raise ValueError("objective=elbo needs eval.elbo.num_samples > 0")
     return steps
 
-
-
-def objective_value(cfg: DictConfig, row: dict) -> float:
-    """``cfg.objective.name``'s metric in ``row`` (one step count) + ``cost_weight`` × its cost (NFE or seconds per
-    sample). ``run`` returns it at the last step count."""
-    o = cfg.objective
-    value = float(row.get(OBJECTIVES[o.name], math.nan))  # validate() rejected objectives this run cannot measure
-    return value + float(o.cost_weight) * float(row[OBJECTIVE_COSTS[o.cost]]) if o.cost_weight else value

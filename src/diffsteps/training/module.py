@@ -19,8 +19,9 @@ and is saved in and restored from checkpoints. Validation draws from generators 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from typing import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import lightning as L
 import numpy as np
@@ -33,7 +34,7 @@ from ..core.schedules import Schedule
 from ..sampling.api import sample
 from .losses import DiffusionLoss, sample_timesteps
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor", "warmup_cosine"]
 
 # Seed-sequence tags, so the training and validation streams can never coincide.
 _TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
@@ -62,6 +63,36 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: float, min_lr_ratio:
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: float = math.inf, *, warmup_steps: int = 100,
+                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with the factor :func:`lr_factor` (linear warm-up over ``warmup_steps``, then a half-cosine to
+    ``min_lr_ratio`` at ``total_steps``), to be stepped once per optimiser step. The ``lr_scheduler`` config group
+    holds it as a partial; :class:`DiffusionModule` supplies the optimiser and ``total_steps``."""
+    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if not 0.0 <= float(min_lr_ratio) <= 1.0:
+        raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}")
+    factor = functools.partial(lr_factor, warmup_steps=int(warmup_steps), total_steps=float(total_steps),
+                               min_lr_ratio=float(min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# DiffusionModule's defaults when built without optimizer / lr_scheduler (the configs' defaults differ only in
+# min_lr_ratio: 0.05 there)
+DEFAULT_OPTIMIZER = functools.partial(torch.optim.AdamW, lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0)
+DEFAULT_LR_SCHEDULER = functools.partial(warmup_cosine, warmup_steps=100, min_lr_ratio=0.0)
+
+
+def _build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, total_steps: float):
+    # total_steps only to factories that take it: a partial of e.g. torch's StepLR does not
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes = "total_steps" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return factory(optimizer, total_steps=total_steps) if takes else factory(optimizer)
+
+
 def _seed(*words: int) -> int:
     # numpy's SeedSequence hashes the words, so neighbouring steps or ranks get unrelated 64-bit seeds (as data.py
     # does for its streams).
@@ -80,9 +111,12 @@ class DiffusionModule(L.LightningModule):
     Training step: Ho et al. 2020, Algorithm 1 — t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,
     gradient step on the loss of ``net(x_t, t)`` (whose target — ε, x_0 or v — and weighting are the loss's).
 
-    Optimiser: AdamW (``lr``, ``betas``, ``weight_decay`` on every parameter) with a per-step warm-up + cosine
-    learning-rate schedule (:func:`lr_factor`) ending at ``min_lr_ratio · lr`` at
-    ``trainer.estimated_stepping_batches``.
+    Optimiser: ``optimizer(net.parameters())`` and ``lr_scheduler(optimizer, total_steps=…)``, stepped every
+    optimiser step, with ``total_steps`` = ``trainer.estimated_stepping_batches`` (∞ without a horizon) for factories
+    that take it; both are partials (the ``optimizer`` and ``lr_scheduler`` config groups, ``_partial_: true``).
+    Defaults: AdamW (lr 2e-3, betas (0.9, 0.999), no weight decay) on every parameter and :func:`warmup_cosine`
+    (100 warm-up steps, cosine to 0). Both are built once on a probe parameter at construction, so a bad value fails
+    here rather than when ``fit`` starts.
 
     Logged: ``train/loss`` (step and epoch), ``train/lr``, ``val/loss`` and, per timestep band,
     ``train/loss_t{lo}-{hi}`` and ``val/loss_t{lo}-{hi}`` (``timestep_bands`` contiguous bands of [0, T), bounds
@@ -95,30 +129,24 @@ class DiffusionModule(L.LightningModule):
     Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...)``.
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *, lr: float = 2e-3,
-                 weight_decay: float = 0.0, betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.0, timestep_bands: int = 4, compile: bool = False):
+    def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *,
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+                 timestep_bands: int = 4, compile: bool = False):
         super().__init__()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a diffsteps Schedule, got {type(schedule).__name__}")
         if not isinstance(loss, DiffusionLoss):
             raise TypeError(f"loss must be a diffsteps DiffusionLoss, got {type(loss).__name__}")
-        if not (float(lr) > 0 and math.isfinite(float(lr))):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if not float(weight_decay) >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        betas = tuple(float(b) for b in betas)  # Hydra passes a ListConfig
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not 0.0 <= float(min_lr_ratio) <= 1.0:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}")
+        self.optimizer_factory = DEFAULT_OPTIMIZER if optimizer is None else optimizer
+        self.lr_scheduler_factory = DEFAULT_LR_SCHEDULER if lr_scheduler is None else lr_scheduler
+        self._probe_optimizer()
         T = schedule.num_timesteps
         if isinstance(timestep_bands, bool) or int(timestep_bands) != timestep_bands or not 1 <= timestep_bands <= T:
             raise ValueError(f"timestep_bands must be an integer in [1, T={T}], got {timestep_bands!r}")
-        # The objects are not hyperparameters: the runner stores the full config that built them.
-        self.save_hyperparameters(ignore=["net", "schedule", "loss"])
+        # The objects are not hyperparameters: the runner stores the full config that built them. (A partial in the
+        # checkpoint's hyper_parameters would also stop it loading with weights_only=True.)
+        self.save_hyperparameters(ignore=["net", "schedule", "loss", "optimizer", "lr_scheduler"])
         self.net = net
         self.schedule = schedule
         self.loss_fn = loss
@@ -242,16 +270,30 @@ class DiffusionModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_step=False, on_epoch=True)
         return loss
 
+    def _probe_optimizer(self) -> None:
+        """Build optimiser and scheduler once on a probe parameter: bad settings fail at construction."""
+        try:
+            opt = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        except (TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"the optimizer cannot be built: {err}") from None
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must build a torch.optim.Optimizer from the parameters, got "
+                            f"{type(opt).__name__}")
+        lr = opt.param_groups[0]["lr"]
+        if not (float(lr) > 0 and math.isfinite(float(lr))):
+            raise ValueError(f"the optimizer's lr must be a finite number > 0, got {lr!r}")
+        try:
+            _build_scheduler(self.lr_scheduler_factory, opt, math.inf)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the lr_scheduler cannot be built: {err}") from None
+
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = self.optimizer_factory(self.net.parameters())
         try:
             total = float(self.trainer.estimated_stepping_batches)
         except Exception:  # e.g. an iterable data set of unknown length with max_steps = -1: no horizon, no decay
             total = math.inf
-        factor = functools.partial(lr_factor, warmup_steps=int(hp.warmup_steps), total_steps=total,
-                                   min_lr_ratio=float(hp.min_lr_ratio))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = _build_scheduler(self.lr_scheduler_factory, opt, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def setup(self, stage: str) -> None:

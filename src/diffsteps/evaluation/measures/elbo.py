@@ -36,7 +36,8 @@ class ChainELBO(Measure):
     interpolation) get the continuous decoder, with a warning."""
 
     def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, data: Tensor, *,
-                 variance: str = "posterior", levels: int | None = None, full: bool = False):
+                 variance: str = "posterior", levels: int | None = None, full: bool = False,
+                 progress: bool = False):
         if variance not in VARIANCES:
             raise ValueError(f"unknown ELBO variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
         if levels is not None:
@@ -45,7 +46,7 @@ class ChainELBO(Measure):
                 log.warning("the ELBO data are not on %d levels: using a continuous decoder (a density, not a "
                             "probability: it can be negative)", levels)
                 levels = None
-        self.plan, self.schedule, self.data, self.full = plan, schedule, data, full
+        self.plan, self.schedule, self.data, self.full, self.progress = plan, schedule, data, full, progress
         self.options = dict(prediction=prediction, variance=variance, batch_size=plan.batch_size,
                             discrete=levels is not None, levels=levels or 256)
         s = len(plan.steps)
@@ -69,7 +70,7 @@ class ChainELBO(Measure):
         done[i] = 1
         self.totals.update(bpd=bpd, done=done)
         if self.full and i == 0:  # one bound for all rows, by the process of the first step count
-            self.totals.update(full=self._bound(net, device, None, progress=True)["elbo_bpd"], full_done=1)
+            self.totals.update(full=self._bound(net, device, None, progress=self.progress)["elbo_bpd"], full_done=1)
 
     def compute(self, steps: int) -> dict:
         t = self.totals.compute()

@@ -1,0 +1,83 @@
+"""The ``sampler`` and ``objective`` config groups as objects (their ``_target_``s): checked when built, so a bad
+name or option fails with the valid choices before any data is loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ..core.spacings import SPACINGS
+from ..sampling.registry import SAMPLERS, get_sampler
+
+# objective name → the metrics.json key it reads
+OBJECTIVES = {"fid": "fid", "kid": "kid_mean", "mse": "mse", "nll": "nll", "elbo": "elbo_bpd"}
+OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """A sampler of :data:`diffsteps.sampling.registry.SAMPLERS`, its timestep spacing (a name in ``SPACINGS`` or an
+    explicit decreasing list) and its options (e.g. ``eta`` for ddim). The name, the option names and the option
+    values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner."""
+
+    name: str
+    spacing: Any = "trailing"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        options = OmegaConf.to_container(self.options, resolve=True) if OmegaConf.is_config(self.options) else dict(
+            self.options or {})
+        object.__setattr__(self, "options", options)
+        if OmegaConf.is_config(self.spacing):
+            object.__setattr__(self, "spacing", OmegaConf.to_container(self.spacing, resolve=True))
+        spec = get_sampler(self.name)  # unknown name: valid choices in the message
+        unknown = sorted(set(options) - set(spec.options))
+        if unknown:
+            raise ValueError(f"sampler {self.name!r} has no option(s) {unknown}; its options: "
+                             f"{', '.join(spec.options) or 'none'}")
+        if isinstance(self.spacing, str) and self.spacing not in SPACINGS:
+            raise ValueError(f"unknown sampler.spacing {self.spacing!r}; valid choices: {', '.join(SPACINGS)} or a "
+                             "list of timesteps")
+        from ..sampling.levels import Levels
+
+        spec.fn(None, None, Levels((), ()), **options)  # a pass over zero steps: the sampler's own value checks
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the samples are a fixed function of the initial noise (DDIM is unless η > 0)."""
+        return SAMPLERS[self.name].is_deterministic(**self.options)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What ``run.py`` returns for sweepers: metric ``name`` (a key of :data:`OBJECTIVES`) of one step count's row
+    plus ``cost_weight`` × its cost (``nfe``: model evaluations per sample; ``seconds``: sampling seconds per sample),
+    the quality/speed trade-off a sweep minimises."""
+
+    name: str
+    cost: str = "nfe"
+    cost_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; valid choices: {', '.join(OBJECTIVES)}")
+        if self.cost not in OBJECTIVE_COSTS:
+            raise ValueError(f"unknown objective.cost {self.cost!r}; valid choices: {', '.join(OBJECTIVE_COSTS)}")
+        w = self.cost_weight
+        if isinstance(w, bool) or not (isinstance(w, (int, float)) and math.isfinite(w)):
+            raise ValueError(f"objective.cost_weight must be a finite number, got {w!r}")
+
+    @property
+    def metric(self) -> str:
+        """The metrics.json key the objective reads."""
+        return OBJECTIVES[self.name]
+
+    def value(self, row: Mapping[str, Any]) -> float:
+        """The metric in ``row`` + ``cost_weight`` × its cost; NaN (a failed trial to a sweeper) when the row lacks
+        the metric."""
+        value = float(row.get(self.metric, math.nan))
+        return value + float(self.cost_weight) * float(row[OBJECTIVE_COSTS[self.cost]]) if self.cost_weight else value
