@@ -31,7 +31,10 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
         load_weights(module, last)
         return last, 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: cfg[k] for k in TRAINING_KEYS}, resolve=True))
+    # each section resolved where it sits: a detached copy loses interpolations into other sections (data.root)
+    (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True)
+                                                                   if OmegaConf.is_config(cfg[k]) else cfg[k]
+                                                                   for k in TRAINING_KEYS}))
     callbacks = [ema_callback(cfg.train.ema_decay),
                  ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=cfg.train.ckpt_every_n_steps)]
