@@ -289,9 +289,36 @@ def test_run_py_with_the_default_model(tmp_path, data):
     assert (out / "grid_ddim_5.png").is_file() and (out / "grid_steps_ddim.png").is_file()
 
 
-def test_run_py_with_a_model_for_other_data_fails_before_training(tmp_path):
-    proc = run_py(tmp_path, "data=toy2d", "model=unet", *TINY, name="wrong")
-    assert proc.returncode != 0
-    assert "model=unet needs image data (C, H, W); data toy2d-8gaussians-noise0.125-n20000-10000-seed0 is vector " \
-           "data of shape (2,): use model=mlp or model=auto" in proc.stderr
+def compose_config(tmp_path, monkeypatch, *overrides):
+    """run.py's config composed in this process, outputs under tmp_path: run() itself without a subprocess (which
+    would spend ~8 s on imports before failing)."""
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
+    try:
+        OmegaConf.register_new_resolver("launch_dir", os.getcwd)
+    except ValueError:  # registered by run.py in this process already
+        pass
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.output_dir={tmp_path}/run", *overrides])
+
+
+def test_run_with_a_model_for_other_data_fails_before_training(tmp_path, monkeypatch):
+    from diffsteps.runner import run
+
+    with pytest.raises(ValueError) as err:
+        run(compose_config(tmp_path, monkeypatch, "data=toy2d", "model=unet"))
+    assert str(err.value) == ("model=unet needs image data (C, H, W); data toy2d-8gaussians-noise0.125-n20000-10000-"
+                              "seed0 is vector data of shape (2,): use model=mlp or model=auto")
+    assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing trained
+
+
+def test_run_on_rgb_images_without_torch_fidelity_fails_before_training(tmp_path, monkeypatch):
+    from diffsteps.runner import run
+
+    _write_fake_cifar(tmp_path / "data")
+    monkeypatch.setattr(build_mod, "_has_torch_fidelity", lambda: False)  # as here; the same wherever it is installed
+    with pytest.raises(ValueError, match=r'^eval.features=auto chooses the Inception features for data cifar10 .*'
+                                         r'pip install -e "\.\[inception\]".*or set eval.features=identity'):
+        run(compose_config(tmp_path, monkeypatch, "data=cifar10", "data.batch_size=8"))
     assert not (tmp_path / "outputs" / "checkpoints").exists()
