@@ -94,7 +94,7 @@ class Setting:
         self.mixture = getattr(self.data, "mixture", None)
         self.shape = tuple(self.data.sample_shape)
         cfg = OmegaConf.create({"model": OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")})
-        self.net = build_net(cfg, self.shape).to(self.device).eval()
+        self.net = build_net(cfg, self.data.spec, self.data.name).to(self.device).eval()
         self.schedule = ds.make_schedule("linear", 1000)
         self.prediction = "v"  # conf/config.yaml: loss.prediction
         self.real = self.data.real_samples(split="train")

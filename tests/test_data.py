@@ -1,4 +1,5 @@
-"""Data modules: shapes, scaling, splits, determinism, exact densities, image folders and CIFAR-10 files.
+"""Data modules: what each declares about itself (DataSpec), shapes, scaling, splits, determinism, exact densities,
+image folders and CIFAR-10 files.
 
 Nothing here downloads: CIFAR-10 is faked with pickles in the official format, torchvision with a stub module.
 Statistical checks use tolerances of Z standard errors, the standard errors estimated from the same samples; the
@@ -7,6 +8,7 @@ data are seeded, so each check passes or fails deterministically.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -23,12 +25,16 @@ from scipy.stats import multivariate_normal
 from diffsteps import GaussianMixture
 from diffsteps.data import (
     DATAMODULES,
+    FEATURE_SPACES,
+    MODALITIES,
     CIFAR10Data,
+    DataSpec,
     DigitsData,
     GMMData,
     ImageFolderData,
     Toy2DData,
 )
+from diffsteps.data.base import _InMemoryData
 
 Z = 5.0  # a 5-SE band: a correct implementation fails a given check with probability < 1e-6
 
@@ -75,7 +81,8 @@ def test_digits_shapes_range_and_labels(digits):
 
     ref = load_digits()
     train, val = digits.real_samples(split="train"), digits.real_samples(split="val")
-    assert digits.sample_shape == (1, 8, 8) and digits.is_image
+    assert digits.sample_shape == (1, 8, 8)
+    assert digits.spec == DataSpec("image", (1, 8, 8), levels=17, num_classes=10, features="digits")
     assert train.dtype == val.dtype == torch.float32 and train.shape[1:] == val.shape[1:] == (1, 8, 8)
     assert len(train) + len(val) == 1797
     both = torch.cat([train, val])
@@ -136,7 +143,7 @@ def test_setup_is_idempotent_and_errors(digits):
 # -- toy sets ----------------------------------------------------------------------------------------------------------
 def test_8gaussians_matches_its_mixture():
     dm = Toy2DData("8gaussians", n_train=20_000, n_val=2_000, seed=0)
-    assert dm.sample_shape == (2,) and not dm.is_image
+    assert dm.sample_shape == (2,) and dm.spec == DataSpec("vector", (2,), has_density=True, features="identity")
     train, val = dm.real_samples(split="train"), dm.real_samples()
     assert train.shape == (20_000, 2) and val.shape == (2_000, 2) and train.dtype == torch.float32
     mix = dm.mixture
@@ -155,6 +162,7 @@ def test_moons_swissroll_unit_scale(kind):
     dm = Toy2DData(kind, n_train=20_000, n_val=1_000, seed=3)
     x = dm.real_samples(split="train").double()
     assert dm.mixture is None and x.shape == (20_000, 2) and dm.real_samples().shape == (1_000, 2)
+    assert dm.spec == DataSpec("vector", (2,)) and not dm.spec.has_density
     n = len(x)
     assert torch.all(x.mean(0).abs() < Z * x.std(0) / math.sqrt(n))
     # The normalising constants come from the distribution, so the mean per-coordinate second moment is 1 up to
@@ -172,7 +180,8 @@ def test_toy_rejects_unknown_kind():
 
 def test_gmm_matches_its_mixture():
     dm = GMMData(dim=8, components=4, n_train=20_000, n_val=5_000, seed=0)
-    assert dm.sample_shape == (8,) and not dm.is_image
+    assert dm.sample_shape == (8,) and dm.spec == DataSpec("vector", (8,), has_density=True)
+    assert GMMData(dim=3).spec.sample_shape == (3,)
     train = dm.real_samples(split="train")
     assert train.shape == (20_000, 8) and train.dtype == torch.float32 and dm.real_samples().shape == (5_000, 8)
     mix = dm.mixture
@@ -225,7 +234,8 @@ def _by_file(dm: ImageFolderData) -> dict[str, torch.Tensor]:
 
 def test_image_folder_rgb(image_root):
     dm = ImageFolderData(image_root, image_size=8, channels=3, val_fraction=0.2, batch_size=2, seed=0)
-    assert dm.sample_shape == (3, 8, 8) and dm.is_image
+    assert dm.sample_shape == (3, 8, 8)
+    assert dm.spec == DataSpec("image", (3, 8, 8), levels=256, features="inception") and dm._data is None
     dm.setup()
     assert len(dm.files["train"]) == 4 and len(dm.files["val"]) == 1
     assert set(dm.files["train"]).isdisjoint(dm.files["val"])
@@ -310,7 +320,8 @@ def _write_fake_cifar(root, numpy1_style: bool = True):
 def test_cifar_fake_files(tmp_path):
     written = _write_fake_cifar(tmp_path)
     dm = CIFAR10Data(root=tmp_path, batch_size=4)
-    assert dm.sample_shape == (3, 32, 32) and dm.is_image and dm.name == "cifar10"
+    assert dm.sample_shape == (3, 32, 32) and dm.name == "cifar10"
+    assert dm.spec == DataSpec("image", (3, 32, 32), levels=256, num_classes=10, features="inception")
     train, val = dm.real_samples(split="train"), dm.real_samples()
     assert train.shape == (sum(TRAIN_SIZES), 3, 32, 32) and val.shape == (TEST_SIZE, 3, 32, 32)
     assert train.dtype == torch.float32
@@ -378,3 +389,82 @@ def test_plain_kwargs_construction_and_hparams(image_root):
     assert dm.real_samples(split="train").shape[1:] == (1, 4, 4)
     assert dm.hparams["image_size"] == 4
     assert set(DATAMODULES) == {"digits", "toy2d", "gmm", "imagefolder", "cifar10"}
+
+
+# -- DataSpec: what each module declares, checked against its data -------------------------------------------------
+class SineSignals(_InMemoryData):
+    """A tiny signal data set (C, L), standing in for MNIST-1D until it lands: a sine per channel, random phase."""
+
+    def __init__(self, channels: int = 2, length: int = 40, n: int = 16, batch_size: int = 4):
+        super().__init__(batch_size=batch_size)
+        self.channels, self.length, self.n = channels, length, n
+
+    @property
+    def sample_shape(self):
+        return (self.channels, self.length)
+
+    @property
+    def spec(self):
+        return DataSpec("signal", self.sample_shape)
+
+    @property
+    def name(self):
+        return f"sines-c{self.channels}-l{self.length}"
+
+    def _load(self):
+        g = torch.Generator().manual_seed(0)
+        phase = 2 * math.pi * torch.rand(self.n, self.channels, 1, generator=g)
+        x = torch.sin(torch.linspace(0, 4 * math.pi, self.length) + phase)
+        k = self.n * 3 // 4
+        return {"train": x[:k], "val": x[k:]}, None
+
+
+def test_every_spec_is_known_before_setup_and_true_of_the_data(image_root, tmp_path):
+    _write_fake_cifar(tmp_path / "cifar")
+    modules = [DigitsData(), Toy2DData("8gaussians", n_train=500, n_val=100), Toy2DData("moons", n_train=500,
+               n_val=100), GMMData(dim=5, n_train=500, n_val=100), ImageFolderData(image_root, image_size=8),
+               ImageFolderData(image_root, image_size=6, channels=1), CIFAR10Data(root=tmp_path / "cifar"),
+               SineSignals()]
+    ranks = {"image": 3, "vector": 1, "signal": 2}
+    for dm in modules:
+        spec = dm.spec
+        assert dm._data is None, dm.name  # reading the spec loads nothing
+        assert spec.sample_shape == tuple(dm.sample_shape) and len(spec.sample_shape) == ranks[spec.modality]
+        assert spec.features in FEATURE_SPACES and spec.has_density == (dm.mixture is not None)
+        x = torch.cat([dm.real_samples(split="train"), dm.real_samples(split="val")])
+        assert x.shape[1:] == spec.sample_shape
+        k = (x.double() + 1) * ((spec.levels or 256) - 1) / 2
+        off_grid = (k - k.round()).abs().max().item()
+        if spec.levels is not None:  # every value on the grid −1 + 2k/(levels − 1), k = 0 … levels − 1, up to float32
+            assert off_grid < 1e-4 and k.min() >= 0 and k.round().max() <= spec.levels - 1, dm.name
+        else:
+            assert off_grid > 0.1, dm.name  # continuous: not even on the 8-bit grid
+        if spec.num_classes is not None:
+            labels = torch.cat([dm.labels("train"), dm.labels("val")])
+            assert labels.min() >= 0 and labels.max() < spec.num_classes
+        else:
+            with pytest.raises(ValueError, match="no labels"):
+                dm.labels()
+    assert len(torch.unique(DigitsData().labels("train"))) == DigitsData().spec.num_classes
+
+
+def test_dataspec_checks_itself():
+    assert set(MODALITIES) == {"image", "vector", "signal"}
+    from diffsteps.evaluation.features import FEATURES
+
+    assert set(FEATURE_SPACES) == set(FEATURES)  # data may not import evaluation: the names are kept in step
+    assert DataSpec("image", [3, 4, 4]).features == "inception" and DataSpec("signal", (1, 40)).features == "identity"
+    assert DataSpec("image", [3, 4, 4]).sample_shape == (3, 4, 4)
+    assert DataSpec("vector", (2,)).describe() == "vector data of shape (2,)"
+    for kw, msg in ((dict(modality="audio", sample_shape=(1, 8)), "valid choices: image, vector, signal"),
+                    (dict(modality="image", sample_shape=(8, 8)), r"image data have samples of shape \(C, H, W\)"),
+                    (dict(modality="signal", sample_shape=(40,)), r"signal data have samples of shape \(C, L\)"),
+                    (dict(modality="vector", sample_shape=(0,)), "positive ints"),
+                    (dict(modality="vector", sample_shape=(2,), levels=1), "levels must be an int >= 2"),
+                    (dict(modality="vector", sample_shape=(2,), num_classes=0), "num_classes must be a positive"),
+                    (dict(modality="vector", sample_shape=(2,), features="clip"),
+                     "valid choices: digits, inception, identity")):
+        with pytest.raises(ValueError, match=msg):
+            DataSpec(**kw)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DataSpec("vector", (2,)).levels = 3

@@ -1,12 +1,12 @@
 """Lightning data modules, one module per family: :mod:`.base` (the interface they share), :mod:`.images`,
 :mod:`.toy`."""
 
-from .base import EpochShuffle
+from .base import FEATURE_SPACES, MODALITIES, DataSpec, EpochShuffle
 from .images import CIFAR10Data, DigitsData, ImageFolderData
 from .toy import TOY_KINDS, GMMData, Toy2DData
 
 __all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "DATAMODULES", "TOY_KINDS",
-           "EpochShuffle"]
+           "EpochShuffle", "DataSpec", "MODALITIES", "FEATURE_SPACES"]
 
 DATAMODULES = {
     "digits": DigitsData,

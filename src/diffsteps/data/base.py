@@ -9,8 +9,10 @@ which data set it has:
 - ``train_dataloader()`` shuffles with a generator seeded from ``seed`` and drops the last partial batch;
   ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — no labels.
   Under DDP Lightning swaps in a DistributedSampler itself;
-- ``sample_shape`` (known before setup, so models can be built first), ``is_image``, ``name`` (a file-name-safe key
-  that changes whenever the reference data would, for caching evaluation statistics);
+- ``spec``, a :class:`DataSpec` saying what the data are (modality, sample shape, levels, classes, exact density,
+  default feature space), and ``sample_shape``: both known before setup, so models can be chosen and built first;
+  code that must treat images, vectors and signals differently reads ``spec``, never the tensor shapes;
+- ``name`` (a file-name-safe key that changes whenever the reference data would, for caching evaluation statistics);
 - ``real_samples(n, split)``: the first n points of a split; splits are stored in a random order, so any prefix is a
   uniform sample of the split.
 
@@ -24,6 +26,7 @@ independent random streams. Keep it fixed while varying the training seed to com
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +35,63 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 SPLITS = ("train", "val")
 _STREAM_DATA, _STREAM_SHUFFLE, _STREAM_GMM = 0, 1, 2
+
+# modality → the layout of one sample; the rank is what the nets, plots and feature extractors rely on
+MODALITIES = {"image": "(C, H, W)", "vector": "(D,)", "signal": "(C, L)"}
+_RANKS = {"image": 3, "vector": 1, "signal": 2}
+# feature spaces for FID/KID (the names of diffsteps.evaluation.features.FEATURES, which data may not import)
+FEATURE_SPACES = ("digits", "inception", "identity")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data set is, declared by its data module (``datamodule.spec``, known before ``setup``), so that
+    nets, samplers, metrics and plots never guess it from tensor shapes.
+
+    - ``modality``: ``"image"`` (one sample (C, H, W)), ``"vector"`` ((D,)) or ``"signal"`` ((C, L): C channels
+      over L ordered positions, e.g. a time series);
+    - ``sample_shape``: the shape of one sample, of the modality's rank;
+    - ``levels``: data on that many equally spaced values −1 + 2k/(levels − 1) in [−1, 1] (8-bit images: 256,
+      scikit-learn's digits: 17), which the ELBO's discretised decoder needs (Ho et al. 2020, §3.3); None for
+      continuous data;
+    - ``num_classes``: the number of label classes, None when unlabelled;
+    - ``has_density``: an exact density (``datamodule.mixture``) is available, for the samples' exact NLL;
+    - ``features``: the default feature space for FID/KID (``eval.features=auto``), one of
+      :data:`FEATURE_SPACES`; None takes ``inception`` for images and ``identity`` otherwise.
+    """
+
+    modality: str
+    sample_shape: tuple[int, ...]
+    levels: int | None = None
+    num_classes: int | None = None
+    has_density: bool = False
+    features: str | None = None
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; valid choices: {', '.join(MODALITIES)}")
+        shape = tuple(self.sample_shape)
+        if len(shape) != _RANKS[self.modality] or any(isinstance(s, bool) or int(s) != s or s < 1 for s in shape):
+            raise ValueError(f"{self.modality} data have samples of shape {MODALITIES[self.modality]} (positive "
+                             f"ints), got sample_shape {shape!r}")
+        object.__setattr__(self, "sample_shape", tuple(int(s) for s in shape))
+        if self.levels is not None and (isinstance(self.levels, bool) or int(self.levels) != self.levels
+                                        or self.levels < 2):
+            raise ValueError(f"levels must be an int >= 2 or None (continuous data), got {self.levels!r}")
+        if self.num_classes is not None and (isinstance(self.num_classes, bool)
+                                             or int(self.num_classes) != self.num_classes or self.num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None (unlabelled), got {self.num_classes!r}")
+        features = self.features
+        if features is None:
+            features = "inception" if self.modality == "image" else "identity"
+        if features not in FEATURE_SPACES:
+            raise ValueError(f"unknown features {features!r}; valid choices: {', '.join(FEATURE_SPACES)}")
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "has_density", bool(self.has_density))
+
+    def describe(self) -> str:
+        """E.g. "image data of shape (1, 8, 8)", for messages."""
+        return f"{self.modality} data of shape {self.sample_shape}"
 
 
 class EpochShuffle(Sampler[int]):
@@ -97,10 +157,9 @@ def _fmt(x: float) -> str:
 
 class _InMemoryData(LightningDataModule, abc.ABC):
     """Shared machinery; subclasses implement ``_load`` (returning per-split data and optional labels),
-    ``sample_shape``, ``name`` and ``is_image``, and set ``_decode`` when they store raw uint8."""
+    ``sample_shape``, ``spec`` and ``name``, and set ``_decode`` when they store raw uint8."""
 
-    is_image: bool = False
-    levels: int | None = None  # discrete data: the number of equally spaced values in [−1, 1] (the ELBO's decoder)
+    mixture = None  # the exact density where one is known (spec.has_density)
     _decode = None
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
@@ -122,6 +181,11 @@ class _InMemoryData(LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, known before ``setup``."""
+
+    @property
+    @abc.abstractmethod
+    def spec(self) -> DataSpec:
+        """What the data are (modality, shape, levels, classes, density, default features), known before ``setup``."""
 
     @property
     @abc.abstractmethod

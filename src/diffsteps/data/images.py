@@ -14,6 +14,7 @@ import torch
 
 from .base import (
     _STREAM_DATA,
+    DataSpec,
     _check_fraction,
     _check_positive_int,
     _fmt,
@@ -33,10 +34,6 @@ class DigitsData(_InMemoryData):
     ``split_indices[split]`` the positions in ``load_digits()`` order.
     """
 
-    is_image = True
-    levels = 17
-    num_classes = 10
-
     def __init__(self, val_fraction: float = 0.2, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
         super().__init__(batch_size, num_workers, seed)
         self.val_fraction = _check_fraction(val_fraction)
@@ -51,6 +48,11 @@ class DigitsData(_InMemoryData):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (1, 8, 8)
+
+    @property
+    def spec(self) -> DataSpec:
+        # pixels are integers 0…16: 17 levels; FID/KID in the shipped digits classifier's features
+        return DataSpec("image", self.sample_shape, levels=17, num_classes=10, features="digits")
 
     @property
     def name(self) -> str:
@@ -109,8 +111,6 @@ class ImageFolderData(_InMemoryData):
     ``name`` is derived from the folder's resolved path, not its content: change the files, change the cache key.
     """
 
-    is_image = True
-    levels = 256
     _decode = staticmethod(_uint8_to_unit)
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3,
@@ -140,6 +140,11 @@ class ImageFolderData(_InMemoryData):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def spec(self) -> DataSpec:
+        # stored as uint8 after resizing, so the data stay on the 256 levels of 8-bit images
+        return DataSpec("image", self.sample_shape, levels=256)
 
     @property
     def name(self) -> str:
@@ -235,9 +240,6 @@ class CIFAR10Data(_InMemoryData):
     provide the files.
     """
 
-    is_image = True
-    levels = 256
-    num_classes = 10
     _decode = staticmethod(_uint8_to_unit)
 
     def __init__(self, root: str = "data", download: bool = False, batch_size: int = 128, num_workers: int = 0,
@@ -254,6 +256,10 @@ class CIFAR10Data(_InMemoryData):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (3, 32, 32)
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec("image", self.sample_shape, levels=256, num_classes=10)
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ import torch
 from ..reference.gaussian_mixture import GaussianMixture
 from .base import (
     _STREAM_DATA,
+    DataSpec,
     _STREAM_GMM,
     _check_positive_int,
     _fmt,
@@ -83,6 +84,10 @@ class Toy2DData(_InMemoryData):
         return (2,)
 
     @property
+    def spec(self) -> DataSpec:
+        return DataSpec("vector", self.sample_shape, has_density=self.mixture is not None)
+
+    @property
     def name(self) -> str:
         return f"toy2d-{self.kind}-noise{_fmt(self.noise)}-n{self.n_train}-{self.n_val}-seed{self.seed}"
 
@@ -139,6 +144,10 @@ class GMMData(_InMemoryData):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (self.dim,)
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec("vector", self.sample_shape, has_density=True)
 
     @property
     def name(self) -> str:

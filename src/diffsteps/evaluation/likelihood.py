@@ -195,8 +195,11 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     is ``learned``. ``x0`` (N, ...): the data. ``timesteps``: the chain τ_1 < … < τ_K, strictly increasing integers
     in [0, T) (default: all T). ``variance``: Σ of the reverse steps, ``posterior`` (β̃), ``beta`` (1 − ᾱ_t/ᾱ_s) or
     ``learned``. ``discrete``: discretised-Gaussian decoder for data on ``levels`` values in [−1, 1] (8-bit images:
-    256, the default; scikit-learn's digits: 17) — default True for 4-D input, i.e. images; otherwise a Gaussian
-    density (for discrete data that is a density, not a probability, and can be negative). ``clip_denoised``: clamp
+    256, the default; scikit-learn's digits: 17), else a Gaussian density (for discrete data that is a density, not
+    a probability, and can be negative). Pass it from the data's declaration, ``discrete=spec.levels is not None,
+    levels=spec.levels`` (:class:`~diffsteps.data.DataSpec`), as the runner does; left None, a convenience for direct
+    calls takes (N, C, H, W) batches as 8-bit images and anything else (vectors (N, D), signals (N, C, L)) as
+    continuous — data off the level grid then raise rather than pass silently. ``clip_denoised``: clamp
     x̂_0 to [−c, c] (as the sampler would).
     ``generator``: for the draws x_{τ_i} ~ q(x_{τ_i} | x_0), one per sample and timestep.
 

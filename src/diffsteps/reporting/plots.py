@@ -11,16 +11,48 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["save_grid", "save_steps_grid", "plot_quality_vs_nfe", "plot_schedules", "plot_sweep_metric"]
+__all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "plot_quality_vs_nfe", "plot_schedules",
+           "plot_sweep_metric"]
 
 # metrics drawn against NFE when present, lower is better for all
 CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 
 
-def save_grid(samples: torch.Tensor, path: Path, title: str | None = None) -> None:
-    """Images (B, C, H, W) in [−1, 1] as a square grid; vector data as a scatter of the first two coordinates."""
-    samples = samples.detach().float().cpu()
-    if samples.ndim == 4:
+# how each modality of diffsteps.data.DataSpec is drawn, by the rank of a batch of it
+_LAYOUTS = {"image": ("(B, C, H, W)", 4), "vector": ("(B, D)", 2), "signal": ("(B, C, L)", 3)}
+
+
+def _check_samples(samples: torch.Tensor, modality: str) -> torch.Tensor:
+    if modality not in _LAYOUTS:
+        raise ValueError(f"unknown modality {modality!r}; valid choices: {', '.join(_LAYOUTS)}")
+    layout, rank = _LAYOUTS[modality]
+    if samples.ndim != rank:
+        raise ValueError(f"{modality} samples are batches {layout}, got shape {tuple(samples.shape)}")
+    return samples.detach().float().cpu()
+
+
+def _signal_spacing(xs: list[torch.Tensor]) -> float:
+    """The vertical distance between stacked channels: twice the largest |value|, so channels never overlap."""
+    peak = max(float(x.abs().max()) for x in xs)
+    return 2.0 * peak if peak > 0 else 2.0
+
+
+def _draw_signal(ax, x: torch.Tensor, spacing: float) -> None:
+    """One signal (C, L): channel c as a line over positions 0…L−1, shifted down by c·spacing (stacked), so a
+    multi-channel sample reads like a multi-lead recording; axes share one scale across panels."""
+    pos = torch.arange(x.shape[-1])
+    for c, ch in enumerate(x):
+        ax.plot(pos.numpy(), (ch - c * spacing).numpy(), lw=0.8, color=f"C{c}")
+    ax.set_ylim(-(len(x) - 0.5) * spacing, 0.5 * spacing)
+    ax.set_xlim(0, max(x.shape[-1] - 1, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = None):
+    """The figure :func:`save_grid` writes (the caller closes it)."""
+    samples = _check_samples(samples, modality)
+    if modality == "image":
         b, c, h, w = samples.shape
         cols = math.ceil(math.sqrt(b))
         rows = math.ceil(b / cols)
@@ -33,13 +65,39 @@ def save_grid(samples: torch.Tensor, path: Path, title: str | None = None) -> No
         ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
                   interpolation="nearest")
         ax.axis("off")
+        ax.set_title(title or "", fontsize=9)
+        fig.tight_layout()
+    elif modality == "signal":
+        b = len(samples)
+        cols = math.ceil(math.sqrt(b))
+        rows = math.ceil(b / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(min(1.8 * cols, 16), min(0.9 * rows, 16) + 0.5),
+                                 squeeze=False)
+        spacing = _signal_spacing([samples])
+        for i, ax in enumerate(axes.flat):
+            if i < b:
+                _draw_signal(ax, samples[i], spacing)
+            else:
+                fig.delaxes(ax)  # one axes per sample, no empty frames
+        if title:
+            fig.suptitle(title, fontsize=9)
+        # tight_layout over dozens of panels costs seconds; the panels have no tick labels to make room for
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9 if title else 0.98, wspace=0.08, hspace=0.1)
     else:
-        flat = samples.reshape(len(samples), -1)
+        flat = samples
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else torch.zeros(len(flat)), s=2, alpha=0.5)
         ax.set_aspect("equal")
-    ax.set_title(title or "", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(title or "", fontsize=9)
+        fig.tight_layout()
+    return fig
+
+
+def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, modality: str) -> None:
+    """Samples of a data ``modality`` (``DataSpec.modality``) as one figure: images (B, C, H, W) in [−1, 1] as a
+    square grid; signals (B, C, L) as one line plot per sample, its channels stacked; vectors (B, D) as a scatter
+    of the first two coordinates."""
+    fig = grid_figure(samples, modality=modality, title=title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -154,13 +212,12 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
     return path
 
 
-def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title: str | None = None) -> Path:
-    """The same noise carried to the data at several step counts: images (B, C, H, W) in [−1, 1] as one row per
-    step count (labelled with the dict's keys), vector data as one scatter panel per step count. Returns ``path``."""
-    items = [(label, x.detach().float().cpu()) for label, x in samples_by_steps.items() if len(x)]
+def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: str, title: str | None = None):
+    """The figure :func:`save_steps_grid` writes (the caller closes it)."""
+    items = [(label, _check_samples(x, modality)) for label, x in samples_by_steps.items() if len(x)]
     if not items:
         raise ValueError("no samples to draw")
-    if items[0][1].ndim == 4:
+    if modality == "image":
         _, c, h, w = items[0][1].shape
         cols = max(len(x) for _, x in items)
         fig, axes = plt.subplots(len(items), 1, figsize=(min(0.6 * cols, 16) + 1.5, 0.6 * len(items) * h / 8 + 0.6),
@@ -175,17 +232,44 @@ def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+    elif modality == "signal":
+        cols = max(len(x) for _, x in items)
+        fig, axes = plt.subplots(len(items), cols, figsize=(min(1.5 * cols, 16) + 1.5, 0.9 * len(items) + 0.6),
+                                 squeeze=False)
+        spacing = _signal_spacing([x for _, x in items])
+        for r, (label, x) in enumerate(items):
+            for k, ax in enumerate(axes[r]):
+                if k < len(x):
+                    _draw_signal(ax, x[k], spacing)
+                else:
+                    fig.delaxes(ax)
+            axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.subplots_adjust(left=0.16, right=0.99, bottom=0.03, top=0.88 if title else 0.97, wspace=0.08,
+                            hspace=0.12)
     else:
         fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 2.9), squeeze=False, sharex=True,
                                  sharey=True)
         for ax, (label, x) in zip(axes[0], items):
-            flat = x.reshape(len(x), -1)
-            ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else torch.zeros(len(flat)), s=2, alpha=0.5)
+            ax.scatter(x[:, 0], x[:, 1] if x.shape[1] > 1 else torch.zeros(len(x)), s=2, alpha=0.5)
             ax.set_title(label, fontsize=8)
             ax.set_aspect("equal")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+    return fig
+
+
+def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title: str | None = None, *,
+                    modality: str) -> Path:
+    """The same noise carried to the data at several step counts, one row per step count (labelled with the dict's
+    keys): images (B, C, H, W) in [−1, 1] as a strip of images, signals (B, C, L) as a strip of line plots (channels
+    stacked); vector data as one scatter panel per step count. Returns ``path``."""
+    fig = steps_grid_figure(samples_by_steps, modality=modality, title=title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -1,28 +1,174 @@
-"""Config → objects: the data module, the network (shaped from the data) and the Lightning module (with the
-optimiser and LR scheduler as partials)."""
+"""Config → objects: the data module, the network (chosen for, or checked against, the data's
+:class:`~diffsteps.data.DataSpec`) and the Lightning module (with the optimiser and LR scheduler as partials)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+if TYPE_CHECKING:  # the data package imports Lightning: not at import time of the runner
+    from ..data.base import DataSpec
+
+log = logging.getLogger("diffsteps")
+
+# the nets of conf/model/<name>.yaml: _target_ → (the name to choose it by, the modality it takes)
+_NETS = {"diffsteps.nets.UNet": ("unet", "image"), "diffsteps.nets.unet.UNet": ("unet", "image"),
+         "diffsteps.nets.MLP": ("mlp", "vector"), "diffsteps.nets.mlp.MLP": ("mlp", "vector")}
+_FOR_MODALITY = {"image": "unet", "vector": "mlp"}
+# conf/model/auto.yaml's knobs, per chosen net: null leaves the size to the data, a value overrides it
+_AUTO_KEYS = {"unet": ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"),
+              "mlp": ("hidden", "depth", "time_dim", "dropout")}
+_NO_SIGNAL_NET = ("no network for signal data (C, L) exists yet: diffsteps.nets has the UNet for image data and "
+                  "the MLP for vector data; add a 1-D denoiser, or set model._target_ to your own")
 
 
-def build_net(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module:
-    """Instantiate ``cfg.model``, filling the shape arguments left null from the data's sample shape."""
+def auto_unet(image_size: int) -> dict[str, Any]:
+    """``model=auto``'s UNet sizes for square images of side ``image_size``.
+
+    Levels: halve while the next resolution is a whole number ≥ 4, at most three levels (8 → 8, 4; 16 → 16, 8, 4;
+    32 → 32, 16, 8; 28 → 28, 14, 7; odd sizes get one level); channel_mult (1, 2, 2, …) as DDPM's CIFAR-10 net
+    (Ho et al. 2020, App. B) for its first levels; attention at 16×16 where that is below the top level (DDPM's
+    choice at 32×32), else at the lowest resolution only; base_channels 16 below 32×32 (the CPU-sized digits net,
+    see :class:`~diffsteps.nets.UNet`) and 64 from 32×32 up (its recommendation for CIFAR-10); one residual block
+    per level. For 8×8 this is exactly conf/model/unet.yaml (base 16, mult [1, 2], attention [4]).
+    """
+    resolutions = [int(image_size)]
+    while len(resolutions) < 3 and resolutions[-1] % 2 == 0 and resolutions[-1] // 2 >= 4:
+        resolutions.append(resolutions[-1] // 2)
+    below_top = resolutions[1:]
+    return {"base_channels": 16 if image_size < 32 else 64,
+            "channel_mult": [1] + [2] * (len(resolutions) - 1),
+            "num_res_blocks": 1,
+            "attention_resolutions": [16] if 16 in below_top else [resolutions[-1]],
+            "dropout": 0.0}
+
+
+def auto_mlp() -> dict[str, Any]:
+    """``model=auto``'s MLP: conf/model/mlp.yaml's sizes; its dim comes from the data."""
+    return {"hidden": 256, "depth": 4, "time_dim": 128, "dropout": 0.0}
+
+
+def resolve_model(model_cfg: DictConfig, spec: DataSpec, data_name: str = "") -> DictConfig:
+    """The model config to instantiate for data described by ``spec``.
+
+    ``model=auto`` (``name: auto``) becomes the UNet for image data (:func:`auto_unet`) or the MLP for vector data
+    (:func:`auto_mlp`), with auto.yaml's non-null knobs on top and the shape arguments left null (filled from the
+    data when instantiated), i.e. the config ``model=unet`` / ``model=mlp`` with those values would be. Signal
+    data raise: no 1-D network exists yet. An explicit UNet or MLP config is returned as it is after checking that
+    it takes the data's modality; other ``_target_``\\ s are not checked."""
+    from ..data.base import MODALITIES
+
+    data = f"data {data_name} is {spec.describe()}" if data_name else f"the data are {spec.describe()}"
+    if model_cfg.get("name") == "auto":
+        if spec.modality == "signal":
+            raise ValueError(f"model=auto: {data}, and {_NO_SIGNAL_NET}")
+        net = _FOR_MODALITY[spec.modality]
+        chosen = auto_unet(spec.sample_shape[-1]) if net == "unet" else auto_mlp()
+        knobs = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
+        wrong = sorted(set(knobs) - set(_AUTO_KEYS[net]))
+        if wrong:
+            raise ValueError(f"model=auto chose the {net.upper()} for {spec.modality} data ({data}), which has no "
+                             f"{', '.join(wrong)}; its settable sizes: {', '.join(_AUTO_KEYS[net])}")
+        chosen.update(OmegaConf.to_container(OmegaConf.create(knobs), resolve=True))
+        if net == "unet":
+            resolved = {"_target_": "diffsteps.nets.UNet", "in_channels": None, "image_size": None, **chosen}
+        else:
+            resolved = {"_target_": "diffsteps.nets.MLP", "dim": None, **chosen}
+        return OmegaConf.create(resolved)
+    target = model_cfg.get("_target_")
+    if target not in _NETS:
+        return model_cfg
+    name, modality = _NETS[target]
+    if spec.modality != modality:
+        if spec.modality == "signal":
+            hint = _NO_SIGNAL_NET
+        else:
+            hint = f"use model={_FOR_MODALITY[spec.modality]} or model=auto"
+        raise ValueError(f"model={name} needs {modality} data {MODALITIES[modality]}; {data}: {hint}")
+    if name == "unet" and spec.sample_shape[1] != spec.sample_shape[2]:
+        raise ValueError(f"model=unet needs square images; {data}")
+    return model_cfg
+
+
+def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.Module:
+    """Instantiate ``cfg.model`` for data described by ``spec`` (:func:`resolve_model`), filling the shape arguments
+    left null from the data's sample shape. With ``model=auto``, ``cfg.model`` is replaced by the chosen net's
+    config, so config.yaml and the checkpoint key record the network actually trained (on digits that is exactly
+    ``model=unet``'s config, so the two share checkpoints). A config the data's size rules out (e.g. a UNet
+    attention resolution that is never reached) fails here, before training, saying what fits."""
     from hydra.utils import instantiate
 
+    model_cfg = resolve_model(cfg.model, spec, data_name)
+    if model_cfg is not cfg.model:
+        log.info("model=auto for %s: %s", spec.describe(), OmegaConf.to_container(model_cfg))
+        with open_dict(cfg):
+            cfg.model = model_cfg
+        model_cfg = cfg.model
+    shape = spec.sample_shape
     fill: dict[str, Any] = {}
-    model_cfg = cfg.model
     if "in_channels" in model_cfg and model_cfg.in_channels is None:
-        fill["in_channels"] = sample_shape[0]
+        fill["in_channels"] = shape[0]
     if "image_size" in model_cfg and model_cfg.image_size is None:
-        fill["image_size"] = sample_shape[-1]
+        fill["image_size"] = shape[-1]
     if "dim" in model_cfg and model_cfg.dim is None:
-        fill["dim"] = math.prod(sample_shape)
-    return instantiate(model_cfg, **fill)
+        fill["dim"] = math.prod(shape)
+    try:
+        return instantiate(model_cfg, **fill)
+    except Exception as err:
+        name = _NETS.get(model_cfg.get("_target_"), (None,))[0]
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
+        if name is None or cause is None:
+            raise
+        sized = name == "unet" and any(k in str(cause) for k in ("image_size", "attention_resolutions"))
+        hint = "; model=auto chooses levels and attention resolutions that exist at this size" if sized else ""
+        data = f"data {data_name} ({spec.describe()})" if data_name else spec.describe()
+        raise ValueError(f"model={name} cannot be built for {data}: {cause}{hint}") from cause
+
+
+def _has_torch_fidelity() -> bool:
+    if "torch_fidelity" in sys.modules:
+        return sys.modules["torch_fidelity"] is not None
+    try:
+        return importlib.util.find_spec("torch_fidelity") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_eval_features(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> str | None:
+    """The FID/KID feature space of ``eval.features`` for this data (``auto``: ``spec.features``), checked before
+    training: a known name, an extractor that takes the data, and torch-fidelity installed for ``inception``.
+    None when the run does not evaluate (``task=train``)."""
+    from ..data.base import FEATURE_SPACES
+
+    if cfg.get("task") == "train":
+        return None
+    asked = cfg.eval.features
+    name = spec.features if asked == "auto" else asked
+    data = f"data {data_name} ({spec.describe()})" if data_name else spec.describe()
+    if name not in FEATURE_SPACES:
+        raise ValueError(f"unknown eval.features {asked!r}; valid choices: auto, {', '.join(FEATURE_SPACES)}")
+    if name == "digits" and spec.sample_shape != (1, 8, 8):
+        raise ValueError(f"eval.features=digits needs the 8×8 digits images (1, 8, 8); {data} is not: use "
+                         "eval.features=identity or eval.features=auto")
+    if name == "inception":
+        if spec.modality != "image":
+            raise ValueError(f"eval.features=inception needs image data; {data} is not: use eval.features=identity "
+                             "or eval.features=auto")
+        if not _has_torch_fidelity():
+            how = "eval.features=auto chooses the Inception features" if asked == "auto" else \
+                "eval.features=inception asks for the Inception features"
+            raise ValueError(
+                f"{how} for {data}, and they need torch-fidelity, which is not installed: "
+                f'pip install -e ".[inception]" (plus the Inception weights file on an offline machine, see '
+                f"README), or set eval.features=identity (FID/KID on the raw pixels: comparable between runs, not "
+                f"with published numbers)")
+    return name
 
 
 def build(cfg: DictConfig, schedule):
@@ -33,7 +179,8 @@ def build(cfg: DictConfig, schedule):
     from .validate import instantiate_checked
 
     datamodule = instantiate(cfg.data)
-    net = build_net(cfg, tuple(datamodule.sample_shape))
+    check_eval_features(cfg, datamodule.spec, datamodule.name)
+    net = build_net(cfg, datamodule.spec, datamodule.name)
     loss = instantiate(cfg.loss)
     module = DiffusionModule(net, schedule, loss, optimizer=instantiate_checked(cfg.optimizer),
                              lr_scheduler=instantiate_checked(cfg.lr_scheduler), compile=cfg.train.compile)

@@ -17,9 +17,7 @@ log = logging.getLogger("diffsteps")
 def feature_name(cfg: DictConfig, datamodule) -> str:
     if cfg.eval.features != "auto":
         return cfg.eval.features
-    if not datamodule.is_image:
-        return "identity"
-    return "digits" if tuple(datamodule.sample_shape) == (1, 8, 8) else "inception"
+    return datamodule.spec.features
 
 
 def sampler_options(cfg: DictConfig, datamodule) -> dict:
@@ -27,7 +25,7 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
     # images live in [−1, 1]: clipping x̂_0 there keeps an ε-network's errors at high noise (amplified by σ/α ≈ 157
     # at t = T−1 on the linear schedule) from compounding; vector data has no such bound
     clip = cfg.eval.get("clip_denoised", "auto")
-    options["clip_denoised"] = (1.0 if datamodule.is_image else None) if clip == "auto" else clip
+    options["clip_denoised"] = (1.0 if datamodule.spec.modality == "image" else None) if clip == "auto" else clip
     return options
 
 
@@ -74,7 +72,7 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
             first.append(q)
         return q
 
-    mixture = getattr(datamodule, "mixture", None)
+    mixture = datamodule.mixture if datamodule.spec.has_density else None
     # one line per measure; a row holds their entries in this order
     measures = [m for m in (
         Quality(plan, quality),
@@ -95,7 +93,7 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
     if trainer.global_rank != 0:
         return None, trainer.global_rank
     rows = runner.rows
-    _save_samples(evaluator, rows, plan, e, out_dir)
+    _save_samples(evaluator, rows, plan, e, out_dir, datamodule.spec.modality)
     for row in rows:
         log.info("%s %d steps: %s", row["sampler"], row["steps"],
                  {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
@@ -110,11 +108,11 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule, plan):
 
     e = cfg.eval.elbo
     return ChainELBO(plan, schedule, module.prediction, datamodule.real_samples(e.num_samples, split=e.split),
-                     variance=e.variance, levels=getattr(datamodule, "levels", None), full=e.full,
+                     variance=e.variance, levels=datamodule.spec.levels, full=e.full,
                      progress=bool(cfg.trainer.get("enable_progress_bar", True)))
 
 
-def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path) -> None:
+def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path, modality: str) -> None:
     from ..reporting.plots import save_grid, save_steps_grid
 
     by_steps = {}
@@ -123,10 +121,11 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
         x = evaluator.samples(n)
         torch.save(x[: e.save_samples].clone(), out_dir / f"samples_{plan.sampler}_{n}.pt")
         save_grid(x[: e.grid_size], out_dir / f"grid_{plan.sampler}_{n}.png",
-                  title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})")
-        by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_columns] if x.ndim == 4 else x[: e.grid_size]
+                  title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})", modality=modality)
+        # images and signals: one row of samples per step count; vectors: one scatter of the whole grid per count
+        by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_size if modality == "vector" else e.grid_columns]
     save_steps_grid(by_steps, out_dir / f"grid_steps_{plan.sampler}.png",
-                    title=f"{plan.sampler}: the same noise at each step count")
+                    title=f"{plan.sampler}: the same noise at each step count", modality=modality)
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:

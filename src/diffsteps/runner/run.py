@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> float:
 
     L.seed_everything(cfg.seed, workers=True)  # before build: the network's initialisation follows the seed
     datamodule, module = build(cfg, schedule)
-    if objective.name == "nll" and getattr(datamodule, "mixture", None) is None:
+    if objective.name == "nll" and not datamodule.spec.has_density:
         raise ValueError(f"objective=nll needs data with a known density (toy2d with kind=8gaussians, gmm); "
                          f"{datamodule.name} has none: choose objective=fid, kid, mse or elbo")
     loggers = make_loggers(cfg, out_dir)

@@ -44,7 +44,10 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
         load_weights(module, last)
         return last, 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: cfg[k] for k in TRAINING_KEYS}, resolve=True))
+    # each section resolved where it sits: a detached copy loses interpolations into other sections (data.root)
+    (ckpt_dir / "train_config.yaml").write_text(OmegaConf.to_yaml({k: OmegaConf.to_container(cfg[k], resolve=True)
+                                                                   if OmegaConf.is_config(cfg[k]) else cfg[k]
+                                                                   for k in TRAINING_KEYS}))
     fill = {}
     interval = cfg.trainer.get("val_check_interval")
     if isinstance(interval, int) and cfg.train.max_steps > 0:
