@@ -150,7 +150,7 @@ def test_default_optimizer_and_schedule_reproduce_the_hand_built_ones_bit_for_bi
 
     L.seed_everything(cfg.seed, verbose=False)
     dm_old = instantiate(cfg.data)
-    net = build_net(cfg, tuple(dm_old.sample_shape))
+    net = build_net(cfg, dm_old.spec, dm_old.name)
     old = _OldWay(net, schedule, instantiate(cfg.loss), compile=cfg.train.compile)
     assert all(torch.equal(init[k], v) for k, v in old.state_dict().items())  # the same start
     w_old, lr_old = _fit(cfg, old, dm_old)

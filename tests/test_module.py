@@ -14,7 +14,6 @@ import csv
 import functools
 import math
 import os
-import time
 
 import lightning as L
 import pytest
@@ -39,7 +38,6 @@ pytestmark = [
 ]
 
 T = 1000
-TIMINGS: dict[str, float] = {}  # printed with -s; quoted in the report
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +107,13 @@ def denoising_losses(module: DiffusionModule, mixture: ds.GaussianMixture, n: in
             loss(torch.zeros_like(out), x0, eps, t, sched))
 
 
-def train_on(dm, prediction: str, steps: int, seed: int = 0) -> tuple[DiffusionModule, float]:
+def train_on(dm, prediction: str, steps: int, seed: int = 0) -> DiffusionModule:
     L.seed_everything(seed, verbose=False)
     net = MLP(dm.mixture.dim, hidden=64, depth=2, time_dim=32)
     module = DiffusionModule(net, ds.make_schedule("linear", T), ds.DiffusionLoss("simple", prediction),
                              **optim(lr=3e-3, warmup_steps=20, min_lr_ratio=0.05))
-    start = time.perf_counter()
     make_trainer(max_steps=steps).fit(module, dm)
-    return module, time.perf_counter() - start
+    return module
 
 
 # Why v-prediction in the two training tests: a deterministic sampler integrates dx̃/dσ̃ = ε̂ over σ̃ = σ/α, which for
@@ -129,8 +126,7 @@ def train_on(dm, prediction: str, steps: int, seed: int = 0) -> tuple[DiffusionM
 
 def test_trained_gmm_model_approaches_exact_model(linear):
     dm = GMMData(dim=2, components=3, n_train=20480, n_val=1024, batch_size=256, seed=1)
-    module, elapsed = train_on(dm, "v", steps=300)
-    TIMINGS["gmm fit (300 steps)"] = elapsed
+    module = train_on(dm, "v", steps=300)
     mix = dm.mixture
 
     # (1) Denoising loss against the irreducible loss, on 20k fresh samples.
@@ -172,8 +168,7 @@ def test_trained_gmm_model_approaches_exact_model(linear):
 
 def test_trained_8gaussians_model_against_exact_model(linear):
     dm = Toy2DData("8gaussians", n_train=20480, n_val=1024, batch_size=256, seed=1)
-    module, elapsed = train_on(dm, "v", steps=300)
-    TIMINGS["8gaussians fit (300 steps)"] = elapsed
+    module = train_on(dm, "v", steps=300)
     mix = dm.mixture
 
     l_net, l_exact, l_zero = denoising_losses(module, mix, 20_000, seed=321)
@@ -601,7 +596,3 @@ def test_compiled_training_checkpoints_clean_keys(linear, tmp_path):
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert list(ckpt["state_dict"]) == list(small_module(linear).state_dict())
 
-
-def test_report_timings():
-    # not a check: prints the fit times of the training tests (run with -s)
-    print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in TIMINGS.items()))

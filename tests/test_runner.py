@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,13 +104,12 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     tmp, _ = trained
     ckpt = (tmp / "first" / "checkpoint.ckpt").resolve()
     before = ckpt.stat().st_mtime_ns
-    t0 = time.time()
     proc = run_py(tmp, *FAST, "steps=10", "sampler=heun", name="second")
     assert "reusing the checkpoint" in proc.stdout + proc.stderr
     assert ckpt.stat().st_mtime_ns == before and (tmp / "second" / "checkpoint.ckpt").resolve() == ckpt
     rows = json.loads((tmp / "second" / "metrics.json").read_text())
     assert rows[0]["nfe"] == 19  # Heun: 2·10 − 1
-    assert not list((tmp / "second").glob("csv/*.ckpt")) and time.time() - t0 < 120
+    assert not list((tmp / "second").glob("csv/*.ckpt"))
 
 
 @pytest.mark.parametrize("override,message", [
