@@ -94,7 +94,10 @@ class Levels:
         if not self.per_sample:
             return self
         shape = (-1,) + (1,) * (x.ndim - 1)
-        move = lambda v: v.to(device=x.device, dtype=torch.float64).reshape(shape)
+
+        def move(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device=x.device, dtype=torch.float64).reshape(shape)
+
         return Levels(tuple(map(move, self.t)), tuple(map(move, self.abar)))
 
     def __len__(self) -> int:
