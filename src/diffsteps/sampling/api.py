@@ -88,7 +88,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     returns (``epsilon``, ``x0`` or ``v``); ``denoise_final``: take the last step into the data (one model call
     that returns x̂_0); otherwise the sample is the state at the last visited timestep. Sampler-specific options
     (``eta`` for ddim, ``variance`` for ddpm) go in ``options``. Everything is validated before the first model call.
-    The state keeps ``noise``'s dtype; schedule coefficients are float64.
+    The state keeps ``noise``'s dtype (with shared timesteps; see below); schedule coefficients are float64.
 
     ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
     the batch as its first dimension; floating ones are cast to the model's dtype like x, integer ones passed as
@@ -105,7 +105,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     if lv.per_sample and timesteps.shape[0] != noise.shape[0]:
         raise ValueError(f"per-sample timesteps have {timesteps.shape[0]} rows but the batch has {noise.shape[0]} "
                          "samples; give one row per sample")
-    check_cond(cond, model, noise.shape[0])
+    check_cond(cond, batch=noise.shape[0])  # the Denoiser checks cond against the model's signature
     if "generator" in inspect.signature(spec.fn).parameters:
         options["generator"] = generator
     denoise = Denoiser(model, prediction, cond=cond, clip_denoised=clip_denoised,

@@ -56,7 +56,9 @@ class Denoiser:
             tt = t.reshape(-1).to(device=x.device, dtype=t_dtype)
         else:
             tt = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
-        out = self.model(x.to(dtype), tt, **self._cond_as(dtype)).to(x.dtype)
+        xm = x.to(dtype)
+        out = self.model(xm, tt, **self._cond_as(dtype)) if self.cond else self.model(xm, tt)
+        out = out.to(x.dtype)
         self.nfe += 1
         x0, eps = to_x0_eps(out, x, alpha, sigma, self.prediction)
         if self.clip_denoised is None and self.dynamic_threshold is None:
@@ -75,12 +77,13 @@ class Denoiser:
         return x0, eps
 
 
-def check_cond(cond: Mapping | None, model: Callable, batch: int | None = None) -> dict[str, torch.Tensor]:
+def check_cond(cond: Mapping | None, model: Callable | None = None,
+               batch: int | None = None) -> dict[str, torch.Tensor]:
     """Validate the conditioning for ``model(x, t, **cond)`` without calling the model; return it as a dict.
 
-    ``cond`` is None or a mapping of str → tensor whose leading dimension is the batch (``batch``, when given). Where
-    the model's signature is known (its ``forward`` for a module), every argument it requires beyond (x, t) must be
-    in ``cond``, and every key of ``cond`` must be an argument it accepts.
+    ``cond`` is None or a mapping of str → tensor whose leading dimension is the batch (``batch``, when given). Given
+    a ``model`` whose signature is known (its ``forward`` for a module), every argument it requires beyond (x, t)
+    must be in ``cond``, and every key of ``cond`` must be an argument it accepts.
     """
     if cond is None:
         cond = {}
@@ -95,7 +98,7 @@ def check_cond(cond: Mapping | None, model: Callable, batch: int | None = None) 
         if batch is not None and (v.ndim == 0 or v.shape[0] != batch):
             raise ValueError(f"cond[{k!r}] has shape {tuple(v.shape)}; its first dimension must be the batch size "
                              f"{batch}")
-    sig = _signature(model)
+    sig = None if model is None else _signature(model)
     if sig is None:
         return dict(cond)
     params = list(sig.parameters.values())
