@@ -9,8 +9,10 @@ BEFORE is the code at ``--before`` (default 5d2f75f, the commit before the chang
 AFTER is this worktree. Each side runs in its own subprocess with PYTHONPATH pointing at its ``src``, the two sides
 interleaved (rotating which goes first) ``--repeats`` times; the table reports the median over repeats of each
 run's best-of-``inner`` time. A third process times AFTER with per-sample levels (a (B, K) ``spacing`` whose rows are
-all the same karras sequence; the state is then float64). Both shared sides hash each sampler's output so the table
-can say whether the shared case is bit-identical.
+all the same karras sequence; the state is then float64). Both shared sides also log the ATen operators each run
+dispatches (a TorchDispatchMode) and hash each sampler's output: the same operator sequence says the tensor work is
+unchanged, free of timing noise (on a loaded 2-core machine the 10,000 × 64 timings, memory-bound, move by ±15% from
+run to run), and the same hash says the shared case is bit-identical.
 
     python experiments/sampler_overhead.py [--repeats 6] [--out docs/benchmarks/sampler_overhead.txt]
 """
@@ -63,11 +65,35 @@ def worker(inner: int, per_sample: bool) -> dict:
                 return ds.sample(model, x, schedule=schedule, sampler=name, steps=steps, spacing=spacing,
                                  generator=torch.Generator().manual_seed(1), return_info=True)
 
-            first = run()
+            with _OpLog() as ops:
+                first = run()
             res[name] = {"digest": hashlib.sha256(first.sample.numpy().tobytes()).hexdigest()[:16],
+                         "ops": len(ops.names) / first.nfe,
+                         "op_digest": hashlib.sha256("\n".join(ops.names).encode()).hexdigest()[:16],
                          "seconds": _best(run, inner) / first.nfe}
         out["results"][cname] = res
     return out
+
+
+class _OpLog:
+    """Records every ATen operator a run dispatches: the tensor work, free of timing noise."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
 
 
 def _best(fn, inner: int) -> float:
@@ -126,20 +152,23 @@ def _table(runs: dict[str, list[dict]], args) -> str:
              "",
              f"before = {args.before}, after = this branch; median over {args.repeats} interleaved subprocess runs of "
              f"the best of {args.inner}; torch {runs['after'][0]['torch']}. ratio = after / before (shared levels). "
-             "per-sample = after with a (B, K) spacing (same rows; float64 state, tensor level coefficients), "
-             "timed in a process of its own, one timed run per repeat. "
-             "bit-identical: the shared-case outputs of before and after hash the same.", ""]
+             "per-sample = after with a (B, K) spacing (same rows; float64 state, tensor level coefficients), timed "
+             "in a process of its own, one timed run per repeat. ATen ops = tensor operators dispatched per model "
+             "call, whole sample() included (before → after); same ops: the two dispatch the identical operator "
+             "sequence; bit-identical: their outputs hash the same.", ""]
     for cname in CONFIGS:
         lines += [f"#### batch {cname} float32", "",
-                  "| sampler | before (ms) | after (ms) | ratio | after, per-sample (ms) | bit-identical |",
-                  "|---|---|---|---|---|---|"]
+                  "| sampler | before (ms) | after (ms) | ratio | after, per-sample (ms) | ATen ops / call | "
+                  "same ops | bit-identical |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name in runs["after"][0]["results"][cname]:
             med = {s: statistics.median(r["results"][cname][name]["seconds"] for r in runs[s]) for s in runs}
-            same = all(r["results"][cname][name]["digest"] == runs["before"][0]["results"][cname][name]["digest"]
-                       for s in ("before", "after") for r in runs[s])
+            shared = [r["results"][cname][name] for side in ("before", "after") for r in runs[side]]
+            same = {key: all(e[key] == shared[0][key] for e in shared) for key in ("digest", "op_digest")}
+            ops = " → ".join(f"{runs[s][0]['results'][cname][name]['ops']:.1f}" for s in ("before", "after"))
             lines.append(f"| {name} | {med['before'] * 1e3:.3f} | {med['after'] * 1e3:.3f} | "
-                         f"{med['after'] / med['before']:.2f} | {med['per-sample'] * 1e3:.3f} | "
-                         f"{'yes' if same else 'NO'} |")
+                         f"{med['after'] / med['before']:.2f} | {med['per-sample'] * 1e3:.3f} | {ops} | "
+                         f"{'yes' if same['op_digest'] else 'NO'} | {'yes' if same['digest'] else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
 

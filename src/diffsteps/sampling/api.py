@@ -67,7 +67,8 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
     lv = make_levels(schedule, timesteps, denoise_final)
     if len(lv) < 2:
         raise ValueError("nothing to do: one timestep and denoise_final=False make no step")
-    if spec.finite_sigma and bool((torch.as_tensor(lv.abar[0]) == 0).any()):
+    first = lv.abar[0]
+    if spec.finite_sigma and (bool((first == 0).any()) if lv.per_sample else first == 0):
         ok = ", ".join(n for n, s in SAMPLERS.items() if not s.finite_sigma)
         raise ValueError(f"sampler {sampler!r} needs a finite noise level at the first timestep, but ᾱ = 0 there "
                          f"(zero terminal SNR); use one of: {ok}, or start below t = T−1")
