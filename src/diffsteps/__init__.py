@@ -6,13 +6,13 @@ from .core.schedules import SCHEDULES, Schedule, make_schedule
 from .core.spacings import SPACINGS, make_timesteps
 from .evaluation.likelihood import ELBO, elbo, elbo_bpd
 from .reference.gaussian_mixture import ExactEpsilon, GaussianMixture
-from .sampling.api import SampleResult, plan_sampling, sample
+from .sampling.api import SampleResult, StepInfo, plan_sampling, sample
 from .sampling.denoiser import Denoiser
 from .sampling.registry import SAMPLERS
 from .training.losses import LOSSES, DiffusionLoss, sample_timesteps
 
 __all__ = [
-    "sample", "plan_sampling", "SampleResult", "SAMPLERS", "Denoiser",
+    "sample", "plan_sampling", "SampleResult", "StepInfo", "SAMPLERS", "Denoiser",
     "make_schedule", "Schedule", "SCHEDULES",
     "make_timesteps", "SPACINGS",
     "PREDICTIONS", "to_x0_eps", "prediction_target",

@@ -1,8 +1,10 @@
-"""The public sampling entry points: :func:`plan_sampling` validates a request without a model, :func:`sample` runs it."""
+"""The public sampling entry points: :func:`plan_sampling` validates a request without a model, :func:`sample` runs
+it; :class:`StepInfo` is what a per-step ``callback`` sees."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -10,7 +12,7 @@ import torch
 
 from ..core.schedules import Schedule
 from ..core.spacings import make_timesteps, to_integer_timesteps
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_cond
 from .levels import Levels, make_levels
 from .registry import SAMPLERS, SamplerSpec, get_sampler
 
@@ -18,19 +20,35 @@ from .registry import SAMPLERS, SamplerSpec, get_sampler
 @dataclass
 class SampleResult:
     """``sample``: the generated tensor; ``nfe``: model evaluations spent; ``timesteps``: the (float64) training-time
-    indices visited, noisiest first."""
+    indices visited, noisiest first — (K,), or (B, K) for per-sample timesteps."""
 
     sample: torch.Tensor
     nfe: int
     timesteps: torch.Tensor
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``callback`` receives after step ``i`` (0-based) of ``steps``: the step went from level ``t`` to
+    ``t_next`` (training-time indices, −1 for the data; floats, or (B,) float64 tensors for per-sample timesteps);
+    ``x`` is the state after it, ``x0`` the last x̂_0 the model gave during it (Heun: its second call's, where there
+    is one), ``nfe`` the model evaluations so far."""
+
+    i: int
+    steps: int
+    t: float | torch.Tensor
+    t_next: float | torch.Tensor
+    x: torch.Tensor
+    x0: torch.Tensor
+    nfe: int
+
 
 def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None = None,
-                  spacing: str | Sequence[float] = "trailing", *, denoise_final: bool = True,
+                  spacing: str | Sequence[float] | torch.Tensor = "trailing", *, denoise_final: bool = True,
                   **options) -> tuple[SamplerSpec, Levels, torch.Tensor]:
     """Validate a sampling request without a model and return (spec, levels, timesteps): what :func:`sample` would
-    do. Runners call it to reject a bad sampler, spacing, steps or option before any training."""
+    do. Runners call it to reject a bad sampler, spacing, steps or option before any training. A 2-D ``spacing``
+    (B, K) gives per-sample levels (:func:`sample`)."""
     spec = get_sampler(sampler)
     unknown = set(options) - set(spec.options)
     if unknown:
@@ -38,15 +56,19 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
                          f"{', '.join(spec.options) or 'none'}")
     # a pass over zero steps runs the sampler's own option checks (eta range, variance name) and nothing else
     spec.fn(None, None, Levels((), ()), **options)
-    if steps is None and isinstance(spacing, str):
-        steps = 50
-    timesteps = make_timesteps(spacing, steps, schedule)
-    if spec.integer_steps:
-        timesteps = to_integer_timesteps(timesteps)
+    if _is_table(spacing):
+        timesteps = _per_sample_timesteps(spacing, steps, schedule, spec.integer_steps)
+    else:
+        if steps is None and isinstance(spacing, str):
+            steps = 50
+        timesteps = make_timesteps(spacing, steps, schedule)
+        if spec.integer_steps:
+            timesteps = to_integer_timesteps(timesteps)
     lv = make_levels(schedule, timesteps, denoise_final)
     if len(lv) < 2:
         raise ValueError("nothing to do: one timestep and denoise_final=False make no step")
-    if spec.finite_sigma and lv.abar[0] == 0:
+    first = lv.abar[0]
+    if spec.finite_sigma and (bool((first == 0).any()) if lv.per_sample else first == 0):
         ok = ", ".join(n for n, s in SAMPLERS.items() if not s.finite_sigma)
         raise ValueError(f"sampler {sampler!r} needs a finite noise level at the first timestep, but ᾱ = 0 there "
                          f"(zero terminal SNR); use one of: {ok}, or start below t = T−1")
@@ -54,9 +76,10 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
 
 
 def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler: str = "ddim",
-           steps: int | None = None, spacing: str | Sequence[float] = "trailing", prediction: str = "epsilon",
-           clip_denoised: float | None = None, dynamic_threshold: float | None = None,
-           threshold_max: float | None = None, denoise_final: bool = True,
+           steps: int | None = None, spacing: str | Sequence[float] | torch.Tensor = "trailing",
+           prediction: str = "epsilon", cond: Mapping[str, torch.Tensor] | None = None,
+           callback: Callable[[StepInfo], object] | None = None, clip_denoised: float | None = None,
+           dynamic_threshold: float | None = None, threshold_max: float | None = None, denoise_final: bool = True,
            generator: torch.Generator | None = None, return_info: bool = False, progress: bool = False,
            **options) -> torch.Tensor | SampleResult:
     """Generate samples from ``noise`` (x at the first visited timestep, i.e. N(0, I) when that is T−1).
@@ -66,20 +89,81 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     returns (``epsilon``, ``x0`` or ``v``); ``denoise_final``: take the last step into the data (one model call
     that returns x̂_0); otherwise the sample is the state at the last visited timestep. Sampler-specific options
     (``eta`` for ddim, ``variance`` for ddpm) go in ``options``. Everything is validated before the first model call.
-    The state keeps ``noise``'s dtype; schedule coefficients are float64.
+    The state keeps ``noise``'s dtype (with shared timesteps; see below); schedule coefficients are float64.
+
+    ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
+    the batch as its first dimension; floating ones are cast to the model's dtype like x, integer ones passed as
+    they are. ``callback(info)`` is called after every step with a :class:`StepInfo`; its return value is ignored.
+
+    Per-sample timesteps: ``spacing`` may be a 2-D (B, K) float tensor, row b the strictly decreasing timesteps of
+    sample b (rows may start at different t — sample b's ``noise`` is then x at its own first timestep, as in
+    SDEdit-style partial noising; every row gets the data as its last level). The model then receives each sample's
+    own t, and each sample follows exactly the path it would follow alone with its row as a shared spacing. The
+    state is held in float64 in this case (the level coefficients are float64 tensors) and the result returned in
+    ``noise``'s dtype. Integer-step samplers (ddpm, ddim) round each row as they round a shared spacing.
     """
     spec, lv, timesteps = plan_sampling(schedule, sampler, steps, spacing, denoise_final=denoise_final, **options)
+    if lv.per_sample and timesteps.shape[0] != noise.shape[0]:
+        raise ValueError(f"per-sample timesteps have {timesteps.shape[0]} rows but the batch has {noise.shape[0]} "
+                         "samples; give one row per sample")
+    check_cond(cond, batch=noise.shape[0])  # the Denoiser checks cond against the model's signature
     if "generator" in inspect.signature(spec.fn).parameters:
         options["generator"] = generator
-    denoise = Denoiser(model, prediction, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
-                       threshold_max=threshold_max)
+    denoise = Denoiser(model, prediction, cond=cond, clip_denoised=clip_denoised,
+                       dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
+    x = noise
+    if lv.per_sample:
+        lv, x = lv.like(noise), noise.to(torch.float64)
+    if callback is not None:
+        options["callback"] = _step_callback(callback, lv, denoise)
     bar = _progress_bar(progress, sampler)
     with torch.no_grad():
-        x = spec.fn(denoise, noise, lv, progress=bar, **options)
-    visited = timesteps if denoise_final else timesteps[:-1]
+        x = spec.fn(denoise, x, lv, progress=bar, **options).to(noise.dtype)
+    visited = timesteps if denoise_final else timesteps[..., :-1]
     if return_info:
         return SampleResult(x, denoise.nfe, visited)
     return x
+
+
+def _is_table(spacing) -> bool:
+    return not isinstance(spacing, str) and torch.as_tensor(spacing).ndim == 2
+
+
+def _per_sample_timesteps(spacing, steps: int | None, schedule: Schedule, integer: bool) -> torch.Tensor:
+    """Validate a (B, K) timestep table (each row finite, in [0, T−1], strictly decreasing) and, for integer-step
+    samplers, round it row by row as :func:`~diffsteps.core.spacings.to_integer_timesteps` rounds one sequence."""
+    ts = torch.as_tensor(spacing, dtype=torch.float64).clone()
+    T = schedule.num_timesteps
+    if ts.shape[0] == 0 or ts.shape[1] == 0:
+        raise ValueError(f"per-sample timesteps must be a non-empty (B, K) table, got shape {tuple(ts.shape)}")
+    if steps is not None and steps != ts.shape[1]:
+        raise ValueError(f"steps={steps} disagrees with the {ts.shape[1]} timesteps per sample given")
+    if not torch.all(torch.isfinite(ts)):
+        raise ValueError("timesteps must be finite")
+    if torch.any(ts < 0) or torch.any(ts > T - 1):
+        raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts.min().item():g} … {ts.max().item():g}")
+    bad = ~(ts[:, 1:] < ts[:, :-1]).all(1)
+    if bad.any():
+        raise ValueError(f"timesteps must be strictly decreasing (noisiest first) in every row; row "
+                         f"{bad.nonzero()[0].item()} is not")
+    if integer:
+        r = ts.round()
+        # plain rounding is what to_integer_timesteps returns unless it merges neighbours; only those rows need it
+        for b in (~(r[:, 1:] < r[:, :-1]).all(1)).nonzero().flatten().tolist():
+            r[b] = to_integer_timesteps(ts[b])
+        ts = r
+    return ts
+
+
+def _step_callback(callback: Callable[[StepInfo], object], lv: Levels, denoise: Denoiser) -> Callable:
+    """The samplers' ``callback(i, x, x0)`` → the user's ``callback(StepInfo)``, levels and NFE filled in."""
+    steps = len(lv) - 1
+    t = [v.reshape(-1) for v in lv.t] if lv.per_sample else lv.t
+
+    def step(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        callback(StepInfo(i, steps, t[i], t[i + 1], x, x0, denoise.nfe))
+
+    return step
 
 
 def _progress_bar(enabled: bool, name: str) -> Callable:

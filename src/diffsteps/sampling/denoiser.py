@@ -1,27 +1,35 @@
-"""The one model wrapper every sampler calls: network output → (x̂_0, ε̂), clipping, thresholding, NFE count."""
+"""The one model wrapper every sampler calls: network output → (x̂_0, ε̂), conditioning, clipping, thresholding, NFE
+count."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
 from ..core.parameterizations import check_prediction, to_x0_eps
+from .levels import every
 
 
 class Denoiser:
-    """Calls ``model(x, t)`` and returns (x̂_0, ε̂) in the state's dtype.
+    """Calls ``model(x, t, **cond)`` and returns (x̂_0, ε̂) in the state's dtype.
 
     The input is cast to the model's own dtype (its first floating parameter's; the state's dtype for a
     parameter-free callable), so a float32 network can be driven by a float64 sampler; ``t`` is passed as a 1-D
-    tensor (one entry per sample) in that dtype, but at least float32. ``clip_denoised=c`` clamps x̂_0 to [−c, c]; ``dynamic_threshold=p`` applies
-    Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): s = max(quantile_p |x̂_0|, 1) per sample, optionally
-    capped at ``threshold_max``, x̂_0 ← clamp(x̂_0, −s, s)/s. After either, ε̂ is re-derived from the new x̂_0 so the
-    pair stays consistent with x_t (as diffusers does).
+    tensor (one entry per sample) in that dtype, but at least float32. ``t`` may be a float (shared levels) or a
+    tensor with one value per sample (per-sample levels, any shape with B entries). ``cond`` (see
+    :func:`check_cond`) is passed as keyword arguments on every call, its floating tensors cast like x, its integer
+    ones as they are. ``clip_denoised=c`` clamps x̂_0 to [−c, c]; ``dynamic_threshold=p`` applies Imagen's dynamic
+    thresholding (Saharia et al. 2022, §2.3): s = max(quantile_p |x̂_0|, 1) per sample, optionally capped at
+    ``threshold_max``, x̂_0 ← clamp(x̂_0, −s, s)/s. After either, ε̂ is re-derived from the new x̂_0 so the pair stays
+    consistent with x_t (as diffusers does).
     """
 
-    def __init__(self, model: Callable, prediction: str = "epsilon", *, clip_denoised: float | None = None,
-                 dynamic_threshold: float | None = None, threshold_max: float | None = None):
+    def __init__(self, model: Callable, prediction: str = "epsilon", *, cond: Mapping | None = None,
+                 clip_denoised: float | None = None, dynamic_threshold: float | None = None,
+                 threshold_max: float | None = None):
         self.model = model
         self.prediction = check_prediction(prediction)
         if clip_denoised is not None and not clip_denoised > 0:
@@ -31,13 +39,26 @@ class Denoiser:
         self.clip_denoised, self.dynamic_threshold, self.threshold_max = clip_denoised, dynamic_threshold, threshold_max
         params = model.parameters() if isinstance(model, torch.nn.Module) else ()
         self.model_dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+        self.cond = check_cond(cond, model)
+        self._cond_cast: tuple[torch.dtype | None, dict] = (None, {})
         self.nfe = 0
 
-    def __call__(self, x: torch.Tensor, t: float, alpha: float, sigma: float):
+    def _cond_as(self, dtype: torch.dtype) -> dict:
+        if self._cond_cast[0] is not dtype:
+            self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})
+        return self._cond_cast[1]
+
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma):
         dtype = self.model_dtype or x.dtype
         # t in at least float32: a bf16 t would round timesteps near 1000 to multiples of 4
-        tt = torch.full((x.shape[0],), t, dtype=torch.promote_types(dtype, torch.float32), device=x.device)
-        out = self.model(x.to(dtype), tt).to(x.dtype)
+        t_dtype = torch.promote_types(dtype, torch.float32)
+        if isinstance(t, torch.Tensor):
+            tt = t.reshape(-1).to(device=x.device, dtype=t_dtype)
+        else:
+            tt = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
+        xm = x.to(dtype)
+        out = self.model(xm, tt, **self._cond_as(dtype)) if self.cond else self.model(xm, tt)
+        out = out.to(x.dtype)
         self.nfe += 1
         x0, eps = to_x0_eps(out, x, alpha, sigma, self.prediction)
         if self.clip_denoised is None and self.dynamic_threshold is None:
@@ -51,6 +72,57 @@ class Denoiser:
             x0 = torch.maximum(torch.minimum(x0, s), -s) / s
         if self.clip_denoised is not None:
             x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
-        if sigma > 0:
+        if every(sigma > 0):
             eps = (x - alpha * x0) / sigma
         return x0, eps
+
+
+def check_cond(cond: Mapping | None, model: Callable | None = None,
+               batch: int | None = None) -> dict[str, torch.Tensor]:
+    """Validate the conditioning for ``model(x, t, **cond)`` without calling the model; return it as a dict.
+
+    ``cond`` is None or a mapping of str → tensor whose leading dimension is the batch (``batch``, when given). Given
+    a ``model`` whose signature is known (its ``forward`` for a module), every argument it requires beyond (x, t)
+    must be in ``cond``, and every key of ``cond`` must be an argument it accepts.
+    """
+    if cond is None:
+        cond = {}
+    if not isinstance(cond, Mapping):
+        raise ValueError(f"cond must be a mapping of argument name → tensor, e.g. {{'y': labels}}; "
+                         f"got {type(cond).__name__}")
+    for k, v in cond.items():
+        if not isinstance(k, str):
+            raise ValueError(f"cond keys are the model's argument names (str); got {k!r}")
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"cond[{k!r}] must be a tensor with one entry per sample, got {type(v).__name__}")
+        if batch is not None and (v.ndim == 0 or v.shape[0] != batch):
+            raise ValueError(f"cond[{k!r}] has shape {tuple(v.shape)}; its first dimension must be the batch size "
+                             f"{batch}")
+    sig = None if model is None else _signature(model)
+    if sig is None:
+        return dict(cond)
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return dict(cond)  # not a (x, t) signature we can read; the call itself will tell
+    taken = {p.name for p in positional[:2]}
+    if taken & set(cond):
+        raise ValueError(f"cond may not hold {', '.join(sorted(taken & set(cond)))}: the sampler passes (x, t) itself")
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in taken]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in cond]
+    if missing:
+        raise ValueError(f"the model needs argument(s) {', '.join(missing)} beyond (x, t); pass them as "
+                         f"cond={{{', '.join(repr(m) + ': ...' for m in missing)}}}")
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        unknown = [k for k in cond if k not in {p.name for p in named}]
+        if unknown:
+            raise ValueError(f"the model takes no argument(s) {', '.join(map(repr, unknown))}; its arguments beyond "
+                             f"(x, t): {', '.join(p.name for p in named) or 'none'}")
+    return dict(cond)
+
+
+def _signature(model: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model)
+    except (TypeError, ValueError):
+        return None

@@ -29,7 +29,8 @@ class SamplerSpec:
     @property
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
-        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("progress", "generator"))
+        internal = ("progress", "generator", "callback")  # passed by sample() itself, not sampler options
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in internal)
 
     def is_deterministic(self, **options) -> bool:
         """Whether the output is a fixed function of the initial noise (DDIM is, unless η > 0)."""

@@ -312,15 +312,17 @@ class DiffusionModule(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------------------------------------
     def generate(self, noise: torch.Tensor, *, sampler: str = "ddim", steps: int | None = 50,
-                 spacing: str | Sequence[float] = "trailing", generator: torch.Generator | None = None,
+                 spacing: str | Sequence[float] | torch.Tensor = "trailing", cond: dict | None = None,
+                 callback=None, generator: torch.Generator | None = None,
                  return_info: bool = False, progress: bool = False, **options):
-        """Samples from ``noise`` with :func:`diffsteps.sample` (same arguments; ``options`` are the sampler's, e.g.
+        """Samples from ``noise`` with :func:`diffsteps.sample` (same arguments: ``cond`` for ``net(x, t, **cond)``,
+        ``callback`` per step, a (B, K) ``spacing`` for per-sample timesteps; ``options`` are the sampler's, e.g.
         ``eta``, ``clip_denoised``), the net in eval mode and restored to its previous mode afterwards."""
         was_training = self.net.training
         self.net.eval()
         try:
             return sample(self.net, noise, schedule=self.schedule, prediction=self.prediction, sampler=sampler,
-                          steps=steps, spacing=spacing, generator=generator, return_info=return_info,
-                          progress=progress, **options)
+                          steps=steps, spacing=spacing, cond=cond, callback=callback, generator=generator,
+                          return_info=return_info, progress=progress, **options)
         finally:
             self.net.train(was_training)
