@@ -63,7 +63,7 @@ def png_folder(root: Path, n: int = 40) -> Path:
 def test_auto_on_digits_is_exactly_the_unet_config_and_shares_its_checkpoint():
     spec = DigitsData().spec
     train_keys = dict(data=OmegaConf.load(CONF / "data" / "digits.yaml"), schedule={"name": "linear"},
-                      loss={"name": "simple"}, train={"lr": 2e-3}, seed=0)
+                      loss={"name": "simple"}, train={"max_steps": 1500}, optimizer={"lr": 2e-3}, lr_scheduler={}, seed=0)
     auto, unet = model_cfg("auto", **train_keys), model_cfg("unet", **train_keys)
     torch.manual_seed(0)
     net_auto = build_net(auto, spec, "digits")
