@@ -20,18 +20,10 @@ def mixture():
     return ds.GaussianMixture(means, covs, weights=[0.5, 0.3, 0.2])
 
 
-def noise(n, d, seed=0, dtype=torch.float64):
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+@pytest.fixture(scope="module")
+def gaussian():
+    """N(μ, Σ) in 3-D with a full covariance: the simplest data with an exact score."""
+    mu = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    a = torch.tensor([[0.6, 0.2, 0.0], [0.0, 0.4, -0.3], [0.1, 0.0, 0.3]], dtype=torch.float64)
+    return ds.GaussianMixture(mu[None], (a @ a.T + 0.05 * torch.eye(3, dtype=torch.float64))[None])
 
-
-class CountingModel(torch.nn.Module):
-    """Wraps a model, counts calls and records the t it was given."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls, self.ts = inner, 0, []
-
-    def forward(self, x, t):
-        self.calls += 1
-        self.ts.append(t.clone())
-        return self.inner(x, t)

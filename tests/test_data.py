@@ -9,16 +9,17 @@ data are seeded, so each check passes or fails deterministically.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import io
 import math
 import pickle
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TEST_SIZE, TRAIN_SIZES, SineSignals, write_fake_cifar
 from PIL import Image
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
@@ -35,7 +36,6 @@ from diffsteps.data import (
     ImageFolderData,
     Toy2DData,
 )
-from diffsteps.data.base import _InMemoryData
 
 Z = 5.0  # a 5-SE band: a correct implementation fails a given check with probability < 1e-6
 
@@ -295,31 +295,10 @@ def test_image_folder_errors(tmp_path):
 
 
 # -- CIFAR-10 ----------------------------------------------------------------------------------------------------------
-TRAIN_SIZES = (3, 4, 5, 6, 7)  # unequal, so a wrong concatenation order shows
-TEST_SIZE = 5
-
-
-def _write_fake_cifar(root, numpy1_style: bool = True):
-    """The official python-version layout: pickled dicts with bytes keys, b"data" uint8 (N, 3072), b"labels" list."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name, n in [*((f"data_batch_{i + 1}", s) for i, s in enumerate(TRAIN_SIZES)), ("test_batch", TEST_SIZE)]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        d = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
-        raw = pickle.dumps(d, protocol=2)
-        if numpy1_style:  # the official files name numpy 1's module
-            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-        (folder / name).write_bytes(raw)
-        written[name] = (data, labels)
-    return written
 
 
 def test_cifar_fake_files(tmp_path):
-    written = _write_fake_cifar(tmp_path)
+    written = write_fake_cifar(tmp_path)
     dm = CIFAR10Data(root=tmp_path, batch_size=4)
     assert dm.sample_shape == (3, 32, 32) and dm.name == "cifar10"
     assert dm.spec == DataSpec("image", (3, 32, 32), levels=256, num_classes=10, features="inception")
@@ -344,7 +323,7 @@ def test_cifar_fake_files(tmp_path):
 
 
 def test_cifar_numpy2_pickles_and_refuses_code(tmp_path):
-    _write_fake_cifar(tmp_path, numpy1_style=False)
+    write_fake_cifar(tmp_path, numpy1_style=False)
     assert CIFAR10Data(root=tmp_path).real_samples().shape == (TEST_SIZE, 3, 32, 32)
 
     class Evil:
@@ -370,7 +349,7 @@ def test_cifar_download_calls_torchvision(tmp_path, monkeypatch):
 
     def fake_cifar10(root, train=True, download=False):
         calls.append((root, download))
-        _write_fake_cifar(tmp_path)
+        write_fake_cifar(tmp_path)
 
     fake = types.ModuleType("torchvision")
     fake.datasets = types.SimpleNamespace(CIFAR10=fake_cifar10)
@@ -402,35 +381,10 @@ def test_every_data_module_has_a_config_and_every_config_a_module():
 
 
 # -- DataSpec: what each module declares, checked against its data -------------------------------------------------
-class SineSignals(_InMemoryData):
-    """A tiny signal data set (C, L), standing in for MNIST-1D until it lands: a sine per channel, random phase."""
-
-    def __init__(self, channels: int = 2, length: int = 40, n: int = 16, batch_size: int = 4):
-        super().__init__(batch_size=batch_size)
-        self.channels, self.length, self.n = channels, length, n
-
-    @property
-    def sample_shape(self):
-        return (self.channels, self.length)
-
-    @property
-    def spec(self):
-        return DataSpec("signal", self.sample_shape)
-
-    @property
-    def name(self):
-        return f"sines-c{self.channels}-l{self.length}"
-
-    def _load(self):
-        g = torch.Generator().manual_seed(0)
-        phase = 2 * math.pi * torch.rand(self.n, self.channels, 1, generator=g)
-        x = torch.sin(torch.linspace(0, 4 * math.pi, self.length) + phase)
-        k = self.n * 3 // 4
-        return {"train": x[:k], "val": x[k:]}, None
 
 
 def test_every_spec_is_known_before_setup_and_true_of_the_data(image_root, tmp_path):
-    _write_fake_cifar(tmp_path / "cifar")
+    write_fake_cifar(tmp_path / "cifar")
     modules = [DigitsData(), Toy2DData("8gaussians", n_train=500, n_val=100), Toy2DData("moons", n_train=500,
                n_val=100), GMMData(dim=5, n_train=500, n_val=100), ImageFolderData(image_root, image_size=8),
                ImageFolderData(image_root, image_size=6, channels=1), CIFAR10Data(root=tmp_path / "cifar"),

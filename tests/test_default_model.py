@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import TEST_SIZE, TRAIN_SIZES, SineSignals, run_py, write_fake_cifar
 from omegaconf import OmegaConf
 from PIL import Image
-from test_data import TEST_SIZE, TRAIN_SIZES, SineSignals, _write_fake_cifar
 
 from diffsteps.data import (
     CIFAR10Data,
@@ -86,7 +84,7 @@ def test_auto_on_digits_is_exactly_the_unet_config_and_shares_its_checkpoint():
 
 # -- what model=auto builds for each data module -------------------------------------------------------------------
 def _modules(tmp_path):
-    _write_fake_cifar(tmp_path / "cifar")
+    write_fake_cifar(tmp_path / "cifar")
     folder = png_folder(tmp_path / "pngs", n=6)
     return {
         "digits": DigitsData(),
@@ -170,7 +168,7 @@ def test_explicit_model_for_other_data_names_the_model_to_use():
 
 
 def test_unet_attention_never_reached_names_the_resolutions_that_exist(tmp_path):
-    _write_fake_cifar(tmp_path)
+    write_fake_cifar(tmp_path)
     dm = CIFAR10Data(root=tmp_path)
     # conf/model/unet.yaml is the digits net: attention at 4×4, which two levels from 32×32 never reach
     with pytest.raises(ValueError, match=r"model=unet cannot be built for data cifar10 \(image data of shape "
@@ -194,7 +192,7 @@ def test_signal_data_have_no_network_yet():
 
 # -- FID features for the data, checked before training ------------------------------------------------------------
 def test_eval_features_follow_the_spec_and_need_torch_fidelity_for_inception(tmp_path, monkeypatch):
-    _write_fake_cifar(tmp_path)
+    write_fake_cifar(tmp_path)
     cifar = CIFAR10Data(root=tmp_path)
 
     def cfg(features="auto", task="train_eval"):
@@ -224,7 +222,7 @@ def test_eval_features_follow_the_spec_and_need_torch_fidelity_for_inception(tmp
 
 
 def test_build_checks_features_before_building_the_net(tmp_path, monkeypatch):
-    _write_fake_cifar(tmp_path)
+    write_fake_cifar(tmp_path)
     built = []
     monkeypatch.setattr(build_mod, "_has_torch_fidelity", lambda: False)
     monkeypatch.setattr(build_mod, "build_net", lambda *a, **k: built.append(a))
@@ -237,15 +235,9 @@ def test_build_checks_features_before_building_the_net(tmp_path, monkeypatch):
 
 
 # -- run.py with the default model on every data set -----------------------------------------------------------------
-TINY = ["train.max_steps=20", "train.warmup_steps=5", "eval.num_samples=64", "eval.batch_size=32",
+TINY = ["train.max_steps=20", "lr_scheduler.warmup_steps=5", "eval.num_samples=64", "eval.batch_size=32",
         "eval.kid_subset_size=16", "eval.mse.num_samples=8", "eval.mse.reference_steps=10",
         "eval.elbo.num_samples=16", "steps=[5]", "logger=csv"]
-
-
-def run_py(tmp: Path, *overrides: str, name: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={tmp}/{name}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 # data → (its overrides, the net config.yaml must record)
@@ -274,10 +266,9 @@ def test_run_py_with_the_default_model(tmp_path, data):
     if data == "image_folder":
         png_folder(tmp_path / "pngs")
     if data == "cifar10":
-        _write_fake_cifar(tmp_path / "data")  # paths.data_dir, the config's default root
+        write_fake_cifar(tmp_path / "data")  # paths.data_dir, the config's default root
         assert sum(TRAIN_SIZES) >= 16 and TEST_SIZE < 16  # hence KID's 16 from train, the ELBO on train
     proc = run_py(tmp_path, *TINY, *[o.format(tmp=tmp_path) for o in overrides], name="run")
-    assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "run"
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["steps"] for r in rows] == [5] and rows[0]["num_samples"] == 64
@@ -316,7 +307,7 @@ def test_run_with_a_model_for_other_data_fails_before_training(tmp_path, monkeyp
 def test_run_on_rgb_images_without_torch_fidelity_fails_before_training(tmp_path, monkeypatch):
     from diffsteps.runner import run
 
-    _write_fake_cifar(tmp_path / "data")
+    write_fake_cifar(tmp_path / "data")
     monkeypatch.setattr(build_mod, "_has_torch_fidelity", lambda: False)  # as here; the same wherever it is installed
     with pytest.raises(ValueError, match=r'^eval.features=auto chooses the Inception features for data cifar10 .*'
                                          r'pip install -e "\.\[inception\]".*or set eval.features=identity'):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import exact_flow
 
 import diffsteps as ds
 from diffsteps.evaluation.evaluator import Evaluator
@@ -38,13 +39,6 @@ def evaluate(plan, linear, model, order=None, quality=None, mixture=None, classi
     return ev, ev.compute()
 
 
-@pytest.fixture(scope="module")
-def gaussian():
-    mu = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
-    a = torch.tensor([[0.6, 0.2, 0.0], [0.0, 0.4, -0.3], [0.1, 0.0, 0.3]], dtype=torch.float64)
-    return ds.GaussianMixture(mu[None], (a @ a.T + 0.05 * torch.eye(3, dtype=torch.float64))[None])
-
-
 @pytest.mark.parametrize("sampler,spacing,order", [("ddim", "trailing", 1), ("heun", "logsnr", 2),
                                                    ("dpmpp_2m", "logsnr", 2)])
 def test_trajectory_mse_shrinks_at_the_samplers_order(gaussian, linear, sampler, spacing, order):
@@ -64,9 +58,7 @@ def test_trajectory_mse_shrinks_at_the_samplers_order(gaussian, linear, sampler,
 
 
 def test_reference_is_the_exact_flow_solution(linear):
-    # Gaussian data: the probability-flow ODE has a closed-form end point (test_samplers.exact_flow)
-    from test_samplers import exact_flow
-
+    # Gaussian data: the probability-flow ODE has a closed-form end point (helpers.exact_flow)
     mu = torch.tensor([0.5, -1.0], dtype=torch.float64)
     gauss = ds.GaussianMixture(mu[None], torch.tensor([[[0.3, 0.1], [0.1, 0.2]]], dtype=torch.float64))
     x_T = torch.randn(200, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -20,7 +20,12 @@ import torch
 
 from diffsteps.data import DigitsData
 from diffsteps.evaluation.classifier import classifier_confidence
-from diffsteps.evaluation.distances import expected_null_fid, frechet_distance, kernel_distance, polynomial_mmd2
+from diffsteps.evaluation.distances import (
+    expected_null_fid,
+    frechet_distance,
+    kernel_distance,
+    polynomial_mmd2,
+)
 from diffsteps.evaluation.features import (
     FEATURES,
     INCEPTION_WEIGHTS_FILE,

@@ -28,7 +28,12 @@ from diffsteps.core.parameterizations import prediction_target, to_x0_eps
 from diffsteps.data import GMMData, Toy2DData
 from diffsteps.nets import MLP
 from diffsteps.training.ema import ema_callback
-from diffsteps.training.module import DiffusionModule, NonFiniteLossError, lr_factor, warmup_cosine
+from diffsteps.training.module import (
+    DiffusionModule,
+    NonFiniteLossError,
+    lr_factor,
+    warmup_cosine,
+)
 
 pytestmark = [
     # Benign on a CPU test machine: in-memory data need no worker processes, and the tiny fits log rarely.

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from helpers import SineSignals
 from PIL import Image
-from test_data import SineSignals
 
 from diffsteps.reporting.plots import (
     grid_figure,

@@ -9,26 +9,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import FAST, ROOT, run_py  # noqa: F401  (other files import FAST from here too)
 
-ROOT = Path(__file__).resolve().parents[1]
 # a small, fast configuration: 2-D mixture data, a small MLP, a few dozen training steps
-FAST = ["data=toy2d", "data.n_train=2048", "data.n_val=1024", "model=mlp", "model.hidden=64", "model.depth=2",
-        "train.max_steps=30", "trainer.val_check_interval=15", "callbacks.model_checkpoint.every_n_train_steps=15",
-        "lr_scheduler.warmup_steps=5", "callbacks.progress.every_n_steps=10", "eval.num_samples=256",
-        "eval.batch_size=128", "eval.kid_subset_size=64", "objective=nll"]
 
 
-def run_py(tmp: Path, *overrides: str, name: str = "run", check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={tmp}/{name}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -1,35 +1,15 @@
 """Samplers against closed-form truth: exact Gaussian / Gaussian-mixture models, where p_t and the probability-flow
 ODE are known, plus identities between samplers."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import CountingModel, noise
+from helpers import CountingModel, exact_flow, noise
 
 import diffsteps as ds
 
 DETERMINISTIC = [n for n, s in ds.SAMPLERS.items() if not s.stochastic]
-
-
-@pytest.fixture(scope="module")
-def gaussian():
-    """N(μ, Σ) in 3-D with a full covariance: the simplest data with an exact score."""
-    mu = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
-    a = torch.tensor([[0.6, 0.2, 0.0], [0.0, 0.4, -0.3], [0.1, 0.0, 0.3]], dtype=torch.float64)
-    return ds.GaussianMixture(mu[None], (a @ a.T + 0.05 * torch.eye(3, dtype=torch.float64))[None])
-
-
-def exact_flow(gauss, schedule, x_T):
-    """The probability-flow ODE solution for Gaussian data, in closed form. In x̃ = x/√ᾱ each eigen-direction of Σ
-    (eigenvalue e) scales as √(e + σ̃²), so x̃(0) − μ = U diag(√(e/(e + σ̃_T²))) Uᵀ (x̃_T − μ) (Karras et al. 2022,
-    eq. 4 with p_t = N(μ, Σ + σ̃² I))."""
-    mu, cov = gauss.means[0].numpy(), gauss.covs[0].numpy()
-    e, U = np.linalg.eigh(cov)
-    s2 = schedule.sigmas[-1].item() ** 2
-    xt = x_T.numpy() / math.sqrt(schedule.alphas_cumprod[-1].item())
-    return torch.from_numpy(mu + ((xt - mu) @ U) * np.sqrt(e / (e + s2)) @ U.T)
 
 
 def rms(a, b):

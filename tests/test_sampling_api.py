@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import noise
+from helpers import noise
 
 import diffsteps as ds
 from diffsteps.core.spacings import make_timesteps, to_integer_timesteps

@@ -124,7 +124,7 @@ def test_no_sweep_at_all_is_an_error(tmp_path):
 
 
 def test_run_py_sweeps_steps_on_one_training(tmp_path):
-    from test_runner import FAST
+    from helpers import FAST
 
     env = {"DIFFSTEPS_ROOT": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = tmp_path / "sweep"
