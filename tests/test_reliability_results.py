@@ -52,7 +52,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     return out
 
 
-# -- run folders ------------------------------------------------------------------------------------------------------
+# -- run folders -------------------------------------------------------------------------------------------------------
 def test_two_runs_started_together_get_a_folder_each(tmp_path):
     # both launched before either is waited for, the default hydra.run.dir: with one-second folder names the two
     # shared a folder and the second one's files replaced the first's
@@ -102,16 +102,15 @@ def test_run_stamp_is_unique_and_fixed_once_resolved(monkeypatch, tmp_path):
     assert job_sweep.d == first.hydra.sweep.dir.rsplit("/multirun/", 1)[1]
 
 
-# -- atomic files -----------------------------------------------------------------------------------------------------
+# -- atomic files ------------------------------------------------------------------------------------------------------
 def test_atomic_writes_leave_the_old_file_or_the_whole_new_one(tmp_path):
     from diffsteps.reporting import files
 
     target = tmp_path / "metrics.json"
     files.write_json(target, [{"steps": 10, "fid": 1.5}])
-    with pytest.raises(RuntimeError, match="killed half-way"):
-        with files.atomic_open(target) as f:
-            f.write('[{"steps": 10, "fid"')
-            raise RuntimeError("killed half-way")
+    with pytest.raises(RuntimeError, match="killed half-way"), files.atomic_open(target) as f:
+        f.write('[{"steps": 10, "fid"')
+        raise RuntimeError("killed half-way")
     with pytest.raises(TypeError):
         files.write_json(target, [{"steps": object()}])
     assert json.loads(target.read_text()) == [{"steps": 10, "fid": 1.5}]
@@ -205,6 +204,24 @@ def test_a_failing_figure_is_a_warning_and_the_results_stay(tmp_path):
     assert "results in" in text
 
 
+@pytest.mark.parametrize("off,absent,present", [
+    # vector data: the across-steps figure scatters grid_size samples per step count, so grid_size=0 drops it too
+    ("eval.grid_size=0 eval.save_samples=0", ["grid_*.png", "samples_*.pt"], []),
+    ("eval.grid_columns=0", ["grid_steps_*.png"], ["grid_ddim_5.png", "grid_ddim_10.png", "samples_ddim_10.pt"]),
+])
+def test_zero_turns_grids_and_sample_files_off(tmp_path, off, absent, present):
+    out_dir = tmp_path / "run"
+    proc = start(tmp_path, *FAST, "logger=csv", "steps=[5,10]", *off.split(), run_dir=str(out_dir))
+    text = finish(proc)
+    assert proc.returncode == 0, text[-3000:]
+    assert [r["steps"] for r in json.loads((out_dir / "metrics.json").read_text())] == [5, 10]
+    for pattern in absent:
+        assert not list(out_dir.glob(pattern)), pattern
+    for name in present:
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "nll_vs_nfe.png").is_file() and "could not write" not in text
+
+
 def test_a_run_killed_during_evaluation_keeps_its_finished_step_counts(tmp_path):
     # the later step counts take seconds (2048 samples, up to 1000 steps); SIGKILL as soon as the first row is on
     # disk: no handler runs, so what is there is what was written as the evaluation went
@@ -234,33 +251,33 @@ def test_a_run_killed_during_evaluation_keeps_its_finished_step_counts(tmp_path)
     assert OmegaConf.load(out_dir / "config.yaml").steps == steps and (out_dir / "checkpoint.ckpt").resolve().is_file()
 
 
-# -- bad input fails before training ------------------------------------------------------------------------------------
+# -- bad input fails before training -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("override,message", [
-    ("+foo=1", r"unknown top-level key\(s\) foo \(from \+foo=1\); the valid top-level keys: callbacks, ckpt_path, "
+    ("+foo=1", (r"unknown top-level key\(s\) foo \(from \+foo=1\); the valid top-level keys: callbacks, ckpt_path, "
                r"data, eval, logger, loss, lr_scheduler, model, objective, optimizer, paths, report_dir, sampler, "
-               r"schedule, seed, steps, task, train, trainer\."),
+               r"schedule, seed, steps, task, train, trainer\.")),
     ("++num_samples=500", r"unknown top-level key\(s\) num_samples \(from \+\+num_samples=500\)"),
     ("steps=[5,10,5]", r"steps=\[5, 10, 5\] repeats 5: each step count is one row of the results, list each once"),
     ("eval.grid_size=-1", r"eval.grid_size must be an integer ≥ 0 \(0: none\), got -1"),
     ("eval.grid_columns=-2", r"eval.grid_columns must be an integer ≥ 0 \(0: none\), got -2"),
     ("eval.save_samples=-1", r"eval.save_samples must be an integer ≥ 0 \(0: none\), got -1"),
-    ("eval.kid_subset_size=0", r"eval.kid_subset_size must be an integer ≥ 2 \(KID averages over subsets of this "
-                               r"size\), got 0"),
+    ("eval.kid_subset_size=0", (r"eval.kid_subset_size must be an integer ≥ 2 \(KID averages over subsets of this "
+                               r"size\), got 0")),
     ("eval.kid_subset_size=300", r"eval.num_samples=256 is below the minimum 300"),
-    ("eval.reference_split=val data.n_val=50", r"eval.kid_subset_size=64 exceeds the reference set: 50 samples of "
-                                               r"the val split of toy2d-8gaussians"),
-    ("eval.num_reference=5000", r"eval.num_reference=5000 but the train split of toy2d-8gaussians\S+ has 2048 "
-                                r"samples: lower it, or null for the whole split"),
+    ("eval.reference_split=val data.n_val=50", (r"eval.kid_subset_size=64 exceeds the reference set: 50 samples of "
+                                               r"the val split of toy2d-8gaussians")),
+    ("eval.num_reference=5000", (r"eval.num_reference=5000 but the train split of toy2d-8gaussians\S+ has 2048 "
+                                r"samples: lower it, or null for the whole split")),
     ("eval.num_reference=10", r"eval.num_reference must be an integer ≥ 64"),
-    ("eval.elbo.num_samples=2000", r"eval.elbo.num_samples=2000 but the val split of toy2d\S+ has 1024 samples: "
-                                   r"lower it \(0: no ELBO\) or choose eval.elbo.split=train"),
+    ("eval.elbo.num_samples=2000", (r"eval.elbo.num_samples=2000 but the val split of toy2d\S+ has 1024 samples: "
+                                   r"lower it \(0: no ELBO\) or choose eval.elbo.split=train")),
     ("eval.reference_split=test", r"unknown eval.reference_split 'test'; valid choices: train, val"),
     ("eval.elbo.split=test", r"unknown eval.elbo.split 'test'; valid choices: train, val"),
     ("eval.elbo.variance=fixed", r"unknown eval.elbo.variance 'fixed'; valid choices: posterior, beta, learned"),
     ("eval.features=clip", r"unknown eval.features 'clip'; valid choices: auto, digits, inception, identity"),
     ("eval.features=digits", r"eval.features=digits needs the 8×8 digits images"),
-    ("eval.mse.reference_sampler=ddpm", r"eval.mse.reference_sampler must be deterministic .* got 'ddpm'; choose "
-                                        r"one of: ddim, euler, heun"),
+    ("eval.mse.reference_sampler=ddpm", (r"eval.mse.reference_sampler must be deterministic .* got 'ddpm'; choose "
+                                        r"one of: ddim, euler, heun")),
     ("eval.mse.reference_steps=1", r"eval.mse.reference_steps must be an integer ≥ 2"),
     ("eval.mse.reference_spacing=cosine", r"valid choices: leading, trailing"),
 ])

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_open", "write_text", "write_json", "write_csv", "save_torch", "save_figure", "save_config",
-           "symlink"]
+__all__ = ["atomic_open", "save_config", "save_figure", "save_torch", "symlink", "write_csv", "write_json",
+           "write_text"]
 
 
 def _temporary(path: Path) -> Path:
@@ -42,10 +42,9 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs) -> Iterator[io.IOBa
     tmp = _temporary(path)
     if mode == "w":
         kwargs.setdefault("encoding", "utf-8")
-    # "x": never follow or clobber something else's file of that name; the umask's permissions, unlike mkstemp's 0600
-    f = open(tmp, mode.replace("w", "x"), **kwargs)
     try:
-        with f:
+        # "x": never follow or clobber another file of that name; the umask's permissions, unlike mkstemp's 0600
+        with open(tmp, mode.replace("w", "x"), **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -141,7 +141,7 @@ def best_effort(what: Path | str, fn: Callable, *args, **kwargs):
     (sample files, grids, plots), whose failure must not lose — or fail — a finished evaluation."""
     try:
         return fn(*args, **kwargs)
-    except Exception as err:  # any failure of a figure or file: the results are already on disk
+    except Exception as err:  # noqa: BLE001 (any failure of a figure or file: the results are already on disk)
         log.warning("could not write %s (%s: %s); the metrics are in metrics.json and metrics.csv", what,
                     type(err).__name__, err)
         return None

@@ -18,7 +18,13 @@ from .checkpoints import load_weights
 from .evaluate import ResultsFile, best_effort, evaluate
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
-from .validate import check_eval_config, check_eval_data, check_top_level_keys, instantiate_checked, validate
+from .validate import (
+    check_eval_config,
+    check_eval_data,
+    check_top_level_keys,
+    instantiate_checked,
+    validate,
+)
 
 
 def run(cfg: DictConfig) -> float:
