@@ -279,7 +279,9 @@ def test_a_run_killed_during_evaluation_keeps_its_finished_step_counts(tmp_path)
     ("eval.mse.reference_sampler=ddpm", (r"eval.mse.reference_sampler must be deterministic .* got 'ddpm'; choose "
                                         r"one of: ddim, euler, heun")),
     ("eval.mse.reference_steps=1", r"eval.mse.reference_steps must be an integer ≥ 2"),
-    ("eval.mse.reference_spacing=cosine", r"valid choices: leading, trailing"),
+    ("eval.mse.reference_spacing=cosine", (r"the trajectory reference \(eval.mse.reference_sampler=heun, "
+                                           r"reference_steps=200, reference_spacing=cosine\): unknown spacing "
+                                           r"'cosine'; valid choices: leading, trailing")),
 ])
 def test_bad_evaluation_input_fails_before_training(tmp_path, override, message):
     proc = start(tmp_path, *FAST, "logger=csv", *override.split(), run_dir=str(tmp_path / "run"))

@@ -175,7 +175,11 @@ def check_eval_config(cfg: DictConfig, schedule, steps: list[int]) -> None:
                              f"{', '.join(n for n, s in SAMPLERS.items() if s.is_deterministic())}")
         _int("eval.mse.reference_steps", mse.reference_steps, 2, " (its convergence check reruns it at half)")
         for n in (mse.reference_steps, mse.reference_steps // 2):
-            plan_sampling(schedule, mse.reference_sampler, n, mse.reference_spacing)
+            try:
+                plan_sampling(schedule, mse.reference_sampler, n, mse.reference_spacing)
+            except ValueError as err:
+                raise ValueError(f"the trajectory reference (eval.mse.reference_sampler={mse.reference_sampler}, "
+                                 f"reference_steps={n}, reference_spacing={mse.reference_spacing}): {err}") from None
 
 
 def _split_size(datamodule, split: str) -> int:
