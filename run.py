@@ -1,12 +1,12 @@
 """diffsteps entry point: `python run.py [group=choice ...] [key=value ...]` (Hydra); see README."""
 
-import os
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-# the launch folder, for paths.root_dir: ${hydra:runtime.cwd} is not set yet when a sweeper creates its folder
-OmegaConf.register_new_resolver("launch_dir", os.getcwd, replace=True)
+from diffsteps.runner.resolvers import register_resolvers
+
+# before Hydra composes: ${launch_dir:} (paths.root_dir) and ${run_stamp:...} (unique run and sweep folders)
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

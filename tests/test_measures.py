@@ -95,6 +95,27 @@ def new_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
     return ev.compute()
 
 
+def new_rows_by_step(plan, schedule, net, *, quality, mixture, classifier, elbo):
+    """The same measures in the order the runner now takes them: one step count at a time (every chunk at it, its
+    ELBO, its row), as ``EvaluationModule.test_step`` does."""
+    measures = [m for m in (
+        Quality(plan, quality),
+        MixtureNLL(plan, mixture) if mixture is not None else None,
+        ClassifierConfidence(plan) if classifier else None,
+        TrajectoryError(plan, schedule, "epsilon"),
+        ChainELBO(plan, schedule, "epsilon", elbo["data"], variance=elbo["variance"], levels=elbo["levels"],
+                  full=elbo["full"]),
+    ) if m is not None]
+    ev = Evaluator(plan, schedule, "epsilon", measures)
+    rows = []
+    for n in plan.steps:
+        for c in ev.my_chunks():
+            ev.run_chunk(net, c, CPU, steps=[n])
+        ev.run_steps(net, CPU, steps=[n])
+        rows.append(ev.row(n))
+    return rows
+
+
 def assert_identical(new, old):
     assert len(new) == len(old)
     for a, b in zip(new, old):
@@ -119,6 +140,7 @@ def test_vector_rows_equal_the_old_evaluators(mixture, linear):
               elbo={"data": data, "variance": "posterior", "levels": None, "full": True})
     old, new = old_rows(plan, linear, net, **kw), new_rows(plan, linear, net, **kw)
     assert_identical(new, old)
+    assert_identical(new_rows_by_step(plan, linear, net, **kw), old)
     assert {"fid", "kid_std", "nll", "mse", "mse_median", "mse_reference_gap", "elbo_kl_bpd",
             "elbo_full_bpd"} <= set(new[0])
     assert new[0]["elbo_full_bpd"] == new[1]["elbo_full_bpd"] and new[0]["mse"] > new[1]["mse"]
@@ -137,6 +159,7 @@ def test_image_rows_equal_the_old_evaluators(linear):
               elbo={"data": digits.real_samples(48, split="val"), "variance": "beta", "levels": 17, "full": False})
     old, new = old_rows(plan, linear, net, **kw), new_rows(plan, linear, net, **kw)
     assert_identical(new, old)
+    assert_identical(new_rows_by_step(plan, linear, net, **kw), old)
     assert {"fid", "classifier_confidence", "classifier_class_entropy_normalized", "mse", "elbo_decoder_bpd"} \
         <= set(new[0])
 
@@ -201,3 +224,35 @@ def test_misuse_fails_clearly(mixture, linear):
     ev.run_chunk(net, 0, CPU)
     with pytest.raises(RuntimeError, match="computed 0 times.*call Evaluator.run_steps"):
         ev.compute()
+
+
+def test_the_trajectory_reference_is_solved_once_per_chunk(mixture, linear, monkeypatch):
+    # step counts outer: every chunk is seen once per step count, its reference solve (200 Heun steps by default,
+    # the costliest part of a short evaluation) done the first time only — and the same errors as chunk-major
+    from diffsteps.evaluation.measures import trajectory as trajectory_module
+
+    solved = []
+    solve = trajectory_module.trajectory_reference
+
+    def counting(net, noise, **kw):
+        solved.append(len(noise))
+        return solve(net, noise, **kw)
+
+    monkeypatch.setattr(trajectory_module, "trajectory_reference", counting)
+    net = ds.ExactEpsilon(mixture, linear)
+    plan = EvalPlan("ddim", (3, 6, 9), (2,), num_samples=100, batch_size=30, mse_samples=70, reference_steps=20)
+    by_step = TrajectoryError(plan, linear, "epsilon")
+    ev = Evaluator(plan, linear, "epsilon", [by_step])
+    rows = []
+    for n in plan.steps:
+        for c in range(plan.num_chunks):
+            ev.run_chunk(net, c, CPU, steps=[n])
+        rows.append(ev.row(n))
+    assert solved == [30, 30, 10]  # chunks 0, 1, 2 (the first 70 samples), once each; chunk 3 has none
+    whole = Evaluator(plan, linear, "epsilon", [TrajectoryError(plan, linear, "epsilon")])
+    for c in range(plan.num_chunks):
+        whole.run_chunk(net, c, CPU)
+    for a, b in zip(rows, whole.compute(), strict=True):
+        for k in ("mse", "mse_median", "mse_reference_gap"):
+            assert a[k] == b[k], k
+    assert rows[0]["mse"] > rows[2]["mse"] and rows[0]["mse_reference_gap"] == rows[2]["mse_reference_gap"]

@@ -1,12 +1,13 @@
 """Quality versus steps: every step count sampled from the same noise, in chunks, split across DDP ranks, measured.
 
-An evaluation is one sampler at a list of step counts. Samples are generated chunk by chunk (``batch_size`` each,
-so peak memory does not grow with ``num_samples``). Chunk c's noise, and the noise a stochastic sampler draws
-inside it, come from generators seeded by (seed, c) alone, so every step count, every number of processes and every
-chunk-to-rank assignment sees the same random numbers (common random numbers: differences between step counts are
-the sampler's, not the noise's). Chunk c runs on rank c mod world size; every measurement is a torchmetrics state
-synced at the end — FID/KID features put back in global sample order — so a DDP evaluation reproduces the
-single-process numbers.
+An evaluation is one sampler at a list of step counts, taken one step count at a time: all chunks at that count,
+then its row (so a run writes each row as soon as it is measured, and a run stopped part-way keeps the step counts
+it finished). Samples are generated chunk by chunk (``batch_size`` each, so peak memory does not grow with
+``num_samples``). Chunk c's noise, and the noise a stochastic sampler draws inside it, come from generators seeded
+by (seed, c) alone, so every step count, every number of processes and every chunk-to-rank assignment sees the same
+random numbers (common random numbers: differences between step counts are the sampler's, not the noise's). Chunk
+c runs on rank c mod world size; every measurement is a torchmetrics state synced when its row is computed —
+FID/KID features put back in global sample order — so a DDP evaluation reproduces the single-process numbers.
 
 The evaluator itself times the sampling (NFE, sampling seconds and the part spent in the network, peak
 accelerator memory); everything else is a :class:`~diffsteps.evaluation.measures.Measure` in the list it is given
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -63,10 +64,13 @@ def _rank_world() -> tuple[int, int]:
 
 
 class Evaluator:
-    """Measures one :class:`EvalPlan` with ``measures``. Call ``run_chunk`` for each chunk this process owns (any
-    order, any split across DDP ranks), ``run_steps`` once on every process (the measures' work without samples,
-    e.g. the ELBO), then ``compute`` on every process (the metrics sync) → one row per step count: the sampling
-    cost, then each measure's entries in list order."""
+    """Measures one :class:`EvalPlan` with ``measures``, one step count at a time: for step count n, on every
+    process, ``run_chunk(net, c, steps=[n])`` for each chunk it owns (:meth:`my_chunks`; any order), then
+    ``run_steps(net, steps=[n])`` (the measures' work without samples, e.g. the ELBO, on the process that owns n),
+    then ``row(n)`` (the metrics sync) → n's row: the sampling cost, then each measure's entries in list order.
+    Without ``steps`` the calls cover every step count (chunk-major order, as before); ``compute`` is every row.
+    Either order gives the same numbers: per step count the chunks are added in the same order, and per-chunk work
+    that does not depend on the step count is done once per chunk (:meth:`Measure.begin_chunk`)."""
 
     def __init__(self, plan: EvalPlan, schedule: Schedule, prediction: str, measures: Sequence[Measure] = ()):
         not_measures = [type(m).__name__ for m in measures if not isinstance(m, Measure)]
@@ -89,9 +93,22 @@ class Evaluator:
             m.to(device)
         return self
 
+    def my_chunks(self) -> range:
+        """The chunks this process generates: c ≡ rank (mod world size)."""
+        rank, world = _rank_world()
+        return range(rank, self.plan.num_chunks, world)
+
+    def _steps(self, steps: Sequence[int] | None) -> tuple[int, ...]:
+        if steps is None:
+            return self.plan.steps
+        unknown = [n for n in steps if n not in self.totals]
+        if unknown:
+            raise ValueError(f"step counts {unknown} are not in the plan's {list(self.plan.steps)}")
+        return tuple(steps)
+
     @torch.no_grad()
-    def run_chunk(self, net: nn.Module, c: int, device=None) -> None:
-        """Generate chunk ``c`` at every step count and add it to the metrics."""
+    def run_chunk(self, net: nn.Module, c: int, device=None, steps: Sequence[int] | None = None) -> None:
+        """Generate chunk ``c`` at each of ``steps`` (default: every step count) and add it to the metrics."""
         plan = self.plan
         device = device or _device_of(net)
         start, size = plan.chunk(c)
@@ -99,7 +116,7 @@ class Evaluator:
         chunk = Chunk(c, torch.arange(start, start + size), chunk_noise(plan, c, device), timed, device)
         for m in self.measures:
             m.begin_chunk(chunk)
-        for n in plan.steps:
+        for n in self._steps(steps):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             timed.seconds = 0.0
@@ -123,36 +140,38 @@ class Evaluator:
                 kept.append(x[:room].float().cpu())
 
     @torch.no_grad()
-    def run_steps(self, net: nn.Module, device=None) -> None:
-        """The measures' per-step-count work that needs no samples (:meth:`Measure.run_steps`), for the step counts
-        this process owns: the i-th of ``plan.steps`` on rank i mod world size."""
+    def run_steps(self, net: nn.Module, device=None, steps: Sequence[int] | None = None) -> None:
+        """The measures' per-step-count work that needs no samples (:meth:`Measure.run_steps`), for those of
+        ``steps`` (default: all) this process owns: the i-th of ``plan.steps`` on rank i mod world size."""
         device = device or _device_of(net)
         rank, world = _rank_world()
-        for n in self.plan.steps[rank::world]:
-            for m in self.measures:
-                m.run_steps(n, net, device)
+        for n in self._steps(steps):
+            if self.plan.steps.index(n) % world == rank:
+                for m in self.measures:
+                    m.run_steps(n, net, device)
+
+    def row(self, n: int) -> dict:
+        """The row of ``n`` steps (plain floats), identical on every rank; every rank must call it (it syncs the
+        metrics). Seconds are summed over ranks (device time, not wall time, under DDP)."""
+        t = self.totals[self._steps([n])[0]].compute()
+        count = float(t["n"])
+        row = {"sampler": self.plan.sampler, "spacing": self.plan.spacing, "steps": n,
+               "nfe": round(float(t["nfe_sum"]) / count), "num_samples": int(count),
+               "sample_seconds": float(t["sample_seconds"]), "model_seconds": float(t["model_seconds"]),
+               "seconds_per_sample": float(t["sample_seconds"]) / count}
+        if math.isfinite(float(t["peak_memory"])):
+            row["peak_memory_mb"] = float(t["peak_memory"])
+        for m in self.measures:
+            entries = m.compute(n)
+            if entries.keys() & row.keys():
+                raise ValueError(f"{type(m).__name__} reports {sorted(entries.keys() & row.keys())}, which "
+                                 "another measure already reported")
+            row.update(entries)
+        return row
 
     def compute(self) -> list[dict]:
-        """One row per step count (plain floats), identical on every rank. Seconds are summed over ranks (device
-        time, not wall time, under DDP)."""
-        rows = []
-        for n in self.plan.steps:
-            t = self.totals[n].compute()
-            count = float(t["n"])
-            row = {"sampler": self.plan.sampler, "spacing": self.plan.spacing, "steps": n,
-                   "nfe": round(float(t["nfe_sum"]) / count), "num_samples": int(count),
-                   "sample_seconds": float(t["sample_seconds"]), "model_seconds": float(t["model_seconds"]),
-                   "seconds_per_sample": float(t["sample_seconds"]) / count}
-            if math.isfinite(float(t["peak_memory"])):
-                row["peak_memory_mb"] = float(t["peak_memory"])
-            for m in self.measures:
-                entries = m.compute(n)
-                if entries.keys() & row.keys():
-                    raise ValueError(f"{type(m).__name__} reports {sorted(entries.keys() & row.keys())}, which "
-                                     "another measure already reported")
-                row.update(entries)
-            rows.append(row)
-        return rows
+        """Every step count's :meth:`row`, in plan order."""
+        return [self.row(n) for n in self.plan.steps]
 
     def samples(self, n: int) -> Tensor:
         """The first ``keep_samples`` samples this rank generated at ``n`` steps, in its chunk order: on rank 0 they
@@ -160,45 +179,47 @@ class Evaluator:
         return torch.cat(self.kept[n]) if self.kept[n] else torch.empty(0, *self.plan.shape)
 
 
-class _Chunks(torch.utils.data.IterableDataset):
-    """This rank's chunk indices, c ≡ rank (mod world size). Iterable, so Lightning adds no DistributedSampler
-    (which would pad ranks to equal length by repeating chunks, counting samples twice)."""
+class _StepCounts(torch.utils.data.IterableDataset):
+    """Every step count of the plan, on every rank (each rank then generates its own chunks at it). Iterable, so
+    Lightning adds no DistributedSampler, which would split the step counts among the ranks."""
 
-    def __init__(self, num_chunks: int):
-        self.num_chunks = num_chunks
-
-    def _mine(self) -> range:
-        rank, world = _rank_world()
-        return range(rank, self.num_chunks, world)
+    def __init__(self, steps: Sequence[int]):
+        self.steps = tuple(steps)
 
     def __iter__(self):
-        return iter(self._mine())
+        return iter(self.steps)
 
     def __len__(self) -> int:
-        return len(self._mine())
+        return len(self.steps)
 
 
 class EvaluationModule(L.LightningModule):
     """Runs an :class:`Evaluator` under ``trainer.test``, so Lightning places the network and, with DDP, starts
-    the processes (or reuses those training started). The evaluator — metrics and feature network — stays off
-    the module tree: it must not be moved, cast or wrapped with the model. ``rows`` holds the result after test."""
+    the processes (or reuses those training started). One test step per step count: this rank's chunks at that
+    count, the measures' sample-free work, then the row (synced across ranks), handed to ``on_row`` on global rank
+    zero as soon as it is known — before the next step count starts. The evaluator — metrics and feature network —
+    stays off the module tree: it must not be moved, cast or wrapped with the model. ``rows`` holds every row
+    measured so far."""
 
-    def __init__(self, net: nn.Module, evaluator: Evaluator):
+    def __init__(self, net: nn.Module, evaluator: Evaluator, on_row: Callable[[dict], None] | None = None):
         super().__init__()
         self.net = net
         self.__dict__["evaluator"] = evaluator
-        self.rows: list[dict] | None = None
+        self.__dict__["on_row"] = on_row
+        self.rows: list[dict] = []
 
     def test_dataloader(self):
-        return torch.utils.data.DataLoader(_Chunks(self.evaluator.plan.num_chunks), batch_size=None)
+        return torch.utils.data.DataLoader(_StepCounts(self.evaluator.plan.steps), batch_size=None)
 
     def on_test_start(self) -> None:
         self.evaluator.to(self.device)
 
-    def test_step(self, chunk, batch_idx: int) -> None:
-        self.evaluator.run_chunk(self.net, int(chunk), self.device)
-
-    def on_test_epoch_end(self) -> None:
-        # in the test loop too: the network in eval mode on its device (Lightning moves it to the CPU afterwards)
-        self.evaluator.run_steps(self.net, self.device)
-        self.rows = self.evaluator.compute()
+    def test_step(self, steps, batch_idx: int) -> None:
+        n, ev = int(steps), self.evaluator
+        for c in ev.my_chunks():
+            ev.run_chunk(self.net, c, self.device, steps=(n,))
+        ev.run_steps(self.net, self.device, steps=(n,))
+        row = ev.row(n)
+        self.rows.append(row)
+        if self.on_row is not None and self.trainer.is_global_zero:
+            self.on_row(row)

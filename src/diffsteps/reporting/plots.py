@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .files import save_figure  # noqa: E402
+
 __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "plot_quality_vs_nfe", "plot_schedules",
            "plot_sweep_metric"]
 
@@ -20,6 +22,14 @@ CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 
 # how each modality of diffsteps.data.DataSpec is drawn, by the rank of a batch of it
 _LAYOUTS = {"image": ("(B, C, H, W)", 4), "vector": ("(B, D)", 2), "signal": ("(B, C, L)", 3)}
+
+
+def _save(fig, path: Path) -> None:
+    # atomically (a killed run leaves no truncated PNG), and the figure closed even when writing fails
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _check_samples(samples: torch.Tensor, modality: str) -> torch.Tensor:
@@ -98,8 +108,7 @@ def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, mo
     square grid; signals (B, C, L) as one line plot per sample, its channels stacked; vectors (B, D) as a scatter
     of the first two coordinates."""
     fig = grid_figure(samples, modality=modality, title=title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_quality_vs_nfe(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -125,8 +134,7 @@ def plot_quality_vs_nfe(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[0].legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{metric}_vs_nfe.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        _save(fig, path)
         out.append(path)
     return out
 
@@ -167,8 +175,7 @@ def plot_schedules(schedules: dict, path: Path) -> Path:
         ax.set_xlabel("t / T")
     ax_abar.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -207,8 +214,7 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -270,8 +276,7 @@ def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title
     keys): images (B, C, H, W) in [−1, 1] as a strip of images, signals (B, C, L) as a strip of line plots (channels
     stacked); vector data as one scatter panel per step count. Returns ``path``."""
     fig = steps_grid_figure(samples_by_steps, modality=modality, title=title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 

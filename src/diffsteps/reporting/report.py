@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from hydra.experimental.callback import Callback
 
+from .files import atomic_open, write_csv, write_text
+
 __all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "MultirunSummary", "NoResultsError",
            "SUMMARY_METRICS"]
 
@@ -62,7 +64,7 @@ def _write_schedule_csv(schedules: dict, path: Path) -> None:
         columns.update({f"{label}_beta": s.betas, f"{label}_alpha_bar": s.alphas_cumprod,
                         f"{label}_log_snr": s.log_snr})
     T = next(iter(schedules.values())).num_timesteps
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for t in range(T):
@@ -200,8 +202,8 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS) -
     present = [m for m in metrics if any(_value(r, m) is not None for r in rows)]
     fronts = {m: pareto_front(rows, "nfe", m) for m in present}
     files = [_write_csv(rows, sweep_dir / "summary.csv")]
-    files.append(sweep_dir / "summary.md")
-    files[-1].write_text(_markdown(rows, varying or ["sampler"], present, fronts, sweep_dir))
+    files.append(write_text(sweep_dir / "summary.md", _markdown(rows, varying or ["sampler"], present, fronts,
+                                                               sweep_dir)))
     for m in present:
         have = [r for r in rows if _value(r, m) is not None and _value(r, "nfe") is not None]
         costs = {"nfe": fronts[m]}
@@ -221,11 +223,7 @@ def _columns(rows: list[dict]) -> list[str]:
 
 
 def _write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns or _columns(rows))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_csv(path, rows, columns or _columns(rows))
 
 
 def _markdown(rows: list[dict], ident: list[str], metrics: list[str], fronts: dict[str, list[dict]],

@@ -1,18 +1,17 @@
-"""Quality versus steps for the runner: the evaluation plan and the list of measures from the config, sample files
-and grids, and the results files."""
+"""Quality versus steps for the runner: the evaluation plan and the list of measures from the config, the results
+files (written row by row as step counts finish), then sample files and grids."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("diffsteps")
+
 
 def feature_name(cfg: DictConfig, datamodule) -> str:
     if cfg.eval.features != "auto":
@@ -29,11 +28,45 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
     return options
 
 
-def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
-             out_dir: Path) -> tuple[list[dict] | None, int]:
-    """Sample at every step count from the same noise, in chunks, on every process of the trainer (DDP: each its
-    share of the chunks), and measure. Returns (rows, rank); rows only on rank zero, which also writes the grids
-    and sample files."""
+def make_plan(cfg: DictConfig, datamodule, steps: list[int]):
+    """The :class:`~diffsteps.evaluation.plan.EvalPlan` of ``cfg.eval`` for this data (cheap: built once before
+    training to check it, and again to evaluate)."""
+    from ..evaluation.plan import EvalPlan
+
+    e = cfg.eval
+    return EvalPlan(sampler=cfg.sampler.name, steps=tuple(steps), shape=tuple(datamodule.sample_shape),
+                    num_samples=e.num_samples, batch_size=e.batch_size, spacing=cfg.sampler.spacing,
+                    options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
+                    mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
+                    reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
+                    keep_samples=min(max(e.grid_size, e.grid_columns, e.save_samples), e.num_samples))
+
+
+class ResultsFile:
+    """metrics.json and metrics.csv of a run, rewritten (atomically) with every row added, so they always hold
+    the step counts measured so far: a run stopped part-way keeps them, and a reader never sees half a file.
+    ``objective`` (an :class:`~diffsteps.runner.objects.Objective`) adds each row's ``objective`` entry."""
+
+    def __init__(self, out_dir: Path, objective=None):
+        self.out_dir, self.objective = Path(out_dir), objective
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        if self.objective is not None:
+            row["objective"] = self.objective.value(row)
+        self.rows.append(row)
+        write_results(self.rows, self.out_dir)
+        log.info("%s %d steps: %s", row["sampler"], row["steps"],
+                 {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
+
+
+def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], out_dir: Path,
+             on_row: Callable[[dict], None] | None = None) -> tuple[list[dict] | None, int]:
+    """Sample at every step count from the same noise, one step count after another, in chunks, on every process
+    of the trainer (DDP: each its share of the chunks), and measure. Each step count's row goes to ``on_row`` on
+    rank zero as soon as it is measured (the runner's :class:`ResultsFile`). Then rank zero writes the sample
+    files and grids; one that fails is a warning, not a lost evaluation. Returns (rows, rank); rows only on rank
+    zero."""
     from hydra.utils import instantiate
 
     from ..evaluation.evaluator import EvaluationModule, Evaluator
@@ -44,17 +77,11 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
         Quality,
         TrajectoryError,
     )
-    from ..evaluation.plan import EvalPlan
     from ..evaluation.quality import SampleQuality
 
     e = cfg.eval
     features = feature_name(cfg, datamodule)
-    plan = EvalPlan(sampler=cfg.sampler.name, steps=tuple(steps), shape=tuple(datamodule.sample_shape),
-                    num_samples=e.num_samples, batch_size=e.batch_size, spacing=cfg.sampler.spacing,
-                    options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
-                    mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
-                    reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
-                    keep_samples=max(e.grid_size, e.grid_columns, e.save_samples))
+    plan = make_plan(cfg, datamodule, steps)
     real = datamodule.real_samples(e.num_reference, split=e.reference_split)
     key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
 
@@ -82,11 +109,11 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
         _elbo(cfg, module, datamodule, schedule, plan) if e.elbo.num_samples > 0 else None,
     ) if m is not None]
     evaluator = Evaluator(plan, schedule, module.prediction, measures)
-    # the chunk loader runs in the main process (no workers), where its per-rank __len__ is exact
+    # the step-count loader runs in the main process (no workers), where its __len__ is exact
     warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
                           default_root_dir=str(out_dir))
-    runner = EvaluationModule(module.net, evaluator)
+    runner = EvaluationModule(module.net, evaluator, on_row=on_row)
     log.info("evaluating %s at %s steps: %d samples in chunks of %d", plan.sampler, list(steps), plan.num_samples,
              plan.batch_size)
     trainer.test(runner, verbose=False)
@@ -94,9 +121,6 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int],
         return None, trainer.global_rank
     rows = runner.rows
     _save_samples(evaluator, rows, plan, e, out_dir, datamodule.spec.modality)
-    for row in rows:
-        log.info("%s %d steps: %s", row["sampler"], row["steps"],
-                 {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
     return rows, 0
 
 
@@ -112,26 +136,46 @@ def _elbo(cfg: DictConfig, module, datamodule, schedule, plan):
                      progress=bool(cfg.trainer.get("enable_progress_bar", True)))
 
 
+def best_effort(what: Path | str, fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or a logged warning if it raises: for the files made after the metrics are written
+    (sample files, grids, plots), whose failure must not lose — or fail — a finished evaluation."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 (any failure of a figure or file: the results are already on disk)
+        log.warning("could not write %s (%s: %s); the metrics are in metrics.json and metrics.csv", what,
+                    type(err).__name__, err)
+        return None
+
+
 def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path, modality: str) -> None:
+    """Per step count samples_<sampler>_<n>.pt (``eval.save_samples``; 0: none) and grid_<sampler>_<n>.png
+    (``eval.grid_size``; 0: none), and grid_steps_<sampler>.png (``eval.grid_columns``; 0: none)."""
+    from ..reporting.files import save_torch
     from ..reporting.plots import save_grid, save_steps_grid
 
     by_steps = {}
     for row in rows:
         n = row["steps"]
         x = evaluator.samples(n)
-        torch.save(x[: e.save_samples].clone(), out_dir / f"samples_{plan.sampler}_{n}.pt")
-        save_grid(x[: e.grid_size], out_dir / f"grid_{plan.sampler}_{n}.png",
-                  title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})", modality=modality)
+        if e.save_samples > 0:
+            path = out_dir / f"samples_{plan.sampler}_{n}.pt"
+            best_effort(path, save_torch, x[: e.save_samples].clone(), path)
+        if e.grid_size > 0:
+            path = out_dir / f"grid_{plan.sampler}_{n}.png"
+            best_effort(path, save_grid, x[: e.grid_size], path, title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})",
+                        modality=modality)
         # images and signals: one row of samples per step count; vectors: one scatter of the whole grid per count
         by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_size if modality == "vector" else e.grid_columns]
-    save_steps_grid(by_steps, out_dir / f"grid_steps_{plan.sampler}.png",
+    if e.grid_columns > 0 and any(len(x) for x in by_steps.values()):
+        path = out_dir / f"grid_steps_{plan.sampler}.png"
+        best_effort(path, save_steps_grid, by_steps, path,
                     title=f"{plan.sampler}: the same noise at each step count", modality=modality)
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:
-    (out_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    """metrics.csv (one line per row, every key a column) and metrics.json (the rows), each replaced atomically;
+    metrics.json last, so it never holds a row that metrics.csv lacks."""
+    from ..reporting.files import write_csv, write_json
+
+    write_csv(out_dir / "metrics.csv", rows)
+    write_json(out_dir / "metrics.json", rows)

@@ -11,26 +11,35 @@ import math
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from .build import build
 from .checkpoints import load_weights
-from .evaluate import evaluate, write_results
+from .evaluate import ResultsFile, best_effort, evaluate
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
-from .validate import instantiate_checked, validate
+from .validate import (
+    check_eval_config,
+    check_eval_data,
+    check_top_level_keys,
+    instantiate_checked,
+    validate,
+)
 
 
 def run(cfg: DictConfig) -> float:
     """Train (or reuse), evaluate at each of ``cfg.steps``, write results; return the objective at the last."""
     from hydra.utils import instantiate
 
+    from ..reporting.files import save_config, symlink
     from ..reporting.plots import plot_quality_vs_nfe
 
+    check_top_level_keys(cfg)
     if cfg.task in ("schedules", "report"):
         return _figure_task(cfg)
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
+    check_eval_config(cfg, schedule, steps)
     objective = instantiate_checked(cfg.objective)
     if cfg.trainer.get("enable_progress_bar") is None:
         # a bar on a terminal; in a log file its carriage-return updates pile up, so there the ProgressLog
@@ -46,6 +55,7 @@ def run(cfg: DictConfig) -> float:
     if objective.name == "nll" and not datamodule.spec.has_density:
         raise ValueError(f"objective=nll needs data with a known density (toy2d with kind=8gaussians, gmm); "
                          f"{datamodule.name} has none: choose objective=fid, kid, mse or elbo")
+    check_eval_data(cfg, datamodule, steps)  # the sizes against the splits: loads the data (training would)
     loggers = make_loggers(cfg, out_dir)
     rank = 0
     if cfg.ckpt_path:
@@ -55,21 +65,16 @@ def run(cfg: DictConfig) -> float:
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
         ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
+    if rank == 0:  # before evaluating: a run stopped during its evaluation still records what it evaluated
+        save_config(cfg, out_dir / "config.yaml")
+        symlink(Path(ckpt).resolve(), out_dir / "checkpoint.ckpt")
     rows = None
     if cfg.task != "train":
-        rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir)  # every rank takes part
-    if rank != 0:
+        results = ResultsFile(out_dir, objective)  # metrics.json/.csv, rewritten as each step count finishes
+        rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir, on_row=results.add)
+    if rank != 0 or rows is None:
         return math.nan  # rank zero writes the results
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    link = out_dir / "checkpoint.ckpt"
-    if not link.exists():
-        link.symlink_to(Path(ckpt).resolve())
-    if rows is None:
-        return math.nan
-    for row in rows:
-        row["objective"] = objective.value(row)
-    write_results(rows, out_dir)
-    plot_quality_vs_nfe(rows, out_dir)
+    best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")

@@ -86,3 +86,132 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
         raise ValueError("objective=elbo needs eval.elbo.num_samples > 0")
     return steps
 
+
+
+# -- the evaluation's inputs and the config's keys: everything that used to fail after training -------------------
+def primary_keys() -> set[str] | None:
+    """The top-level keys of the primary config (conf/config.yaml) as its files compose it with this run's group
+    choices — an experiment preset's own keys included — but without the command line's ``+key=…``/``++key=…``
+    additions; None outside a Hydra run (e.g. a config from the compose API), where there is nothing to compare."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
+        return None
+    hc = HydraConfig.get()
+    overrides = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+    kept = [o.input_line for o in overrides if not (o.is_add() or o.is_force_add())]
+    try:
+        primary = GlobalHydra.instance().config_loader().load_configuration(hc.job.config_name, kept, RunMode.RUN)
+    except Exception:  # noqa: BLE001 (Hydra composed this run with these overrides and more: no second opinion)
+        return None
+    return set(primary) - {"hydra"}
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """Reject top-level keys the primary config does not have (``+foo=1``, ``+num_samples=…``): Hydra's ``+``
+    appends any key by design, and nothing would read it, so a typo would silently change nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    known = primary_keys()
+    if known is None:
+        return
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        added = [o for o in HydraConfig.get().overrides.task
+                 if o.lstrip("+").split("=", 1)[0].split(".", 1)[0] in unknown]
+        raise ValueError(f"unknown top-level key(s) {', '.join(unknown)}"
+                         + (f" (from {' '.join(added)})" if added else "")
+                         + f"; the valid top-level keys: {', '.join(sorted(known))}. Settings go under their "
+                         "section without '+', e.g. eval.num_samples=500")
+
+
+def _int(name: str, value, minimum: int, meaning: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}{meaning}, got {value!r}")
+    return value
+
+
+def check_eval_config(cfg: DictConfig, schedule, steps: list[int]) -> None:
+    """The evaluation settings that the config alone decides, checked before training (the data-dependent sizes:
+    :func:`check_eval_data`): distinct step counts; grid and sample-file sizes (0: off); KID's subset size; the
+    split names; the ELBO's variance; the trajectory reference (a deterministic sampler the schedule can run)."""
+    from ..data.base import SPLITS
+    from ..evaluation.likelihood import VARIANCES
+    from ..sampling.registry import SAMPLERS, get_sampler
+
+    repeated = sorted({n for n in steps if steps.count(n) > 1})
+    if repeated:
+        raise ValueError(f"steps={list(steps)} repeats {', '.join(map(str, repeated))}: each step count is one row "
+                         "of the results, list each once")
+    if cfg.task == "train":
+        return
+    e = cfg.eval
+    _int("eval.kid_subset_size", e.kid_subset_size, 2, " (KID averages over subsets of this size)")
+    for key in ("grid_size", "grid_columns", "save_samples"):
+        _int(f"eval.{key}", e[key], 0, " (0: none)")
+    if e.num_reference is not None:
+        _int("eval.num_reference", e.num_reference, max(2, e.kid_subset_size),
+             f" (FID needs 2 reference samples, KID eval.kid_subset_size={e.kid_subset_size}; null: the whole split)")
+    if e.reference_split not in SPLITS:
+        raise ValueError(f"unknown eval.reference_split {e.reference_split!r}; valid choices: {', '.join(SPLITS)}")
+    elbo = e.elbo
+    _int("eval.elbo.num_samples", elbo.num_samples, 0, " (0: no ELBO)")
+    if elbo.num_samples > 0:
+        if elbo.split not in SPLITS:
+            raise ValueError(f"unknown eval.elbo.split {elbo.split!r}; valid choices: {', '.join(SPLITS)}")
+        if elbo.variance not in VARIANCES:
+            raise ValueError(f"unknown eval.elbo.variance {elbo.variance!r}; valid choices: {', '.join(VARIANCES)}")
+    mse = e.mse
+    _int("eval.mse.num_samples", mse.num_samples, 0, " (0: no trajectory error)")
+    sampler: SamplerChoice = instantiate_checked(cfg.sampler)
+    if mse.num_samples > 0 and sampler.deterministic:
+        ref = get_sampler(mse.reference_sampler)  # unknown: the valid choices in the message
+        if not ref.is_deterministic():
+            raise ValueError(f"eval.mse.reference_sampler must be deterministic (it solves the probability-flow "
+                             f"ODE), got {mse.reference_sampler!r}; choose one of: "
+                             f"{', '.join(n for n, s in SAMPLERS.items() if s.is_deterministic())}")
+        _int("eval.mse.reference_steps", mse.reference_steps, 2, " (its convergence check reruns it at half)")
+        for n in (mse.reference_steps, mse.reference_steps // 2):
+            try:
+                plan_sampling(schedule, mse.reference_sampler, n, mse.reference_spacing)
+            except ValueError as err:
+                raise ValueError(f"the trajectory reference (eval.mse.reference_sampler={mse.reference_sampler}, "
+                                 f"reference_steps={n}, reference_spacing={mse.reference_spacing}): {err}") from None
+
+
+def _split_size(datamodule, split: str) -> int:
+    # the stored split, not decoded: real_samples(None) would decode (and copy) a whole image split to float
+    data = datamodule._split(split) if hasattr(datamodule, "_split") else datamodule.real_samples(None, split=split)
+    return len(data)
+
+
+def check_eval_data(cfg: DictConfig, datamodule, steps: list[int]) -> None:
+    """The evaluation's sizes against the data, before training: the reference set (``eval.num_reference`` of
+    ``eval.reference_split``) holds at least 2 samples and ``eval.kid_subset_size``; ``eval.elbo.num_samples`` fit
+    in ``eval.elbo.split``; the evaluation plan builds. Loads the data (training would)."""
+    from .evaluate import make_plan
+
+    if cfg.task == "train":
+        return
+    e = cfg.eval
+    split = e.reference_split
+    size = _split_size(datamodule, split)
+    name = getattr(datamodule, "name", type(datamodule).__name__)
+    if e.num_reference is not None and e.num_reference > size:
+        raise ValueError(f"eval.num_reference={e.num_reference} but the {split} split of {name} has {size} "
+                         f"samples: lower it, or null for the whole split")
+    reference = size if e.num_reference is None else e.num_reference
+    if reference < max(2, e.kid_subset_size):
+        raise ValueError(f"eval.kid_subset_size={e.kid_subset_size} exceeds the reference set: {reference} samples "
+                         f"of the {split} split of {name}; lower kid_subset_size (KID needs a subset of the "
+                         "reference and of the samples)")
+    if e.elbo.num_samples > 0:
+        elbo_size = _split_size(datamodule, e.elbo.split)
+        if e.elbo.num_samples > elbo_size:
+            raise ValueError(f"eval.elbo.num_samples={e.elbo.num_samples} but the {e.elbo.split} split of {name} "
+                             f"has {elbo_size} samples: lower it (0: no ELBO) or choose eval.elbo.split="
+                             + ("train" if e.elbo.split == "val" else "val"))
+    make_plan(cfg, datamodule, steps)

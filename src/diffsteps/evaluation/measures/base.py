@@ -34,24 +34,30 @@ class Chunk:
 class Measure:
     """One measurement of an evaluation: a few entries of every step count's row.
 
-    The :class:`~diffsteps.evaluation.evaluator.Evaluator` calls, on each process, for each chunk it owns,
-    ``begin_chunk`` once and then ``update`` with the chunk's samples at each step count; once per step count, on
-    the one process that owns it, ``run_steps`` (work that needs the network but no samples); finally ``compute``
-    on every process. Whatever ``compute`` reads must be held in torchmetrics ``Metric`` states — attributes that
-    are a ``Metric`` or a dict of them, found by :meth:`metrics` — so that it is synced across DDP processes and
-    every process returns the numbers one process would. All hooks but ``compute`` are optional."""
+    The :class:`~diffsteps.evaluation.evaluator.Evaluator` takes one step count n at a time and calls, on each
+    process, for each chunk it owns, ``begin_chunk`` and then ``update`` with the chunk's samples at n; on the one
+    process that owns n, ``run_steps`` (work that needs the network but no samples); then ``compute(n)`` on every
+    process, before the next step count starts. Whatever ``compute`` reads must be held in torchmetrics ``Metric``
+    states — attributes that are a ``Metric`` or a dict of them, found by :meth:`metrics` — so that it is synced
+    across DDP processes and every process returns the numbers one process would. A state that ``compute`` reads
+    for several step counts while others still update it needs ``compute_with_cache=False`` (torchmetrics would
+    otherwise return a cached, stale result on the ranks that did not update it, and skip the sync). All hooks but
+    ``compute`` are optional."""
 
     def begin_chunk(self, chunk: Chunk) -> None:
-        """Before chunk ``chunk`` is sampled (a reference solution from its noise, say)."""
+        """Before chunk ``chunk`` is sampled — once per step count, so work that depends on the chunk alone (a
+        reference solution from its noise, say) is done the first time and kept by ``chunk.c``."""
 
     def update(self, steps: int, x: Tensor, chunk: Chunk) -> None:
         """The chunk's samples ``x`` (its size, ...) at ``steps`` steps, in the network's dtype."""
 
     def run_steps(self, steps: int, net: nn.Module, device: torch.device) -> None:
-        """For ``steps`` steps without samples: called once per step count, on one process (the bare network)."""
+        """For ``steps`` steps without samples: called once per step count, on one process (the bare network),
+        after that step count's chunks."""
 
     def compute(self, steps: int) -> dict:
-        """The row entries (plain floats) at ``steps`` steps; identical on every process."""
+        """The row entries (plain floats) at ``steps`` steps; identical on every process. Called as soon as that
+        step count is done, on every process."""
         raise NotImplementedError
 
     def metrics(self) -> list[Metric]:

@@ -50,7 +50,11 @@ class ChainELBO(Measure):
         self.options = dict(prediction=prediction, variance=variance, batch_size=plan.batch_size,
                             discrete=levels is not None, levels=levels or 256)
         s = len(plan.steps)
-        self.totals = Totals({"bpd": (s, len(_KEYS)), "done": (s,), "full": (), "full_done": ()})
+        # one state for all step counts, read by every row while later step counts still add to it: synced at
+        # every compute (a cached result would be stale on the ranks that added nothing since, and they would skip
+        # the sync the others wait in)
+        self.totals = Totals({"bpd": (s, len(_KEYS)), "done": (s,), "full": (), "full_done": ()},
+                             compute_with_cache=False)
 
     def _bound(self, net: nn.Module, device: torch.device, timesteps: Tensor | None, **extra) -> dict:
         # reseeded for each step count: a row's ELBO does not depend on which step counts came before it
