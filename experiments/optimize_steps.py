@@ -55,7 +55,7 @@ def main() -> None:
     sch = ds.make_schedule("linear", 1000)
     model = ds.ExactEpsilon(mixture(a.dim), sch)
     noise = torch.randn(a.noises, a.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    common = dict(noise=noise, candidates=a.candidates, holdout=1 / 3, iterations=150, patience=6)
+    common = {"noise": noise, "candidates": a.candidates, "holdout": 1 / 3, "iterations": 150, "patience": 6}
     head = (f"{'sampler':<9} {'NFE':>3}  {'best fixed (held-out RMS)':<26} {'DP':>7} {'refine':>7} {'DP/fix':>6} "
             f"{'ref/fix':>7} {'train ref/fix':>13}  {'DP calls':>8} {'DP s':>5} {'ref calls':>9} {'ref s':>6}")
     lines = [head, "-" * len(head)]
@@ -80,13 +80,14 @@ def main() -> None:
                          f"{r['cost']['model_calls']:9d} {r['cost']['seconds']:6.1f}")
             lines.append(line)
             print(line, flush=True)
-    header = [f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
-              f"torch {torch.__version__}, {a.threads} thread(s)",
-              f"# python {shlex.join(['experiments/optimize_steps.py'] + sys.argv[1:])}",
-              f"# {a.dim}-D exact mixture, linear T=1000; {a.noises} noises, 2/3 train, 1/3 held out; "
-              f"{a.candidates} log-SNR candidates, teacher dpmpp_3m × 8 substeps; errors: RMS vs the teacher's endpoint",
-              "# ratios: held-out error / best fixed spacing's held-out error (train ref/fix: the same on the "
-              "training noises)", ""]
+    header = [(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
+               f"torch {torch.__version__}, {a.threads} thread(s)"),
+              f"# python {shlex.join(['experiments/optimize_steps.py', *sys.argv[1:]])}",
+              (f"# {a.dim}-D exact mixture, linear T=1000; {a.noises} noises, 2/3 train, 1/3 held out; "
+               f"{a.candidates} log-SNR candidates, teacher dpmpp_3m × 8 substeps; errors: RMS vs the teacher's "
+               "endpoint"),
+              ("# ratios: held-out error / best fixed spacing's held-out error (train ref/fix: the same on the "
+               "training noises)"), ""]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         f.write("\n".join(header + lines) + "\n\n")

@@ -11,7 +11,13 @@ import torch
 
 import diffsteps as ds
 from diffsteps.core.spacings import to_integer_timesteps
-from diffsteps.steps import candidate_timesteps, dp_paths, elbo_chains, steps_for_nfe, teacher_solve
+from diffsteps.steps import (
+    candidate_timesteps,
+    dp_paths,
+    elbo_chains,
+    steps_for_nfe,
+    teacher_solve,
+)
 from diffsteps.steps.costs import step_costs
 from diffsteps.steps.differentiable import run_differentiable
 from tests.helpers import CountingModel, noise
@@ -22,7 +28,7 @@ def _exhaustive(cost, k):
     best = (math.inf, None)
     for mid in itertools.combinations(range(1, n - 1), k - 1):
         path = (0, *mid, n - 1)
-        total = sum(cost[a, b] for a, b in zip(path, path[1:]))
+        total = sum(cost[a, b] for a, b in itertools.pairwise(path))
         if total < best[0]:
             best = (total, list(path))
     return best
@@ -138,7 +144,7 @@ def test_optimised_schedule_beats_every_fixed_spacing_on_held_out_noise(setup):
         k = rep["steps"]
         assert ts.dtype == torch.float64 and bool((ts[1:] < ts[:-1]).all()) and ts[0] == 999
 
-        def err(spacing):
+        def err(spacing, k=k):
             out = ds.sample(model, held, schedule=sch, sampler="dpmpp_2m", steps=None if
                             not isinstance(spacing, str) else k, spacing=spacing)
             return (out - ref).square().mean().sqrt().item()
@@ -179,3 +185,51 @@ def test_elbo_dp_equals_elbo_bpd_on_its_chain_and_beats_even_chains(gaussian):
     ts, rep = ds.optimize_schedule(model, sch, sampler="ddpm", nfe=4, noise=None, method="elbo", data=x0,
                                    candidates=100, seed=5)
     assert ts.tolist() == chains[4].timesteps.flip(0).double().tolist() and rep["elbo_bpd"] == chains[4].bpd
+
+
+def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_path):
+    """run.py task=optimize_steps trains the tiny model, writes one YAML per NFE (run folder + cache next to the
+    checkpoint) and the figure; sampler.spacing=optimized reuses the checkpoint and samples on the cached timesteps;
+    bad input fails before training."""
+    import json
+
+    import yaml
+
+    from tests.helpers import FAST, run_py
+
+    opt = ["logger=none", "task=optimize_steps", "sampler=dpmpp_2m", "+optimize=default", "optimize.noises=96",
+           "optimize.iterations=20"]
+    run_py(tmp_path, *FAST, *opt, "steps=[5,10]", name="opt")
+    run_dir = tmp_path / "opt"
+    assert (run_dir / "optimized_schedules.png").is_file()
+    cached = sorted(tmp_path.glob("outputs/checkpoints/*/schedules/dpmpp_2m_nfe*_refine.yaml"))
+    assert [p.name for p in cached] == ["dpmpp_2m_nfe10_refine.yaml", "dpmpp_2m_nfe5_refine.yaml"]
+    entry = yaml.safe_load(cached[1].read_text())
+    assert entry == yaml.safe_load((run_dir / "schedules" / cached[1].name).read_text())
+    assert entry["training_key"] == cached[1].parents[1].name and entry["sampler"] == "dpmpp_2m"
+    ts = entry["timesteps"]
+    assert entry["steps"] == entry["nfe"] == 5 and len(ts) == 5 and ts[0] == 999
+    assert all(a > b for a, b in itertools.pairwise(ts))
+    assert set(entry["fixed"]) == {"trailing", "karras", "logsnr", "linspace"}
+    assert entry["heldout_error"] < entry["fixed"][entry["best_fixed"]]["heldout"]  # measured ratio ≈ 0.01
+    assert entry["cost"]["model_calls"] > 0 and entry["teacher"]["heldout_noises"] == 32
+
+    proc = run_py(tmp_path, *FAST, "logger=none", "sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=5",
+                  name="use")
+    assert "Epoch" not in proc.stderr  # the checkpoint was reused
+    row = json.loads((tmp_path / "use" / "metrics.json").read_text())[0]
+    assert row["spacing"] == ts and row["nfe"] == 5
+
+    bad = [(("sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=7"),
+            "no optimised dpmpp_2m schedule with 7 steps.*python run.py task=optimize_steps sampler=dpmpp_2m"),
+           (("sampler=ddim", f"sampler.spacing={cached[1]}", "steps=5"), "optimised for sampler 'dpmpp_2m', not 'ddim'"),
+           (("sampler=dpmpp_2m", f"sampler.spacing={cached[1]}", "steps=5", "seed=1"),
+            "optimised for the model with training key"),
+           (("task=optimize_steps", "sampler=heun", "steps=[5,10]"), "cannot spend exactly nfe=10"),
+           ((*opt[1:4], "optimize.noises=6", "steps=5"), "too few teacher noises")]
+    import re
+
+    for args, message in bad:
+        proc = run_py(tmp_path, *FAST, "logger=none", *args, name="bad", check=False)
+        assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-2000:]
+        assert "Epoch" not in proc.stderr

@@ -29,6 +29,11 @@ def run(cfg: DictConfig) -> float:
 
     if cfg.task in ("schedules", "report"):
         return _figure_task(cfg)
+    from .optimize import optimize_task, resolve_spacing
+
+    if cfg.task == "optimize_steps":
+        return optimize_task(cfg)
+    resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
     objective = instantiate_checked(cfg.objective)

@@ -11,5 +11,14 @@ from .elbo import elbo_chains
 from .optimize import FIXED_SPACINGS, METHODS, optimize_schedule
 from .teacher import candidate_timesteps, nfe_for_steps, steps_for_nfe, teacher_solve
 
-__all__ = ["optimize_schedule", "METHODS", "FIXED_SPACINGS", "dp_paths", "elbo_chains", "candidate_timesteps",
-           "teacher_solve", "nfe_for_steps", "steps_for_nfe"]
+__all__ = [
+           "FIXED_SPACINGS",
+           "METHODS",
+           "candidate_timesteps",
+           "dp_paths",
+           "elbo_chains",
+           "nfe_for_steps",
+           "optimize_schedule",
+           "steps_for_nfe",
+           "teacher_solve",
+]

@@ -9,7 +9,7 @@ It costs one more model call per step when gradients are wanted."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -22,15 +22,18 @@ _F64 = torch.float64
 
 
 def _denoiser(model: Callable, schedule: Schedule, prediction: str, fd: float):
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    dtype = next((p.dtype for p in params if p.is_floating_point()), _F64)  # as the Denoiser casts x
+
     def call(x: torch.Tensor, lam: torch.Tensor):
         t = schedule.t_from_log_snr(lam.clamp(*_lam_range(schedule)))
         abar = torch.sigmoid(lam)
-        tt = t.detach().expand(x.shape[0]).to(x.dtype)
-        out = model(x, tt).to(_F64)
+        tt = t.detach().expand(x.shape[0]).to(torch.promote_types(dtype, torch.float32))
+        out = model(x.to(dtype), tt).to(_F64)
         if lam.requires_grad:
             with torch.no_grad():
                 up = tt + fd if float(tt[0]) + fd <= schedule.num_timesteps - 1 else tt - fd
-                slope = (model(x.detach(), up).to(_F64) - out.detach()) / (up[0] - tt[0]).item()
+                slope = (model(x.detach().to(dtype), up).to(_F64) - out.detach()) / (up[0] - tt[0]).item()
             out = out + (t - t.detach()) * slope
         return to_x0_eps(out, x, abar.sqrt(), (1 - abar).sqrt(), prediction)
 

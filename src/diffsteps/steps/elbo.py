@@ -5,8 +5,8 @@ timesteps, so the chain τ_1 < … < τ_K minimising it is a shortest path, foun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from ..core.process import posterior_coefficients
 from ..core.schedules import Schedule
 from ..sampling.denoiser import Denoiser
 
-__all__ = ["elbo_chains", "ElboChain"]
+__all__ = ["ElboChain", "elbo_chains"]
 
 _F64 = torch.float64
 

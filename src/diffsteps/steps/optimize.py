@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,9 +15,16 @@ from .differentiable import DIFFERENTIABLE
 from .dp import dp_paths
 from .elbo import elbo_chains
 from .refine import refine_timesteps
-from .teacher import CountingModel, candidate_timesteps, check_request, rms_error, run_schedule, teacher_solve
+from .teacher import (
+    CountingModel,
+    candidate_timesteps,
+    check_request,
+    rms_error,
+    run_schedule,
+    teacher_solve,
+)
 
-__all__ = ["optimize_schedule", "METHODS", "FIXED_SPACINGS", "MIN_TRAIN", "MIN_HELDOUT"]
+__all__ = ["FIXED_SPACINGS", "METHODS", "MIN_HELDOUT", "MIN_TRAIN", "optimize_schedule"]
 
 _F64 = torch.float64
 METHODS = ("dp", "refine", "elbo")
@@ -76,7 +83,7 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         raise ValueError("noise must be a batch (B, …) of initial states x_{T−1}")
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    n_held = int(round(holdout * len(noise)))
+    n_held = round(holdout * len(noise))
     n_train = len(noise) - n_held
     if n_train < MIN_TRAIN or n_held < MIN_HELDOUT:
         raise ValueError(f"too few teacher noises: {len(noise)} split {n_train} train / {n_held} held out; need "

@@ -3,15 +3,15 @@ the visited levels so the K-step sampler lands on the teacher's endpoint, with e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..core.schedules import Schedule
 from .differentiable import DIFFERENTIABLE, run_differentiable
 
-__all__ = ["refine_timesteps", "RefineResult"]
+__all__ = ["RefineResult", "refine_timesteps"]
 
 _F64 = torch.float64
 

@@ -5,8 +5,8 @@ through :func:`diffsteps.sample` with explicit timesteps, so a sampler added to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -15,8 +15,16 @@ from ..core.spacings import to_integer_timesteps
 from ..sampling.api import plan_sampling, sample
 from ..sampling.registry import SAMPLERS, get_sampler
 
-__all__ = ["GRIDS", "candidate_timesteps", "Teacher", "teacher_solve", "steps_for_nfe", "nfe_for_steps",
-           "rms_error", "CountingModel"]
+__all__ = [
+    "GRIDS",
+    "CountingModel",
+    "Teacher",
+    "candidate_timesteps",
+    "nfe_for_steps",
+    "rms_error",
+    "steps_for_nfe",
+    "teacher_solve",
+]
 
 _F64 = torch.float64
 GRIDS = ("logsnr", "karras")
@@ -110,12 +118,20 @@ def teacher_solve(model: Callable, noise: torch.Tensor, schedule: Schedule, t: t
                    {"solver": solver, "substeps": substeps, "candidates": len(t), "steps": len(fine_t)})
 
 
+def model_dtype(model) -> torch.dtype | None:
+    """The dtype a module's first floating parameter has (what the Denoiser casts x to); None for a plain callable."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.dtype for p in params if p.is_floating_point()), None)
+
+
 def _x0(model, x, schedule, t, prediction):
     from ..core.parameterizations import to_x0_eps
 
     a = schedule.alpha_bar_at(torch.tensor(t, dtype=_F64)).item()
+    dtype = model_dtype(model) or x.dtype
     with torch.no_grad():
-        out = model(x, torch.full((x.shape[0],), t, dtype=x.dtype)).to(_F64)
+        out = model(x.to(dtype), torch.full((x.shape[0],), t, dtype=torch.promote_types(dtype, torch.float32)))
+        out = out.to(_F64)
     return to_x0_eps(out, x, math.sqrt(a), math.sqrt(1 - a), prediction)[0]
 
 
