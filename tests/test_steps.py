@@ -18,8 +18,9 @@ from diffsteps.steps import (
     steps_for_nfe,
     teacher_solve,
 )
-from diffsteps.steps.costs import step_costs
+from diffsteps.steps.costs import dpmpp_2m_history_costs, step_costs
 from diffsteps.steps.differentiable import run_differentiable
+from diffsteps.steps.dp import dp_paths_history
 from tests.helpers import CountingModel, noise
 
 
@@ -49,6 +50,21 @@ def test_dp_equals_exhaustive_search(seed):
         assert paths[k][1] == pytest.approx(total, rel=1e-12)
 
 
+def test_history_dp_equals_exhaustive_search():
+    rng = np.random.default_rng(2)
+    n = 14
+    first, cost3 = rng.exponential(size=(n, n)), rng.exponential(size=(n, n, n))
+    paths = dp_paths_history(first, cost3, 5)
+    for k in range(1, 6):
+        best = (math.inf, None)
+        for mid in itertools.combinations(range(1, n - 1), k - 1):
+            p = (0, *mid, n - 1)
+            total = first[0, p[1]] + sum(cost3[p[m - 1], p[m], p[m + 1]] for m in range(1, len(p) - 1))
+            if total < best[0]:
+                best = (total, list(p))
+        assert paths[k][0] == best[1] and paths[k][1] == pytest.approx(best[0], rel=1e-12)
+
+
 @pytest.fixture(scope="module")
 def setup(mixture, linear):
     return ds.ExactEpsilon(mixture, linear), linear
@@ -75,6 +91,33 @@ def test_dp_on_real_costs_and_the_closed_form_ddim_step(setup):
     for k in range(1, 5):
         total, path = _exhaustive(cost, k)
         assert paths[k][0] == path and paths[k][1] == pytest.approx(total, rel=1e-12)
+
+
+def test_dpmpp_2m_history_cost_is_the_samplers_second_step(setup):
+    """c[k, i, j] against the registry's dpmpp_2m run over [t_k, t_i, t_j] from the teacher's x_k, with a model
+    wrapper that makes the second call return the teacher's x̂_0 at i: the sampler's output then differs from the
+    cost's step only by (σ_j/σ_i)(x̂_i − x_i), the state it carries."""
+    model, sch = setup
+    cand = candidate_timesteps(sch, 10)
+    teacher = teacher_solve(model, noise(16, 2, seed=5), sch, cand, substeps=4)
+    cost = dpmpp_2m_history_costs(sch, teacher)
+    a = sch.alpha_bar_at(cand)
+    for k, i, j in [(0, 1, 2), (1, 4, 7), (2, 3, 9)]:
+        state = {}
+
+        def wrapped(x, t, i=i, state=state):
+            if len(state) == 0:
+                state["first"] = True
+                return model(x, t)
+            state["x_i"] = x.clone()
+            return (x - a[i].sqrt() * teacher.x0[i]) / (1 - a[i]).sqrt()  # ε with x̂_0 = the teacher's
+
+        out = ds.sample(wrapped, teacher.states[k], schedule=sch, sampler="dpmpp_2m",
+                        spacing=cand[[k, i, j]], denoise_final=False)
+        # the sampler's first step k → i used x̂_0 at the teacher's x_k: the history the cost assumes
+        out = out - ((1 - a[j]) / (1 - a[i])).sqrt() * (state["x_i"] - teacher.states[i])
+        want = ((out - teacher.states[j]).norm(dim=1) / math.sqrt(2)).mean().item()
+        assert cost[k, i, j].item() == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
@@ -222,7 +265,8 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
 
     bad = [(("sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=7"),
             "no optimised dpmpp_2m schedule with 7 steps.*python run.py task=optimize_steps sampler=dpmpp_2m"),
-           (("sampler=ddim", f"sampler.spacing={cached[1]}", "steps=5"), "optimised for sampler 'dpmpp_2m', not 'ddim'"),
+           (("sampler=ddim", f"sampler.spacing={cached[1]}", "steps=5"),
+            "optimised for sampler 'dpmpp_2m', not 'ddim'"),
            (("sampler=dpmpp_2m", f"sampler.spacing={cached[1]}", "steps=5", "seed=1"),
             "optimised for the model with training key"),
            (("task=optimize_steps", "sampler=heun", "steps=[5,10]"), "cannot spend exactly nfe=10"),

@@ -152,7 +152,8 @@ def optimize_task(cfg: DictConfig) -> float:
                  "nfe": rep["nfe"], "steps": rep["steps"], "method": rep["method"],
                  "timesteps": [float(v) for v in ts], "prediction": module.prediction,
                  "teacher": rep["teacher"], "train_error": rep["train_error"], "heldout_error": rep["heldout_error"],
-                 "best_fixed": rep["best_fixed"], "ratio": rep.get("ratio"), "fixed": rep["fixed"],
+                 "heldout_median": rep["heldout_median"], "best_fixed": rep["best_fixed"],
+                 "ratio": rep.get("ratio"), "median_ratio": rep.get("median_ratio"), "fixed": rep["fixed"],
                  "cost": rep["cost"], "settings": asdict(settings)}
         text = yaml.safe_dump(entry, sort_keys=False)
         name = _file_name(sampler.name, rep["nfe"], rep["method"])

@@ -10,7 +10,7 @@ from ..core.schedules import Schedule
 from ..sampling.api import sample
 from .teacher import Teacher
 
-__all__ = ["step_costs"]
+__all__ = ["HISTORY_COSTS", "dpmpp_2m_history_costs", "step_costs"]
 
 _F64 = torch.float64
 
@@ -46,3 +46,36 @@ def step_costs(model: Callable, schedule: Schedule, sampler: str, teacher: Teach
                      denoise_final=True, generator=torch.Generator().manual_seed(i), **options)
         cost[i, n] = ((out.reshape(B, -1).to(_F64) - states[n].reshape(B, -1)).norm(dim=1) / D**0.5).mean()
     return cost
+
+
+def dpmpp_2m_history_costs(schedule: Schedule, teacher: Teacher) -> torch.Tensor:
+    """c[k, i, j]: the error of DPM-Solver++(2M)'s step i → j from the teacher's state x_i when the previous path
+    node was k, its history the teacher's own x̂_0 at k (the approximation: on the sampler's real path the history
+    is x̂_0 at the sampler's state, not the teacher's). The step needs only x̂_0 at teacher states, so this costs no
+    model calls beyond the teacher's. k = −1 is not stored: the first step (from node 0) has no history and is the
+    first-order step of :func:`step_costs`; steps into the data are first order too. Shape (N + 1,) * 3, ∞ off the
+    ordered triples k < i < j."""
+    n = len(teacher.t)
+    a = schedule.alpha_bar_at(teacher.t)
+    al, sg = a.sqrt(), (1 - a).sqrt()
+    lam = 0.5 * (a.log() - torch.log1p(-a))
+    B = teacher.states.shape[1]
+    D = teacher.states[0, 0].numel()
+    x = teacher.states.reshape(n + 1, B, -1)
+    x0 = teacher.x0.reshape(n, B, -1)
+    cost = torch.full((n + 1, n + 1, n + 1), float("inf"), dtype=_F64)
+    for i in range(1, n):
+        j = torch.arange(i + 1, n)
+        h = lam[j] - lam[i]  # (J,)
+        base = (sg[j] / sg[i])[:, None, None] * x[i][None] - (al[j] * torch.expm1(-h))[:, None, None] * x0[i][None]
+        for k in range(i):
+            r = (lam[i] - lam[k]) / h  # (J,)
+            corr = (al[j] * torch.expm1(-h) * 0.5 / r)[:, None, None] * (x0[i] - x0[k])[None]
+            err = (base - corr - x[j]).norm(dim=2) / D**0.5  # (J, B)
+            cost[k, i, i + 1:n] = err.mean(1)
+            cost[k, i, n] = ((x0[i] - x[n]).norm(dim=1) / D**0.5).mean()
+    return cost
+
+
+# samplers whose step cost also depends on the previous path node, and how to compute it
+HISTORY_COSTS = {"dpmpp_2m": dpmpp_2m_history_costs}

@@ -37,3 +37,36 @@ def dp_paths(cost, k_max: int) -> dict[int, tuple[list[int], float]]:
                 path.append(int(b[path[-1]]))
             out[k] = (path[::-1], float(value[-1]))
     return out
+
+
+def dp_paths_history(first, cost3, k_max: int) -> dict[int, tuple[list[int], float]]:
+    """As :func:`dp_paths` for a solver whose step cost depends on the previous node too (a two-step multistep
+    solver): the first edge 0 → j costs ``first[0, j]``, every later edge i → j after k costs ``cost3[k, i, j]``.
+    The DP runs over (previous, current) node pairs, V_m(i, j) = min_k V_{m−1}(k, i) + c(k, i, j): O(k_max N³),
+    exact for this cost."""
+    c1 = np.asarray(first, dtype=np.float64)
+    c3 = np.asarray(cost3, dtype=np.float64)
+    n = c1.shape[0]
+    idx = np.arange(n)
+    ordered = (idx[:, None, None] < idx[None, :, None]) & (idx[None, :, None] < idx[None, None, :])
+    c3 = np.where(ordered & np.isfinite(c3), c3, np.inf)  # only forward triples k < i < j
+    value = np.full((n, n), np.inf)  # value[k, i]: reach i, previous node k
+    value[0, 1:] = np.where(np.isfinite(c1[0, 1:]), c1[0, 1:], np.inf)
+    out: dict[int, tuple[list[int], float]] = {}
+    back: list[np.ndarray] = []
+    for m in range(1, min(k_max, n - 1) + 1):
+        k = int(np.argmin(value[:, n - 1]))
+        if np.isfinite(value[k, n - 1]):
+            path, prev = [n - 1, k], k
+            cur = n - 1
+            for b in reversed(back):
+                prev, cur = int(b[prev, cur]), prev
+                path.append(prev)
+            out[m] = (path[::-1], float(value[k, n - 1]))
+        if m == k_max:
+            break
+        total = value[:, :, None] + c3  # [k, i, j]
+        arg = np.argmin(total, axis=0)  # (i, j): the best k
+        value = np.take_along_axis(total, arg[None], 0)[0]
+        back.append(arg)
+    return out
