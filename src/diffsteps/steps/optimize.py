@@ -35,7 +35,7 @@ MIN_TRAIN, MIN_HELDOUT = 8, 4
 def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe: int | Sequence[int],
                       noise: torch.Tensor | None, method: str = "dp", prediction: str = "epsilon",
                       candidates: int = 64, grid: str = "logsnr", teacher_solver: str = "dpmpp_3m",
-                      teacher_substeps: int = 8, holdout: float = 0.25, init: str = "dp", iterations: int = 150,
+                      teacher_substeps: int = 8, holdout: float = 0.25, init: str = "best", iterations: int = 150,
                       lr: float = 0.05, patience: int = 6, fixed: Sequence[str] = FIXED_SPACINGS,
                       data: torch.Tensor | None = None, variance: str = "posterior", seed: int = 0,
                       history: bool = True,
@@ -52,7 +52,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         (:func:`~diffsteps.steps.dp.dp_paths`).
       - ``refine`` (LD3, Tong et al. 2025): gradient descent on the levels through a differentiable copy of the
         sampler (:mod:`~diffsteps.steps.differentiable`: ddim, euler, dpmpp_2m, heun) to the teacher's endpoint,
-        early-stopped on the held-out noises; starts from ``init`` (``dp`` or a fixed spacing's name).
+        early-stopped on the held-out noises; starts from ``init``: ``dp``, a fixed spacing's name, or ``best``
+        (default: from both the DP path and the fixed spacing with the lowest training error, keeping the run
+        with the lower held-out error — a selection on the held-out noises, like the early stop).
       - ``elbo`` (Watson et al. 2021): for the ancestral ``ddpm`` sampler, the integer chain minimising the K-step
         ELBO on ``data`` (``noise`` unused), by a DP over pairwise KL terms (:func:`~diffsteps.steps.elbo.elbo_chains`).
 
@@ -79,7 +81,7 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     if method == "refine" and sampler not in DIFFERENTIABLE:
         raise ValueError(f"method 'refine' supports samplers: {', '.join(DIFFERENTIABLE)}; got {sampler!r} "
                          "(use method='dp', which works for every deterministic sampler)")
-    if method == "refine" and init != "dp":
+    if method == "refine" and init not in ("dp", "best"):
         make_timesteps(init, 2, schedule)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
         raise ValueError("noise must be a batch (B, …) of initial states x_{T−1}")
@@ -118,11 +120,15 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         ts = cand[nodes[:-1]].clone()
         report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dp_cost": dp_cost}
         if method == "refine":
-            start = ts if init == "dp" else make_timesteps(init, k, schedule)
-            r = refine_timesteps(counter, schedule, sampler, start, (noise[tr], target[tr]), (noise[ho], target[ho]),
-                                 prediction=prediction, iterations=iterations, lr=lr, patience=patience)
+            starts = _refine_starts(init, ts, k, schedule, fixed, counter, sampler, noise[tr], target[tr],
+                                    prediction, opts)
+            runs = [(name, refine_timesteps(counter, schedule, sampler, start, (noise[tr], target[tr]),
+                                            (noise[ho], target[ho]), prediction=prediction, iterations=iterations,
+                                            lr=lr, patience=patience)) for name, start in starts]
+            # the validation (held-out) noises pick the run, as they pick the early-stopping iteration
+            start_name, r = min(runs, key=lambda nr: nr[1].heldout_error)
             ts = to_integer_timesteps(r.timesteps) if spec.integer_steps else r.timesteps
-            report.update(init=init, iterations=r.iterations, best_iteration=r.best_iteration,
+            report.update(init=start_name, iterations=r.iterations, best_iteration=r.best_iteration,
                           refine_heldout_error_continuous=r.heldout_error)
         calls, seconds = counter.calls - c0, time.perf_counter() - t0
         report["timesteps"] = [float(v) for v in ts]
@@ -133,6 +139,26 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                           "shared_model_calls": shared_calls, "shared_seconds": shared_seconds}
         results.append((ts, report))
     return results[0] if isinstance(nfe, int) else results
+
+
+def _refine_starts(init, dp_ts, k, schedule, fixed, model, sampler, noise, target, prediction, opts):
+    """(name, timesteps) refine starts from: ``init`` alone, or for ``best`` the DP path and the fixed spacing with
+    the lowest training error (the DP's local costs ignore how early errors grow, a fixed spacing may start
+    closer; both are refined and the held-out noises pick one)."""
+    if init == "dp":
+        return [("dp", dp_ts)]
+    if init != "best":
+        return [(init, make_timesteps(init, k, schedule))]
+    options = {}
+    for name in fixed:
+        try:
+            options[name] = make_timesteps(name, k, schedule)
+        except ValueError:
+            continue
+    errs = {name: rms_error(run_schedule(model, noise, schedule, sampler, ts, prediction, **opts), target)
+            for name, ts in options.items()}
+    best = min(errs, key=errs.get)
+    return [("dp", dp_ts), (best, options[best])]
 
 
 def _evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction, fixed, opts) -> dict:
