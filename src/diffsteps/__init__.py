@@ -9,6 +9,7 @@ from .reference.gaussian_mixture import ExactEpsilon, GaussianMixture
 from .sampling.api import SampleResult, StepInfo, plan_sampling, sample
 from .sampling.denoiser import Denoiser
 from .sampling.registry import SAMPLERS
+from .steps import optimize_schedule
 from .training.losses import LOSSES, DiffusionLoss, sample_timesteps
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "GaussianMixture", "ExactEpsilon",
     "DiffusionLoss", "LOSSES", "sample_timesteps",
     "elbo", "elbo_bpd", "ELBO",
+    "optimize_schedule",
 ]
 __version__ = "0.1.0"

@@ -35,7 +35,8 @@ def make_plan(cfg: DictConfig, datamodule, steps: list[int]):
 
     e = cfg.eval
     return EvalPlan(sampler=cfg.sampler.name, steps=tuple(steps), shape=tuple(datamodule.sample_shape),
-                    num_samples=e.num_samples, batch_size=e.batch_size, spacing=cfg.sampler.spacing,
+                    num_samples=e.num_samples, batch_size=e.batch_size,
+                    spacing=OmegaConf.to_container(cfg.sampler, resolve=True)["spacing"],  # a plain list
                     options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
                     mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
                     reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,

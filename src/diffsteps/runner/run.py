@@ -37,6 +37,11 @@ def run(cfg: DictConfig) -> float:
     check_top_level_keys(cfg)
     if cfg.task in ("schedules", "report"):
         return _figure_task(cfg)
+    from .optimize import optimize_task, resolve_spacing
+
+    if cfg.task == "optimize_steps":
+        return optimize_task(cfg)
+    resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
     check_eval_config(cfg, schedule, steps)

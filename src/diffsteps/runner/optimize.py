@@ -1,0 +1,200 @@
+"""``task=optimize_steps``: train or reuse the model, fit step schedules to it for the chosen sampler and every
+budget in ``steps`` (NFE), compare them with every fixed spacing on held-out noise, and write one YAML artefact per
+(model, sampler, NFE, method) — in the run folder and in a cache next to the checkpoint, where
+``sampler.spacing=optimized`` finds it — plus a figure. Also :func:`resolve_spacing`, which turns
+``sampler.spacing=optimized`` or ``=path/to/schedule.yaml`` into explicit timesteps before anything else runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .checkpoints import load_weights, training_key
+
+__all__ = ["OptimizeSettings", "optimize_task", "resolve_spacing", "schedule_cache_dir"]
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    """conf/optimize/default.yaml's keys, with the same defaults (the group is optional: ``+optimize=default``)."""
+
+    method: str = "refine"
+    candidates: int = 48
+    grid: str = "logsnr"
+    teacher_solver: str = "dpmpp_3m"
+    teacher_substeps: int = 8
+    noises: int = 768
+    holdout: float = 1 / 3
+    iterations: int = 150
+    patience: int = 6
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
+        node = cfg.get("optimize") or {}
+        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        unknown = set(given) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"optimize has no key(s) {sorted(unknown)}; its keys: "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        s = cls(**given)
+        if s.method not in ("dp", "refine"):
+            raise ValueError(f"optimize.method must be one of: dp, refine (elbo: call diffsteps.optimize_schedule "
+                             f"with sampler='ddpm'); got {s.method!r}")
+        return s
+
+
+def schedule_cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.checkpoint_dir) / training_key(cfg) / "schedules"
+
+
+def _file_name(sampler: str, nfe: int, method: str) -> str:
+    return f"{sampler}_nfe{nfe}_{method}.yaml"
+
+
+def resolve_spacing(cfg: DictConfig) -> None:
+    """``sampler.spacing=optimized`` → the cached schedule for this model (training key), sampler and step count;
+    ``sampler.spacing=<file>.yaml`` → that file's timesteps, checked against the model key and sampler. Replaces
+    the spacing with the explicit list in place; errors name the command that makes the missing schedule."""
+    spacing = cfg.sampler.get("spacing")
+    if not isinstance(spacing, str) or not (spacing == "optimized" or spacing.endswith((".yaml", ".yml"))):
+        return
+    key, sampler = training_key(cfg), cfg.sampler.name
+    steps = list(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
+    if len(steps) != 1:
+        raise ValueError(f"sampler.spacing={spacing} holds one schedule, so it needs one step count (steps=K), got "
+                         f"steps={steps}")
+    if spacing == "optimized":
+        found = sorted(schedule_cache_dir(cfg).glob(f"{sampler}_nfe*.yaml"))
+        entries = [(p, yaml.safe_load(p.read_text())) for p in found]
+        match = [(p, e) for p, e in entries if e.get("steps") == steps[0]]
+        if not match:
+            raise ValueError(f"no optimised {sampler} schedule with {steps[0]} steps for this model (training key "
+                             f"{key}) in {schedule_cache_dir(cfg)}; make it with: python run.py task=optimize_steps "
+                             f"sampler={sampler} steps=<the NFE> (and the same data/model/schedule/loss/train "
+                             f"overrides)")
+        path, entry = min(match, key=lambda m: m[1].get("method") != "refine")
+    else:
+        path = Path(spacing)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file not found: {path}")
+        entry = yaml.safe_load(path.read_text())
+        if entry.get("training_key") != key:
+            raise ValueError(f"{path} was optimised for the model with training key {entry.get('training_key')!r}, "
+                             f"this run's model has {key!r}")
+        if entry.get("sampler") != sampler:
+            raise ValueError(f"{path} was optimised for sampler {entry.get('sampler')!r}, not {sampler!r}")
+        if entry.get("steps") != steps[0]:
+            raise ValueError(f"{path} holds {entry.get('steps')} timesteps but steps={steps[0]}")
+    with open_dict(cfg.sampler):
+        cfg.sampler.spacing = [float(v) for v in entry["timesteps"]]
+
+
+def optimize_task(cfg: DictConfig) -> float:
+    """Train or reuse, optimise for every NFE in ``steps``, evaluate, write YAMLs and a figure; returns the
+    held-out error ratio (optimised / best fixed) at the last budget."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ..steps.differentiable import DIFFERENTIABLE
+    from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
+    from ..steps.teacher import check_request
+    from .build import build
+    from .train import train
+    from .validate import instantiate_checked, steps_list
+
+    schedule = instantiate(cfg.schedule)
+    sampler = instantiate_checked(cfg.sampler)
+    settings = OptimizeSettings.from_cfg(cfg)
+    budgets = steps_list(cfg)
+    # every check before any training: reachable budgets, a deterministic sampler, refine's samplers, noise count
+    check_request(schedule, sampler.name, budgets, **sampler.options)
+    if not sampler.deterministic:
+        raise ValueError(f"task=optimize_steps needs a deterministic sampler; {sampler.name!r} with "
+                         f"{sampler.options} is stochastic")
+    if settings.method == "refine" and sampler.name not in DIFFERENTIABLE:
+        raise ValueError(f"optimize.method=refine supports samplers {', '.join(DIFFERENTIABLE)}; use "
+                         f"optimize.method=dp for {sampler.name!r}")
+    n_held = round(settings.holdout * settings.noises)
+    if settings.noises - n_held < MIN_TRAIN or n_held < MIN_HELDOUT:
+        raise ValueError(f"too few teacher noises: optimize.noises={settings.noises} with holdout "
+                         f"{settings.holdout:g}; need at least {MIN_TRAIN} train and {MIN_HELDOUT} held out")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg, schedule)
+    if cfg.ckpt_path:
+        load_weights(module, cfg.ckpt_path)
+    else:
+        train(cfg, module, datamodule, [], out_dir)
+    net = module.net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    shape = tuple(datamodule.sample_shape)
+    noise = torch.randn((settings.noises, *shape), generator=torch.Generator().manual_seed(cfg.seed),
+                        dtype=torch.float64)
+    results = optimize_schedule(net, schedule, sampler=sampler.name, nfe=budgets, noise=noise,
+                                method=settings.method, prediction=module.prediction, candidates=settings.candidates,
+                                grid=settings.grid, teacher_solver=settings.teacher_solver,
+                                teacher_substeps=settings.teacher_substeps, holdout=settings.holdout,
+                                iterations=settings.iterations, patience=settings.patience,
+                                sampler_options=dict(sampler.options))
+    key = training_key(cfg)
+    cache = schedule_cache_dir(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    (out_dir / "schedules").mkdir(exist_ok=True)
+    for ts, rep in results:
+        entry = {"training_key": key, "sampler": sampler.name, "sampler_options": dict(sampler.options),
+                 "nfe": rep["nfe"], "steps": rep["steps"], "method": rep["method"],
+                 "timesteps": [float(v) for v in ts], "prediction": module.prediction,
+                 "teacher": rep["teacher"], "train_error": rep["train_error"], "heldout_error": rep["heldout_error"],
+                 "heldout_median": rep["heldout_median"], "best_fixed": rep["best_fixed"],
+                 "ratio": rep.get("ratio"), "median_ratio": rep.get("median_ratio"), "fixed": rep["fixed"],
+                 "cost": rep["cost"], "settings": asdict(settings)}
+        text = yaml.safe_dump(entry, sort_keys=False)
+        name = _file_name(sampler.name, rep["nfe"], rep["method"])
+        (out_dir / "schedules" / name).write_text(text)
+        (cache / name).write_text(text)
+        print(f"NFE {rep['nfe']}: held-out RMS {rep['heldout_error']:.4g} vs best fixed ({rep['best_fixed']}) "
+              f"{rep['fixed'][rep['best_fixed']]['heldout']:.4g}, ratio {rep.get('ratio', math.nan):.3f}; "
+              f"{name} in {out_dir / 'schedules'} and {cache}")
+    _figure(results, schedule, out_dir / "optimized_schedules.png")
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    return float(results[-1][1].get("ratio", math.nan))
+
+
+def _figure(results, schedule, path: Path) -> None:
+    """Left: the chosen timesteps (largest budget) against trailing/karras/logsnr; right: error vs NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..core.spacings import make_timesteps
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    ts, rep = results[-1]
+    k = rep["steps"]
+    a.plot(range(k), ts.tolist(), "o-", label=f"optimised ({rep['method']})")
+    for name in ("trailing", "karras", "logsnr"):
+        try:
+            a.plot(range(k), make_timesteps(name, k, schedule).tolist(), ".--", label=name)
+        except ValueError:
+            continue
+    a.set(xlabel="step", ylabel="timestep t", title=f"{rep['sampler']}, {k} steps")
+    a.legend()
+    nfes = [r["nfe"] for _, r in results]
+    b.plot(nfes, [r["heldout_error"] for _, r in results], "o-", label="optimised")
+    for name in results[0][1]["fixed"]:
+        vals = [r["fixed"][name].get("heldout", math.nan) for _, r in results]
+        b.plot(nfes, vals, ".--", label=name)
+    b.set(xlabel="NFE", ylabel="held-out RMS error vs teacher", xscale="log", yscale="log",
+          title="fixed vs optimised")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

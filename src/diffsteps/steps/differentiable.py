@@ -1,0 +1,105 @@
+"""Samplers as differentiable functions of their noise levels, for back-propagating a trajectory error into the
+timesteps (LD3, Tong et al. 2025). :func:`diffsteps.sample` runs under ``no_grad`` on Python-float levels; these
+re-implement the same updates on float64 tensor levels, parameterised by the log-SNR λ = log(ᾱ/(1 − ᾱ)), so
+ᾱ = sigmoid(λ) and the model time t = t(λ) (the schedule's inverse map) carry gradients.
+
+The model's own dependence on t enters through a forward difference in t, (f(x, t + δ) − f(x, t))/δ, attached to
+the exact forward value — networks that detach t (as :class:`~diffsteps.ExactEpsilon` does) still get the term.
+It costs one more model call per step when gradients are wanted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..core.parameterizations import to_x0_eps
+from ..core.schedules import Schedule
+
+__all__ = ["DIFFERENTIABLE", "run_differentiable"]
+
+_F64 = torch.float64
+
+
+def _denoiser(model: Callable, schedule: Schedule, prediction: str, fd: float):
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    dtype = next((p.dtype for p in params if p.is_floating_point()), _F64)  # as the Denoiser casts x
+
+    def call(x: torch.Tensor, lam: torch.Tensor):
+        t = schedule.t_from_log_snr(lam.clamp(*_lam_range(schedule)))
+        abar = torch.sigmoid(lam)
+        tt = t.detach().expand(x.shape[0]).to(torch.promote_types(dtype, torch.float32))
+        out = model(x.to(dtype), tt).to(_F64)
+        if lam.requires_grad:
+            with torch.no_grad():
+                up = tt + fd if float(tt[0]) + fd <= schedule.num_timesteps - 1 else tt - fd
+                slope = (model(x.detach().to(dtype), up).to(_F64) - out.detach()) / (up[0] - tt[0]).item()
+            out = out + (t - t.detach()) * slope
+        return to_x0_eps(out, x, abar.sqrt(), (1 - abar).sqrt(), prediction)
+
+    return call
+
+
+def _lam_range(schedule: Schedule) -> tuple[float, float]:
+    lam = schedule.log_snr
+    return lam[-1].item(), lam[0].item()
+
+
+def _ddim(denoise, x, lams):
+    """DDIM with η = 0 (= Euler in σ̃): x_n = α_n x̂_0 + σ_n ε̂; the last step returns x̂_0."""
+    for i in range(len(lams)):
+        x0, eps = denoise(x, lams[i])
+        if i == len(lams) - 1:
+            return x0
+        a = torch.sigmoid(lams[i + 1])
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    return x
+
+
+def _dpmpp_2m(denoise, x, lams):
+    """DPM-Solver++(2M) as :func:`~diffsteps.sampling.samplers.sample_dpmpp_2m`: h in the half log-SNR, first
+    order on the first step and into the data."""
+    half = 0.5 * lams
+    prev, h_prev = None, None
+    for i in range(len(lams)):
+        x0, _ = denoise(x, lams[i])
+        if i == len(lams) - 1:
+            return x0
+        a_s, a_n = torch.sigmoid(lams[i]), torch.sigmoid(lams[i + 1])
+        h = half[i + 1] - half[i]
+        d = x0
+        if prev is not None:
+            r = h_prev / h
+            d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev
+        x = ((1 - a_n) / (1 - a_s)).sqrt() * x - a_n.sqrt() * torch.expm1(-h) * d
+        prev, h_prev = x0, h
+    return x
+
+
+def _heun(denoise, x, lams):
+    """Heun in σ̃ = e^{−λ/2} as :func:`~diffsteps.sampling.samplers.sample_heun`; Euler into the data."""
+    for i in range(len(lams)):
+        x0, eps = denoise(x, lams[i])
+        if i == len(lams) - 1:
+            return x0
+        a_s, a_n = torch.sigmoid(lams[i]), torch.sigmoid(lams[i + 1])
+        sv_s, sv_n = torch.exp(-0.5 * lams[i]), torch.exp(-0.5 * lams[i + 1])
+        xs = x / a_s.sqrt()
+        x_next = xs + (sv_n - sv_s) * eps
+        _, eps2 = denoise(a_n.sqrt() * x_next, lams[i + 1])
+        x = a_n.sqrt() * (xs + (sv_n - sv_s) * 0.5 * (eps + eps2))
+    return x
+
+
+DIFFERENTIABLE: dict[str, Callable] = {"ddim": _ddim, "euler": _ddim, "dpmpp_2m": _dpmpp_2m, "heun": _heun}
+
+
+def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule, sampler: str, lams: torch.Tensor, *,
+                       prediction: str = "epsilon", fd: float = 1e-3) -> torch.Tensor:
+    """The output of ``sampler`` from ``noise`` (x at λ = lams[0]) through the visited log-SNRs ``lams`` (K,
+    increasing; float64 tensor, may require grad) and then into the data — what ``diffsteps.sample(...,
+    spacing=t(lams))`` returns, differentiable w.r.t. ``lams``. ``fd``: the time step of the t-derivative."""
+    if sampler not in DIFFERENTIABLE:
+        raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
+                         f"{', '.join(DIFFERENTIABLE)}")
+    return DIFFERENTIABLE[sampler](_denoiser(model, schedule, prediction, fd), noise.to(_F64), lams.to(_F64))
