@@ -33,7 +33,7 @@ import torch
 import diffsteps as ds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampler_accuracy import make_mixture  # noqa: E402
+from sampler_accuracy import make_mixture
 
 NFES = (5, 10, 20, 50, 100)
 T = 1000
@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore")
 # -- ours -----------------------------------------------------------------------------------------------------------
 def ours_settings():
     """(label, sampler, spacing, options, steps_for(nfe) -> steps or None)."""
-    one = lambda n: n  # noqa: E731
+    one = lambda n: n
     out = []
     for spacing in ("trailing", "karras", "logsnr"):
         out.append((f"ddim {spacing}", "ddim", spacing, {}, one))
@@ -66,10 +66,18 @@ def run_ours(model, schedule, noise, sampler, spacing, opts, steps):
 
 # -- diffusers ------------------------------------------------------------------------------------------------------
 def diffusers_settings():
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                           LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
-    base = dict(num_train_timesteps=T, beta_schedule="linear")
-    one = lambda n: n  # noqa: E731
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        LMSDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
+    # β range explicit: HeunDiscreteScheduler defaults to Stable Diffusion's 0.00085 … 0.012
+    base = dict(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    one = lambda n: n
     out = []
     for sp in ("trailing", "linspace"):
         out.append((f"DDIM {sp}", lambda sp=sp: DDIMScheduler(**base, timestep_spacing=sp, clip_sample=False), one))
@@ -100,7 +108,7 @@ def run_diffusers(mixture, schedule, noise, make, steps):
     steps in σ (σ-based schedulers), from the (float64) ᾱ table at its integer t otherwise."""
     sch = make()
     sch.set_timesteps(steps)
-    sigma_based = hasattr(sch, "sigmas") and not isinstance(sch, type(None)) and type(sch).__name__ not in (
+    sigma_based = hasattr(sch, "sigmas") and not (sch is None) and type(sch).__name__ not in (
         "DDIMScheduler", "PNDMScheduler")
     abar_table = schedule.alphas_cumprod
     x = noise * float(getattr(sch, "init_noise_sigma", 1.0))
@@ -185,7 +193,7 @@ def main() -> None:
         for j in range(len(NFES)):
             vals = [(c[j][0], k) for (s, k), c in results.items() if s == side and c[j] and c[j][0] != "err"]
             best[side, j] = min(vals)
-    say(f"| setting | endpoint | " + " | ".join(f"NFE {k}" for k in NFES) + " |")
+    say("| setting | endpoint | " + " | ".join(f"NFE {k}" for k in NFES) + " |")
     say("|---|---|" + "---|" * len(NFES))
     for side in ("ours", "diffusers"):
         for (s, label), cells in results.items():

@@ -13,7 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
 from helpers import noise
 
 import diffsteps as ds
@@ -262,7 +266,7 @@ def test_final_ode_reaches_sigma_zero(gauss3, sampler, opts):
 
 def test_bad_options_fail_before_any_model_call():
     calls = []
-    model = lambda x, t: calls.append(1) or x  # noqa: E731
+    model = lambda x, t: calls.append(1) or x
     for sampler, opts, match in [("unipc", {"order": 4}, "1, 2, 3"), ("unipc", {"variant": "bh3"}, "bh1, bh2"),
                                  ("ipndm", {"order": 5}, "1, 2, 3, 4"), ("dpmpp_2m", {"final": "x0"}, "tweedie, ode"),
                                  ("plms", {"order": 2}, "no option")]:
