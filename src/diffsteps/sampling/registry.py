@@ -15,7 +15,10 @@ from .samplers import (
     sample_dpmpp_3m,
     sample_euler,
     sample_heun,
+    sample_ipndm,
+    sample_plms,
     sample_sde_euler,
+    sample_unipc,
 )
 
 
@@ -45,6 +48,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "sde_euler": SamplerSpec(sample_sde_euler, integer_steps=False, stochastic=True, finite_sigma=True),
     "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, integer_steps=False, stochastic=False, finite_sigma=False),
     "dpmpp_3m": SamplerSpec(sample_dpmpp_3m, integer_steps=False, stochastic=False, finite_sigma=False),
+    # UniPC's corrector and UniC coefficients divide by h = ∞ on a step from ᾱ = 0; ipndm, plms step in σ̃
+    "unipc": SamplerSpec(sample_unipc, integer_steps=False, stochastic=False, finite_sigma=True),
+    "ipndm": SamplerSpec(sample_ipndm, integer_steps=False, stochastic=False, finite_sigma=True),
+    "plms": SamplerSpec(sample_plms, integer_steps=False, stochastic=False, finite_sigma=True),
 }
 
 
