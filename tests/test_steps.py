@@ -113,7 +113,7 @@ def test_dpmpp_2m_history_cost_is_the_samplers_second_step(setup):
             return (x - a[i].sqrt() * teacher.x0[i]) / (1 - a[i]).sqrt()  # ε with x̂_0 = the teacher's
 
         out = ds.sample(wrapped, teacher.states[k], schedule=sch, sampler="dpmpp_2m",
-                        spacing=cand[[k, i, j]], denoise_final=False)
+                        spacing=cand[[k, i, j]], denoise_final=False, lower_order_final=False)
         # the sampler's first step k → i used x̂_0 at the teacher's x_k: the history the cost assumes
         out = out - ((1 - a[j]) / (1 - a[i])).sqrt() * (state["x_i"] - teacher.states[i])
         want = ((out - teacher.states[j]).norm(dim=1) / math.sqrt(2)).mean().item()
