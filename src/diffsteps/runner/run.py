@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .build import build
-from .checkpoints import load_weights
+from .checkpoints import load_for_eval, open_checkpoint
 from .evaluate import evaluate, write_results
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
@@ -29,6 +29,7 @@ def run(cfg: DictConfig) -> float:
 
     if cfg.task in ("schedules", "report"):
         return _figure_task(cfg)
+    checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
     objective = instantiate_checked(cfg.objective)
@@ -49,8 +50,7 @@ def run(cfg: DictConfig) -> float:
     loggers = make_loggers(cfg, out_dir)
     rank = 0
     if cfg.ckpt_path:
-        load_weights(module, cfg.ckpt_path)
-        ckpt = Path(cfg.ckpt_path)
+        ckpt = load_for_eval(cfg, module, datamodule, checkpoint)
     elif cfg.task == "eval":
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
