@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import diffsteps as ds
-from diffsteps.data import ImageFolderData, Toy2DData
+from diffsteps.data import Toy2DData
 from diffsteps.nets import MLP
 from diffsteps.runner.checkpoints import (
     CheckpointError,
@@ -80,9 +80,9 @@ def env_for(root: Path) -> dict:
 
 def start(root: Path, name: str, *overrides: str) -> subprocess.Popen:
     """``python run.py`` in the background, its output in ``<root>/<name>.log``."""
-    log_file = open(root / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={root}/{name}", *overrides],
-                            cwd=ROOT, env=env_for(root), stdout=log_file, stderr=subprocess.STDOUT)
+    with open(root / f"{name}.log", "w") as log_file:  # the child writes to its own copy of the descriptor
+        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={root}/{name}", *overrides],
+                                cwd=ROOT, env=env_for(root), stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, root: Path, name: str, check: bool = True) -> str:
@@ -114,36 +114,43 @@ def logged_digests(text: str) -> list[str]:
 
 
 # -- one trainer per cache entry ---------------------------------------------------------------------------------------
-def test_two_concurrent_runs_one_trains_the_other_waits_and_reuses(tmp_path):
-    # both start together; whichever takes the entry's lock first trains (~100 steps), the other waits for it and
-    # then evaluates the weights it finished with
-    overrides = [*TINY, *EVAL, "train.max_steps=100", "callbacks.model_checkpoint.every_n_train_steps=10"]
-    procs = {name: start(tmp_path, name, *overrides) for name in ("a", "b")}
+def test_two_concurrent_runs_one_trains_the_other_waits_and_reuses(tmp_path, monkeypatch):
+    overrides = [*TINY, *EVAL, "train.max_steps=60", "callbacks.model_checkpoint.every_n_train_steps=10"]
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
+    entry = _key_and_entry(compose_cfg(*overrides))
+    # a gate: both runs reach the entry's lock while this test holds it, so both are there when it opens — one takes
+    # it and trains, the other waits for that one, however fast the machine or either run is
+    with cache_lock(entry, wait=False, run_dir="gate"):
+        procs = {name: start(tmp_path, name, *overrides) for name in ("a", "b")}
+        deadline = time.monotonic() + 300
+        while not all(f"waiting for pid {os.getpid()}" in (tmp_path / f"{n}.log").read_text() for n in procs):
+            assert all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline
+            time.sleep(0.1)
     logs = {name: finish(p, tmp_path, name) for name, p in procs.items()}
     trained = [n for n, t in logs.items() if "training from step 0" in t]
-    waited = [n for n, t in logs.items() if "waiting for pid" in t]
-    assert len(trained) == 1 and len(waited) == 1 and trained != waited, {n: t[-2000:] for n, t in logs.items()}
-    trainer, waiter = trained[0], waited[0]
-    # the waiter names whom it waits for (pid, host, run folder) and then reuses that run's checkpoint
+    reused = [n for n, t in logs.items() if "reusing the checkpoint" in t]
+    assert len(trained) == 1 and len(reused) == 1 and trained != reused, {n: t[-2000:] for n, t in logs.items()}
+    trainer, waiter = trained[0], reused[0]
+    # the waiter says whom it waited for (pid, host, run folder) and took that run's checkpoint
     pid = procs[trainer].pid
-    assert re.search(rf"waiting for pid {pid} on host {re.escape(socket.gethostname())} \(run folder "
-                     rf"{re.escape(str(tmp_path / trainer))}", logs[waiter])
-    assert re.search(rf"waited [\d.]+ s for pid {pid}", logs[waiter])
-    assert "reusing the checkpoint" in logs[waiter] and "resuming" not in logs[waiter]
+    assert re.search(rf"waited [\d.]+ s for pid {pid} on host {re.escape(socket.gethostname())} \(run folder "
+                     rf"{re.escape(str(tmp_path / trainer))}, since ", logs[waiter]), logs[waiter][-3000:]
+    assert "resuming" not in logs[waiter] and "training from" not in logs[waiter]
     [entry] = entries(tmp_path)
     last = entry / "last.ckpt"
     done = json.loads((entry / "complete.json").read_text())
     # the weights both runs evaluated are the cached ones, which the trainer finished with
     digest = cached_digest(last)
     assert logged_digests(logs[trainer]) == [digest] and logged_digests(logs[waiter]) == [digest]
-    assert done["weights_sha256"] == digest and done["global_step"] == 100 and done["pid"] == pid
+    assert done["weights_sha256"] == digest and done["global_step"] == 60 and done["pid"] == pid
     for name in ("a", "b"):
         assert (tmp_path / name / "checkpoint.ckpt").resolve() == last.resolve()
     timing = ("sample_seconds", "model_seconds", "seconds_per_sample")
     rows = {n: [{k: v for k, v in r.items() if k not in timing}
                 for r in json.loads((tmp_path / n / "metrics.json").read_text())] for n in ("a", "b")}
     assert rows["a"] == rows["b"] and rows["a"][0]["nll"] > 0  # the same weights: the same numbers
-    assert not list(lock_paths(entry)[1].parent.glob("*.holder.json"))  # released
+    _, holder_file, released_file = lock_paths(entry)
+    assert not holder_file.exists() and json.loads(released_file.read_text())["pid"] == procs[waiter].pid
 
 
 def _key_and_entry(cfg) -> Path:
@@ -157,9 +164,8 @@ def test_wait_for_lock_false_fails_naming_the_holder(tmp_path, monkeypatch):
     cfg = compose_cfg(*TINY, *EVAL, "train.max_steps=5", "train.wait_for_lock=false",
                       f"paths.output_dir={tmp_path}/run")
     entry = _key_and_entry(cfg)
-    with cache_lock(entry, wait=False, run_dir="/somewhere/else/holder-run"):
-        with pytest.raises(RuntimeError) as err:
-            run(cfg)
+    with cache_lock(entry, wait=False, run_dir="/somewhere/else/holder-run"), pytest.raises(RuntimeError) as err:
+        run(cfg)
     assert re.fullmatch(
         re.escape(f"the checkpoint cache entry {entry} of this training config is being trained by pid {os.getpid()} "
                   f"on host {socket.gethostname()} (run folder /somewhere/else/holder-run, since ")
@@ -180,25 +186,38 @@ with cache_lock(Path(sys.argv[1]), wait=False, run_dir="killed-run"):
 
 
 def test_lock_of_a_killed_process_is_free_again(tmp_path):
+    import threading
+
     entry = tmp_path / "checkpoints" / "0123456789ab"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(entry)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def holder() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(entry)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    first = holder()
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RuntimeError, match=rf"being trained by pid {holder.pid} on host .* \(run folder "
-                                               rf"killed-run, since"):
-            with cache_lock(entry, wait=False, run_dir="me"):
-                pass
+        with pytest.raises(RuntimeError, match=rf"being trained by pid {first.pid} on host .* \(run folder "
+                                               rf"killed-run, since"), cache_lock(entry, wait=False, run_dir="me"):
+            pass
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    lock_file, holder_file = lock_paths(entry)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    lock_file, holder_file, _ = lock_paths(entry)
     assert holder_file.is_file()  # a SIGKILLed process cleans nothing up ...
     # ... but the OS released its lock with it: taken at once, without waiting
     with cache_lock(entry, wait=False, run_dir="me") as waited:
         assert waited is None
         assert json.loads(holder_file.read_text())["pid"] == os.getpid()
     assert not holder_file.exists() and lock_file.exists()
+    # a run waiting for a holder that is then killed gets the lock, and says the holder ended without releasing it
+    second = holder()
+    threading.Timer(0.5, second.send_signal, (signal.SIGKILL,)).start()
+    with cache_lock(entry, wait=True, run_dir="me") as waited:
+        assert waited["holder"].startswith(f"pid {second.pid} on host ") and waited["holder"].endswith(
+            "which ended without releasing it")
+    second.wait()
 
 
 # -- exact resume ------------------------------------------------------------------------------------------------------
@@ -211,9 +230,10 @@ class _StopAt(Callback):
             trainer.should_stop = True
 
 
-def _fit(schedule, *, stop=None, ckpt_dir=None, ckpt_path=None, seed=0, accumulate=1):
+def _fit(schedule, *, stop=None, ckpt_dir=None, ckpt_path=None, seed=0, accumulate=1, val_every=None):
     """16 optimiser steps on Toy2DData (8 batches of 64 per epoch) with dropout, EMA and warm-up + cosine;
-    ``stop`` ends it early with a checkpoint there, ``ckpt_path`` resumes one. Returns the module and the trainer."""
+    ``stop`` ends it early with a checkpoint there, ``ckpt_path`` resumes one, ``val_every`` validates every that
+    many steps (after the checkpoint of the step). Returns the module and the trainer."""
     L.seed_everything(seed, verbose=False)
     dm = Toy2DData(n_train=8 * 64 + 10, n_val=64, batch_size=64, seed=3)
     module = DiffusionModule(MLP(2, hidden=16, depth=1, time_dim=8, dropout=0.2), schedule,
@@ -224,33 +244,35 @@ def _fit(schedule, *, stop=None, ckpt_dir=None, ckpt_path=None, seed=0, accumula
     if stop is not None:
         callbacks += [_StopAt(stop), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                      every_n_train_steps=stop)]
+    val = {"limit_val_batches": 0} if val_every is None else {"val_check_interval": val_every,
+                                                               "check_val_every_n_epoch": None}
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=stop is not None,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, max_steps=16, accumulate_grad_batches=accumulate,
-                        callbacks=callbacks)
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, max_steps=16,
+                        accumulate_grad_batches=accumulate, callbacks=callbacks, **val)
     trainer.fit(module, dm, ckpt_path=ckpt_path, weights_only=True)
     return module, trainer
 
 
-@functools.lru_cache(maxsize=None)
-def _uninterrupted(accumulate: int):
-    module, trainer = _fit(ds.make_schedule("linear", 1000), accumulate=accumulate)
+@functools.cache
+def _uninterrupted(accumulate: int, val_every: int | None):
+    module, trainer = _fit(ds.make_schedule("linear", 1000), accumulate=accumulate, val_every=val_every)
     return module.state_dict(), trainer.optimizers[0].state_dict(), trainer.optimizers[0].param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("accumulate,stop", [(1, 5), (1, 8), (2, 5)],
-                         ids=["mid-epoch", "epoch-end", "mid-epoch-accumulating"])
-def test_resume_at_any_step_is_bit_exact(tmp_path, accumulate, stop):
+@pytest.mark.parametrize("accumulate,stop,val_every", [(1, 5, None), (1, 8, None), (2, 5, None), (1, 5, 5)],
+                         ids=["mid-epoch", "epoch-end", "mid-epoch-accumulating", "before-a-validation"])
+def test_resume_at_any_step_is_bit_exact(tmp_path, accumulate, stop, val_every):
     # 8 batches per epoch: step 5 is mid-epoch, step 8 the epoch's last batch; with 2 micro-batches per step, step 5
-    # is batch 2 of epoch 1. The resumed process is seeded differently: all it continues with comes from the
-    # checkpoint — the data position (ResumableLoader), the EMA average, the optimiser and LR schedule, the noise
-    # and dropout streams (seeded per step)
+    # is batch 2 of epoch 1; a validation at step 5 runs after its checkpoint (Lightning skips it on resume). The
+    # resumed process is seeded differently: all it continues with comes from the checkpoint — the data position
+    # (ResumableLoader), the EMA average, the optimiser and LR schedule, the noise and dropout streams (per step)
     schedule = ds.make_schedule("linear", 1000)
-    _fit(schedule, stop=stop, ckpt_dir=tmp_path, accumulate=accumulate)
+    _fit(schedule, stop=stop, ckpt_dir=tmp_path, accumulate=accumulate, val_every=val_every)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == stop
-    resumed, trainer = _fit(schedule, ckpt_path=str(tmp_path / "last.ckpt"), seed=12345, accumulate=accumulate)
-    weights, opt, lr = _uninterrupted(accumulate)
+    resumed, trainer = _fit(schedule, ckpt_path=str(tmp_path / "last.ckpt"), seed=12345, accumulate=accumulate,
+                            val_every=val_every)
+    weights, opt, lr = _uninterrupted(accumulate, val_every)
     assert trainer.global_step == 16
     for k, v in weights.items():  # after fit: the EMA average
         assert torch.equal(resumed.state_dict()[k], v), k
@@ -262,10 +284,12 @@ def test_resume_at_any_step_is_bit_exact(tmp_path, accumulate, stop):
 
 
 def test_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
-    # 1408 / 128 = 11 batches per epoch, a checkpoint every 4 steps (4, 8, 12, …: all mid-epoch up to step 40),
-    # dropout on: killed (SIGKILL) right after its first checkpoint appears, then run again
-    overrides = [*TINY, "task=train", "data.n_train=1408", "data.batch_size=128", "model.dropout=0.1",
-                 "train.max_steps=40", "callbacks.model_checkpoint.every_n_train_steps=4"]
+    # 1408 / 128 = 11 batches per epoch, a checkpoint every 4 steps (4, 8, 12, …: all mid-epoch up to step 40) and
+    # a validation every 8 (run after that step's checkpoint is written), dropout on: killed (SIGKILL) right after
+    # its first checkpoint appears, then run again
+    overrides = [*(o for o in TINY if not o.startswith(("data.n_train", "trainer.val_check_interval"))),
+                 "task=train", "data.n_train=1408", "data.batch_size=128", "model.dropout=0.1", "train.max_steps=40",
+                 "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.val_check_interval=8"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     whole.mkdir(), cut.mkdir()
     run_py(whole, "run", *overrides)
@@ -399,7 +423,8 @@ def _pngs(folder: Path, n: int = 6) -> Path:
 
 def test_changed_image_file_changes_the_key(tmp_path):
     folder = _pngs(tmp_path / "faces")
-    cfg = compose_cfg(*BASE, "data=image_folder", f"data.root={folder}", "data.image_size=8", "model=unet")
+    cfg = compose_cfg(*(o for o in BASE if not o.startswith(("data", "model"))), "data=image_folder",
+                      f"data.root={folder}", "data.image_size=8", "model=unet")
 
     def key():
         return training_key(cfg)  # a fresh data module each time, as each run has
@@ -498,3 +523,25 @@ def test_provenance_is_plain_data(eps_run):
     recorded = dict(ckpt[PROVENANCE_KEY])
     assert recorded.pop("global_step") == 30
     assert recorded == expected
+
+
+def test_unfinished_checkpoint_that_cannot_be_resumed_is_named(eps_run, tmp_path):
+    from diffsteps.runner.train import _resume_problem
+
+    [entry] = entries(eps_run)
+    cfg = compose_cfg(*TINY, *EVAL, "loss.prediction=epsilon", "train.max_steps=30",
+                      "callbacks.model_checkpoint.every_n_train_steps=10")
+    mine = provenance(cfg)
+    assert _resume_problem(entry / "last.ckpt", mine) is None
+    # another config's checkpoint in this entry: named, not resumed
+    other = provenance(compose_cfg(*TINY, *EVAL, "train.max_steps=30"))
+    assert _resume_problem(entry / "last.ckpt", other) == (
+        f"the unfinished checkpoint {entry / 'last.ckpt'} is not this training config's (trained with "
+        f"loss.prediction=epsilon, this run has v)")
+    garbage = tmp_path / "last.ckpt"
+    garbage.write_bytes(b"\x00" * 100)
+    assert _resume_problem(garbage, mine).startswith(
+        f"the unfinished checkpoint cannot be resumed: checkpoint {garbage} is corrupt or not a diffsteps checkpoint")
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}}, weights_only)
+    assert "lacks the training state" in _resume_problem(weights_only, mine)

@@ -20,9 +20,9 @@ from .base import (
     _fmt,
     _generator,
     _InMemoryData,
-    file_fingerprint,
     _stratified_split,
     _uint8_to_unit,
+    file_fingerprint,
 )
 
 

@@ -81,7 +81,12 @@ def _section(cfg: DictConfig, name: str) -> Any:
 def _world_size(trainer: DictConfig) -> int | str:
     """devices × num_nodes as the Trainer will resolve them (``devices: auto`` / −1: every device of the
     accelerator); the raw value where the accelerator is unknown here."""
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import (
+        CPUAccelerator,
+        CUDAAccelerator,
+        MPSAccelerator,
+    )
 
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     devices = trainer.get("devices", "auto")
@@ -90,12 +95,14 @@ def _world_size(trainer: DictConfig) -> int | str:
     available = [c for c in (CUDAAccelerator, MPSAccelerator) if c.is_available()]
     cls = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "mps": MPSAccelerator,
            "gpu": (available or [CUDAAccelerator])[0], "auto": (available or [CPUAccelerator])[0]}.get(accelerator)
+    if cls is None:  # an accelerator not known here (tpu, an object): keep what was asked for
+        return f"{devices}x{nodes}"
     try:
         if devices in ("auto", -1, "-1"):
             n = cls.auto_device_count()
         else:
             n = len(cls.get_parallel_devices(cls.parse_devices(devices)))
-    except Exception:  # an accelerator unknown here, or devices it does not have: keep what was asked for
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError):  # devices this machine lacks
         return f"{devices}x{nodes}"
     return n * nodes
 
@@ -179,11 +186,11 @@ def code_version() -> dict[str, Any]:
     """The diffsteps package version and ``source``: a SHA-256 over the code (AST, without comments and docstrings)
     of the files that define the weights (:data:`WEIGHT_SOURCES`). A code change there gives a new training key —
     the cache never hands out weights the current code would not have trained."""
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         package = version("diffsteps")
-    except Exception:  # not installed: run from a checkout
+    except PackageNotFoundError:  # not installed: run from a checkout
         package = "unknown"
     h = hashlib.sha256()
     files = _weight_source_files()
@@ -265,7 +272,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors all mean: not a checkpoint we can trust
+    except Exception as err:  # noqa: BLE001 — pickle, zip, weights-only errors: not a checkpoint we can trust
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint {path} is corrupt or not a diffsteps checkpoint ({type(err).__name__}: "
                               f"{first})") from None
@@ -352,7 +359,7 @@ def explicit_overrides() -> list[str] | None:
         if not HydraConfig.initialized():
             return None
         overrides = list(HydraConfig.get().overrides.task)
-    except Exception:
+    except (ImportError, ValueError, AttributeError):  # not run by Hydra (or a config without its node)
         return None
     keys = []
     for text in overrides:
@@ -463,39 +470,44 @@ def launched_rank() -> int:
     return 0
 
 
-def lock_paths(entry: Path) -> tuple[Path, Path]:
-    """The lock file and the holder file of a cache entry: ``<checkpoint_dir>/.locks/<key>.lock`` and
-    ``.holder.json`` (beside the entry, not in it: a run that fails before writing a checkpoint leaves no entry)."""
+def lock_paths(entry: Path) -> tuple[Path, Path, Path]:
+    """The lock file of a cache entry and its side files, beside the entry (not in it: a run that fails before
+    writing a checkpoint leaves no entry): ``<checkpoint_dir>/.locks/<key>.lock``, ``<key>.holder.json`` (who holds
+    it now) and ``<key>.released.json`` (who held it last)."""
     locks = entry.parent / ".locks"
-    return locks / f"{entry.name}.lock", locks / f"{entry.name}.holder.json"
+    return (locks / f"{entry.name}.lock", locks / f"{entry.name}.holder.json",
+            locks / f"{entry.name}.released.json")
 
 
-def read_holder(path: Path) -> str:
+def read_holder(path: Path) -> str | None:
+    """``pid … on host … (run folder …, since …)`` from a holder file; None when there is none."""
     try:
         h = json.loads(path.read_text())
         return f"pid {h['pid']} on host {h['host']} (run folder {h['run_dir']}, since {h['since']})"
-    except Exception:
-        return "another process (its holder file is missing or being written)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager
 def cache_lock(entry: Path, *, wait: bool, run_dir: str | Path, poll_log_s: float = 300.0) -> Iterator[dict | None]:
-    """Hold the cache entry ``entry`` exclusively while training it: an OS file lock (``filelock``; ``flock`` on
+    """Hold the cache entry ``entry`` exclusively while training it: an OS file lock (``filelock``: ``flock`` on
     POSIX, ``LockFileEx`` on Windows), so a second run of the same training config waits for the first and then
-    finds its finished checkpoint, or with ``wait=False`` fails at once naming the holder (pid, host, run folder:
-    the holder file). The OS releases the lock when its process ends, however it ends (SIGKILL, OOM, power loss of a
-    client on a local disk): a lock is never stale, and a killed run's entry is resumed by the next one. Yields None,
-    or ``{"holder": …, "seconds": …}`` when it had to wait."""
+    finds its finished checkpoint, or with ``wait=False`` fails at once naming the holder (pid, host, run folder,
+    from the holder file it writes). The OS releases the lock when its process ends, however it ends (SIGKILL, an
+    out-of-memory kill, a crash): a lock is never stale, and a killed run's unfinished entry is resumed by the next
+    run. (On NFS, flock goes through the server's lock manager, which releases a crashed client's locks when it
+    notices.) Yields None, or ``{"holder": …, "seconds": …}`` when it had to wait: the holder is the process that
+    released the lock last, i.e. the one whose checkpoint this run will find."""
     from filelock import FileLock, Timeout
 
-    lock_file, holder_file = lock_paths(entry)
+    lock_file, holder_file, released_file = lock_paths(entry)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_file))
     waited = None
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        holder = read_holder(holder_file)
+        holder = read_holder(holder_file) or "another process (its holder file is not written yet)"
         if not wait:
             raise RuntimeError(f"the checkpoint cache entry {entry} of this training config is being trained by "
                                f"{holder}; train.wait_for_lock=false, so not waiting: run again when it is done "
@@ -509,8 +521,12 @@ def cache_lock(entry: Path, *, wait: bool, run_dir: str | Path, poll_log_s: floa
                 lock.acquire(timeout=poll_log_s)
                 break
             except Timeout:
-                log.info("still waiting for %s (%.0f s so far)", read_holder(holder_file), time.monotonic() - start)
-        waited = {"holder": holder, "seconds": time.monotonic() - start}
+                log.info("still waiting for %s (%.0f s so far)", read_holder(holder_file) or holder,
+                         time.monotonic() - start)
+        # a holder file still there is a holder that never released: killed; else whoever released last
+        last = read_holder(holder_file)
+        last = f"{last}, which ended without releasing it" if last else read_holder(released_file) or holder
+        waited = {"holder": last, "seconds": time.monotonic() - start}
     try:
         tmp = holder_file.with_name(f".{holder_file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_dir": str(run_dir),
@@ -518,7 +534,8 @@ def cache_lock(entry: Path, *, wait: bool, run_dir: str | Path, poll_log_s: floa
         os.replace(tmp, holder_file)
         yield waited
     finally:
-        holder_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.replace(holder_file, released_file)
         lock.release()
 
 

@@ -37,7 +37,7 @@ from ..core.schedules import Schedule
 from ..sampling.api import sample
 from .losses import DiffusionLoss, sample_timesteps
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "PROVENANCE_KEY", "lr_factor", "warmup_cosine"]
+__all__ = ["PROVENANCE_KEY", "DiffusionModule", "NonFiniteLossError", "lr_factor", "warmup_cosine"]
 
 # Seed-sequence tags, so the training and validation streams can never coincide.
 _TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
@@ -147,7 +147,8 @@ class DiffusionModule(L.LightningModule):
 
     ``compile=True`` compiles ``net`` in place (``nn.Module.compile``) in ``configure_model``, so parameter names
     and checkpoint keys stay ``net.…``. ``generate`` samples with any sampler of :mod:`diffsteps.sampling`.
-    Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...)``.
+    Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...,
+    weights_only=True)``; the runner's checkpoints also carry their provenance (``PROVENANCE_KEY``).
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *,
