@@ -432,3 +432,78 @@ def test_dataspec_checks_itself():
             DataSpec(**kw)
     with pytest.raises(dataclasses.FrozenInstanceError):
         DataSpec("vector", (2,)).levels = 3
+
+
+# -- resuming mid-epoch and the content fingerprint (the checkpoint cache) ---------------------------------------------
+def test_resumable_loader_continues_the_epoch_where_the_checkpoint_left_it():
+    from diffsteps.data.base import _STREAM_SHUFFLE, ResumableLoader, _generator
+
+    def loader(epoch, state=None):
+        dm = Toy2DData(n_train=8 * 16 + 5, n_val=16, batch_size=16, seed=4)
+        dl = dm.train_dataloader()
+        assert isinstance(dl, ResumableLoader)
+        if state is not None:
+            dl.load_state_dict(state)
+        dl.sampler.set_epoch(epoch)  # as Lightning does before each epoch, after loading the state
+        return dm, dl
+
+    dm, dl = loader(2)
+    # the order is EpochShuffle's permutation of (seed, epoch), cut into full batches
+    perm = torch.randperm(133, generator=_generator(4, _STREAM_SHUFFLE, 2))
+    x = dm.real_samples(split="train")
+    full = list(dl)
+    assert len(full) == 8 and all(torch.equal(b, x[perm[16 * k:16 * (k + 1)]]) for k, b in enumerate(full))
+    it = iter(dl)
+    for _ in range(3):
+        next(it)
+    assert dl.state_dict() == {"epoch": 2, "batches": 3}
+    # resumed after batch 3 of epoch 2: batches 4…8 of that epoch, not the epoch's first five again
+    _, dl = loader(2, {"epoch": 2, "batches": 3})
+    rest = list(dl)
+    assert len(rest) == 5 and all(torch.equal(a, b) for a, b in zip(rest, full[3:]))
+    assert dl.state_dict() == {"epoch": 2, "batches": 8}
+    # a checkpoint at epoch 1's last batch resumes at epoch 2's start; the next epoch is not skipped into either
+    _, dl = loader(2, {"epoch": 1, "batches": 8})
+    assert len(list(dl)) == 8 and len(list(dl)) == 8
+
+
+def test_file_fingerprint_sees_names_sizes_times_and_sampled_bytes(tmp_path):
+    import os
+
+    from diffsteps.data.base import file_fingerprint
+
+    rng = np.random.default_rng(0)
+    small, big = tmp_path / "a.bin", tmp_path / "b.bin"
+    small.write_bytes(rng.bytes(1000))
+    big.write_bytes(rng.bytes(64 * 1024))  # blocks at 0, 30 KiB and 60 KiB (4 KiB each)
+    for path in (small, big):
+        os.utime(path, (1e9, 1e9))  # in 2001: any later write gives another mtime
+
+    def fp():
+        return file_fingerprint([small, big], tmp_path)
+
+    def poke(path, offset, keep_mtime=True):
+        st = path.stat()
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        if keep_mtime:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    base = fp()
+    assert fp() == base
+    poke(small, 500)  # a small file is hashed whole: any byte counts, even with its mtime put back
+    assert fp() != base
+    poke(small, 500)
+    assert fp() == base
+    poke(big, 31 * 1024)  # inside the middle block
+    assert fp() != base
+    poke(big, 31 * 1024)
+    assert fp() == base
+    # the documented miss: a byte outside the three blocks changed with size and mtime kept
+    poke(big, 10 * 1024)
+    assert fp() == base
+    poke(big, 10 * 1024, keep_mtime=False)  # ... while an ordinary write sets the mtime
+    assert fp() != base
+    # generated data: identified by their arguments, no fingerprint
+    assert Toy2DData(n_train=64, n_val=16).fingerprint() is None and DigitsData().fingerprint() is None

@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 import diffsteps as ds
 from diffsteps.core.parameterizations import prediction_target, to_x0_eps
@@ -209,43 +208,6 @@ def test_trained_8gaussians_model_against_exact_model(linear):
 
 
 # -- exact resume ------------------------------------------------------------------------------------------------------
-class _Rows(Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
-class _EpochSampler(Sampler):
-    """Shuffles with a permutation that is a function of (seed, epoch). Lightning calls set_epoch at each epoch
-    start, so a resumed run reproduces the order. (GMMData's own loader shuffles with a generator that restarts
-    whenever the loader is rebuilt, so a run resumed at epoch e replays epoch 0's order — see the report.)"""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(1_000_003 * self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self):
-        return self.n
-
-
-class _ResumableGMM(GMMData):
-    def train_dataloader(self):
-        x = self.real_samples(split="train")
-        return DataLoader(_Rows(x), batch_size=self.batch_size, sampler=_EpochSampler(len(x), self.seed),
-                          drop_last=True)
-
-
 class _RecordRaw(Callback):
     """The raw (non-averaged) weights after every optimiser step."""
 
@@ -266,37 +228,36 @@ class _StopAfter(Callback):
 
 
 def test_resume_from_last_checkpoint_is_exact(linear, tmp_path):
-    # 8 batches per epoch, 16 steps; the checkpoint is written after step 8, the last batch of epoch 0 (resuming
-    # mid-epoch cannot be exact with a non-stateful loader: Lightning restarts the epoch's iterator). The EMA callback
-    # is in both runs, so its average must resume too.
+    # 8 batches per epoch, 16 steps; the checkpoint is written after step 5, in mid-epoch: GMMData's train loader
+    # (a ResumableLoader) continues with batch 6 of the epoch's order, not with the epoch's first batches again. The
+    # EMA callback is in both runs, so its average must resume too.
     def run(max_steps, ckpt_dir=None, ckpt_path=None, seed=0):
-        dm = _ResumableGMM(dim=2, components=3, n_train=512, n_val=64, batch_size=64, seed=3)
+        dm = GMMData(dim=2, components=3, n_train=512, n_val=64, batch_size=64, seed=3)
         module = small_module(linear, seed=seed, warmup_steps=4, lr=5e-3, min_lr_ratio=0.1)
         raw = _RecordRaw()
         # max_steps stays 16 in every run (it sets the LR schedule's horizon); the interrupted run is stopped early
         callbacks = [ema_callback(0.9), raw, _StopAfter(max_steps)]
         if ckpt_dir is not None:
-            # A step-based checkpoint (written in on_train_batch_end), as the runner's periodic ones. Two Lightning
-            # 2.6 pitfalls avoided here: resuming from an epoch-end checkpoint (on_train_epoch_end) runs one extra
-            # batch and shifts the sampler by an epoch; and with save_top_k=0, last.ckpt is only written in
-            # on_train_end, after the EMA callback copied the average in, so it would resume from the average.
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=8))
+            # A step-based checkpoint (written in on_train_batch_end), as the runner's periodic ones: resuming from
+            # an epoch-end checkpoint (on_train_epoch_end) would run one extra batch and shift the sampler by an
+            # epoch (Lightning 2.6).
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=5))
         trainer = make_trainer(max_steps=16, callbacks=callbacks, enable_checkpointing=ckpt_dir is not None)
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         return module, raw
 
     full, full_raw = run(16)
-    _, half_raw = run(8, ckpt_dir=tmp_path)
+    _, half_raw = run(5, ckpt_dir=tmp_path)
     ckpt = tmp_path / "last.ckpt"
-    saved = torch.load(ckpt, weights_only=False)
-    assert saved["global_step"] == 8
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 5
     for k, v in saved["current_model_state"].items():  # the raw weights to resume from, not the average
-        assert torch.equal(v, half_raw.steps[8][k])
+        assert torch.equal(v, half_raw.steps[5][k])
     # A differently seeded process: everything the continuation needs must come from the checkpoint.
     resumed, resumed_raw = run(16, ckpt_path=str(ckpt), seed=12345)
 
-    assert torch.equal(half_raw.steps[8]["net.proj_out.weight"], full_raw.steps[8]["net.proj_out.weight"])
-    assert sorted(resumed_raw.steps) == list(range(9, 17))
+    assert torch.equal(half_raw.steps[5]["net.proj_out.weight"], full_raw.steps[5]["net.proj_out.weight"])
+    assert sorted(resumed_raw.steps) == list(range(6, 17))
     # Bit-identical: the same CPU ops on the same inputs (t and ε come from per-step seeded generators).
     for k, v in full_raw.steps[16].items():  # the raw weights
         assert torch.equal(resumed_raw.steps[16][k], v), k

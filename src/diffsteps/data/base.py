@@ -6,13 +6,16 @@ which data set it has:
 
 - ``setup(stage)`` loads or generates the data once (idempotent); ``real_samples`` and ``labels`` call it themselves,
   so evaluation code can use a module outside a Trainer;
-- ``train_dataloader()`` shuffles with a generator seeded from ``seed`` and drops the last partial batch;
-  ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — no labels.
+- ``train_dataloader()`` shuffles with a generator seeded from ``seed`` and drops the last partial batch; it is a
+  :class:`ResumableLoader`, so a run resumed from a mid-epoch checkpoint continues with the batch after the last one
+  trained; ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — no labels.
   Under DDP Lightning swaps in a DistributedSampler itself;
 - ``spec``, a :class:`DataSpec` saying what the data are (modality, sample shape, levels, classes, exact density,
   default feature space), and ``sample_shape``: both known before setup, so models can be chosen and built first;
   code that must treat images, vectors and signals differently reads ``spec``, never the tensor shapes;
 - ``name`` (a file-name-safe key that changes whenever the reference data would, for caching evaluation statistics);
+- ``fingerprint()``: the content of file-based data (:func:`file_fingerprint`), None for data generated from the
+  module's arguments (which the config already holds); the checkpoint cache keys on it;
 - ``real_samples(n, split)``: the first n points of a split; splits are stored in a random order, so any prefix is a
   uniform sample of the split.
 
@@ -26,7 +29,10 @@ independent random streams. Keep it fixed while varying the training seed to com
 from __future__ import annotations
 
 import abc
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,6 +118,88 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
 
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable at any batch. Lightning saves a stateful loader's ``state_dict`` — here the
+    sampler's epoch and the number of batches drawn in it — in every checkpoint and hands it back to
+    ``load_state_dict`` on resume; the resumed iterator then skips the batches drawn before the checkpoint, so the
+    run continues with the batch an uninterrupted run would have trained next.
+
+    Why it is needed: Lightning 2.6 restores the loop counters of a mid-epoch checkpoint but draws the rest of the
+    epoch from a fresh iterator, i.e. the epoch's *first* batches again (``_TrainingEpochLoop.on_run_start`` only adds
+    the batches already seen to the fetcher's count, so the epoch ends on time, with replayed batches and the rest
+    skipped) — unless the loader is stateful (``lightning.fabric.utilities.types._Stateful``, checked per loader in
+    ``_TrainingEpochLoop.reset``; ``FitLoop.on_save_checkpoint`` / ``setup_data`` save and restore its state).
+
+    The skip applies only when the resumed epoch is the checkpoint's: after a checkpoint at an epoch's last batch
+    Lightning resumes at the next epoch, from its start. Skipped batches are drawn and dropped, which in-memory data
+    make cheap and which works under whatever sampler Lightning puts in (DDP's ``DistributedSamplerWrapper``, whose
+    order is a function of the epoch as :class:`EpochShuffle`'s is). Counting assumes Lightning does not prefetch,
+    which holds for loaders with a length (``_PrefetchDataFetcher`` prefetches only unsized iterables)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch: int | None = None
+        self._drawn = 0
+        self._resume: dict | None = None
+
+    def _sampler_epoch(self) -> int | None:
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            epoch = getattr(sampler, "epoch", None)
+            if epoch is not None:
+                return int(epoch)
+        return None
+
+    def __iter__(self):
+        return self._batches(super().__iter__())
+
+    def _batches(self, it):
+        # a generator: its body runs at the first next(), after Lightning's set_epoch for this epoch
+        epoch, skip = self._sampler_epoch(), 0
+        if self._resume is not None:
+            if self._resume["epoch"] == epoch and self._resume["batches"] < len(self):
+                skip = self._resume["batches"]
+            self._resume = None
+        self._epoch, self._drawn = epoch, 0
+        for batch in it:
+            self._drawn += 1
+            if self._drawn > skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = {"epoch": state.get("epoch"), "batches": int(state.get("batches", 0))}
+
+
+_BLOCK = 4096
+
+
+def file_fingerprint(files: Iterable[Path], root: Path) -> str:
+    """A SHA-256 content fingerprint of ``files``: per file (in the given order) its path relative to ``root``, its
+    size, its modification time (ns) and its first, middle and last 4 KiB (the whole file when shorter than 12 KiB).
+
+    Why that is enough: any ordinary edit, replacement, addition, removal or rename changes a path, a size or an
+    mtime (writing a file sets its mtime), so a changed data set changes the fingerprint — while reading ~12 KiB per
+    file instead of all of it keeps it fast on large folders (the blocks also catch a same-size replacement copied
+    with its timestamps kept, where it touches a header, the middle or the end). What it misses: bytes changed
+    outside the three blocks by a tool that keeps both size and mtime (``touch -r``, or an in-place rewrite that
+    restores the timestamp). The other way round, a copy that does not keep mtimes (``cp`` without ``-p``) changes
+    the fingerprint of unchanged data: a retraining, never a stale reuse."""
+    h = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        h.update(f"{Path(path).relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        with open(path, "rb") as f:
+            if st.st_size <= 3 * _BLOCK:
+                h.update(f.read())
+            else:
+                for offset in (0, (st.st_size - _BLOCK) // 2, st.st_size - _BLOCK):
+                    f.seek(offset)
+                    h.update(f.read(_BLOCK))
+    return h.hexdigest()[:16]
+
+
 def _generator(seed: int, stream: int, *more: int) -> torch.Generator:
     # Generation/splitting and shuffling draw from separate streams: one seed reused for both would start them from
     # the same state, and changing how data are generated would silently change the shuffle order.
@@ -192,6 +280,11 @@ class _InMemoryData(LightningDataModule, abc.ABC):
     def name(self) -> str:
         """File-name-safe identity of the data (covers every argument that changes it)."""
 
+    def fingerprint(self) -> str | None:
+        """The content of file-based data (:func:`file_fingerprint`); None for data generated from the module's
+        arguments, which identify it."""
+        return None
+
     # -- common interface ----------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self._data is None:
@@ -213,8 +306,9 @@ class _InMemoryData(LightningDataModule, abc.ABC):
             # drop_last would otherwise yield an empty epoch and training would silently do nothing.
             raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} samples, fewer than "
                              f"batch_size={self.batch_size}, so no full batch can be formed")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffle(len(ds), self.seed), drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(ds, batch_size=self.batch_size, sampler=EpochShuffle(len(ds), self.seed),
+                               drop_last=True, num_workers=self.num_workers,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), batch_size=self.batch_size, shuffle=False, drop_last=False,

@@ -22,6 +22,7 @@ from .base import (
     _InMemoryData,
     _stratified_split,
     _uint8_to_unit,
+    file_fingerprint,
 )
 
 
@@ -108,7 +109,8 @@ class ImageFolderData(_InMemoryData):
     and scaled from 0…255 to [−1, 1]. Stored as uint8 (N, C, S, S). The held-out split is a permutation from
     ``seed`` of the files in sorted path order; ``files[split]`` lists them in split order. Unlabelled.
 
-    ``name`` is derived from the folder's resolved path, not its content: change the files, change the cache key.
+    ``name`` is derived from the folder's resolved path, not its content (cached reference statistics are checked
+    against a hash of the images themselves); ``fingerprint()`` covers the content, for the checkpoint cache.
     """
 
     _decode = staticmethod(_uint8_to_unit)
@@ -124,13 +126,22 @@ class ImageFolderData(_InMemoryData):
         self.channels = int(channels)
         if isinstance(extensions, str):
             extensions = (extensions,)
-        self.extensions = tuple(sorted({str(e).lower().lstrip(".") for e in extensions}))
+        # a plain tuple (Hydra passes a ListConfig): hparams go into checkpoints, which load with weights_only=True
+        extensions = tuple(str(e) for e in extensions)
+        self.extensions = tuple(sorted({e.lower().lstrip(".") for e in extensions}))
         if not self.extensions:
             raise ValueError("extensions must name at least one file extension")
         self.val_fraction = _check_fraction(val_fraction)
         self.center_crop = bool(center_crop)
         self._files: dict[str, list[Path]] | None = None
+        self._fingerprint: str | None = None
         self.save_hyperparameters()
+
+    def fingerprint(self) -> str:
+        """:func:`~diffsteps.data.base.file_fingerprint` of the image files (computed once per instance)."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self._find_files(), self.root)
+        return self._fingerprint
 
     @property
     def files(self) -> dict[str, list[Path]]:
@@ -268,6 +279,16 @@ class CIFAR10Data(_InMemoryData):
 
     def _missing(self) -> list[str]:
         return [f for f in (*_CIFAR_TRAIN, _CIFAR_TEST) if not (self.folder / f).is_file()]
+
+    def fingerprint(self) -> str:
+        """:func:`~diffsteps.data.base.file_fingerprint` of the six batch files (downloading them first when allowed
+        and missing, as ``setup`` would)."""
+        if self._missing():
+            self.prepare_data()
+        missing = self._missing()
+        if missing:
+            self._load()  # raises, saying how to provide the files
+        return file_fingerprint([self.folder / f for f in (*_CIFAR_TRAIN, _CIFAR_TEST)], self.folder)
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node before setup, so a download is never raced by DDP ranks.

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from .build import build
-from .checkpoints import load_weights
+from .checkpoints import load_for_eval, open_checkpoint
 from .evaluate import ResultsFile, best_effort, evaluate
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
@@ -42,6 +42,7 @@ def run(cfg: DictConfig) -> float:
     if cfg.task == "optimize_steps":
         return optimize_task(cfg)
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
+    checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
     check_eval_config(cfg, schedule, steps)
@@ -64,8 +65,7 @@ def run(cfg: DictConfig) -> float:
     loggers = make_loggers(cfg, out_dir)
     rank = 0
     if cfg.ckpt_path:
-        load_weights(module, cfg.ckpt_path)
-        ckpt = Path(cfg.ckpt_path)
+        ckpt = load_for_eval(cfg, module, datamodule, checkpoint)
     elif cfg.task == "eval":
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:

@@ -8,8 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..sampling.api import plan_sampling
 from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 
-__all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "instantiate_checked",
-           "steps_list", "validate"]
+__all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "check_training",
+           "instantiate_checked", "steps_list", "validate"]
 
 TASKS = ("train_eval", "train", "eval", "schedules", "report", "optimize_steps")
 # keys that the checkpoint cache must see: they live in `train` (part of the training key) and these interpolate them;
@@ -54,6 +54,20 @@ def check_follows_train(cfg: DictConfig) -> None:
                              f"it as ${{{source}}}, and the checkpoint cache keys on {source})")
 
 
+def check_training(cfg: DictConfig) -> None:
+    """The ``train`` settings the checkpoint cache relies on: a finite number of steps ≥ 1 (0 would cache an untrained
+    network as complete; −1, Lightning's "no limit", has no end to cache) and a boolean ``wait_for_lock``."""
+    steps = OmegaConf.select(cfg, "train.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        why = {0: " (0 would train nothing and cache the untrained network as a finished model)",
+               -1: " (-1, Lightning's 'no limit', is not supported: a cached model needs a finite training)"}
+        raise ValueError(f"train.max_steps must be an integer >= 1, the optimiser steps to train; got {steps!r}"
+                         f"{why.get(steps, '') if isinstance(steps, int) else ''}")
+    wait = OmegaConf.select(cfg, "train.wait_for_lock", default=True)
+    if not isinstance(wait, bool):
+        raise ValueError(f"train.wait_for_lock must be true or false, got {wait!r}")
+
+
 def validate(cfg: DictConfig, schedule) -> list[int]:
     """Check everything that would otherwise fail after training: task, objective, sampler, spacing, steps and
     sampler options (each against the schedule), loggers, evaluation sizes, keys that follow ``train.*``. Returns
@@ -65,6 +79,7 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     objective: Objective = instantiate_checked(cfg.objective)
     sampler: SamplerChoice = instantiate_checked(cfg.sampler)
     check_follows_train(cfg)
+    check_training(cfg)
     check_loggers(cfg)
     steps = steps_list(cfg)
     for n in steps:

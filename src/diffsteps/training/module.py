@@ -12,12 +12,15 @@ Randomness. The timesteps and noise of a training step are drawn from generators
 global step, micro-batch), not from the global RNG: Lightning checkpoints do not store RNG states, so with the global
 RNG a run resumed from a checkpoint would replay the noise of its first steps instead of continuing the stream. The
 base seed is ``torch.initial_seed()`` when ``fit`` starts (i.e. the seed given to ``lightning.seed_everything``)
-and is saved in and restored from checkpoints. Validation draws from generators seeded by the batch index alone, so
+and is saved in and restored from checkpoints. The network's own randomness (dropout) draws from the global RNG, so
+the forward pass of a training step runs with the global RNG forked and seeded from the same words: a resumed run
+repeats the dropout masks an uninterrupted one draws, bit for bit. Validation draws from generators seeded by the batch index alone, so
 ``val/loss`` is the same estimator in every epoch and every run on the same validation data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -34,12 +37,15 @@ from ..core.schedules import Schedule
 from ..sampling.api import sample
 from .losses import DiffusionLoss, sample_timesteps
 
-__all__ = ["DiffusionModule", "NonFiniteLossError", "lr_factor", "warmup_cosine"]
+__all__ = ["PROVENANCE_KEY", "DiffusionModule", "NonFiniteLossError", "lr_factor", "warmup_cosine"]
 
 # Seed-sequence tags, so the training and validation streams can never coincide.
 _TRAIN_STREAM, _VAL_STREAM = 0x7EA1, 0x7A11
 _VAL_SEED = 20200619  # fixed: validation noise must not depend on the run's seed
 _CKPT_KEY = "diffsteps_module"
+# where a checkpoint carries what trained it (set by the runner as `module.provenance`): the training config, the
+# code version, the cache key; the global step is added when saving
+PROVENANCE_KEY = "diffsteps_provenance"
 
 
 
@@ -99,6 +105,21 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence([int(w) % 2**64 for w in words]).generate_state(1, dtype=np.uint64)[0])
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(device: torch.device, seed: int):
+    """The global RNG of the CPU (and of ``device`` if it is an accelerator) seeded with ``seed`` inside the block and
+    restored after it (``torch.random.fork_rng``), so modules that draw from it (dropout) get per-step streams."""
+    accel = device.type not in ("cpu", "meta")
+    devices = [device.index if device.index is not None else 0] if accel else []
+    kwargs = {"device_type": device.type} if accel else {}
+    with torch.random.fork_rng(devices=devices, **kwargs):
+        torch.default_generator.manual_seed(seed)
+        backend = getattr(torch, device.type, None) if accel else None
+        if hasattr(backend, "manual_seed"):  # torch.cuda / torch.mps: the current device's generator
+            backend.manual_seed(seed)
+        yield
+
+
 def _band_edges(num_timesteps: int, bands: int) -> list[tuple[int, int]]:
     """[0, T) cut into ``bands`` contiguous, near-equal integer bands, as inclusive (lo, hi) pairs."""
     starts = [(i * num_timesteps) // bands for i in range(bands + 1)]
@@ -126,7 +147,8 @@ class DiffusionModule(L.LightningModule):
 
     ``compile=True`` compiles ``net`` in place (``nn.Module.compile``) in ``configure_model``, so parameter names
     and checkpoint keys stay ``net.…``. ``generate`` samples with any sampler of :mod:`diffsteps.sampling`.
-    Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...)``.
+    Rebuild from a checkpoint with ``DiffusionModule.load_from_checkpoint(path, net=..., schedule=..., loss=...,
+    weights_only=True)``; the runner's checkpoints also carry their provenance (``PROVENANCE_KEY``).
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *,
@@ -162,6 +184,8 @@ class DiffusionModule(L.LightningModule):
         self._noise_seed = torch.initial_seed()
         self._seed_step, self._micro_batch = -1, 0
         self._net_compiled = False
+        # what trained these weights (plain data: it must load with weights_only=True), written into every checkpoint
+        self.provenance: dict | None = None
 
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -213,7 +237,8 @@ class DiffusionModule(L.LightningModule):
             self._seed_step, self._micro_batch = self.global_step, 0
         seed = _seed(_TRAIN_STREAM, self._noise_seed, self.global_rank, self.global_step, self._micro_batch)
         self._micro_batch += 1
-        losses, t, out = self._losses(x0, seed)
+        with _seeded_global_rng(x0.device, _seed(seed, 2)):  # dropout masks: a function of the step too
+            losses, t, out = self._losses(x0, seed)
         loss = losses.mean()
         local_bad = not bool(torch.isfinite(loss))
         bad = local_bad
@@ -305,6 +330,8 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[_CKPT_KEY] = {"noise_seed": self._noise_seed}
+        if self.provenance is not None:
+            checkpoint[PROVENANCE_KEY] = {**self.provenance, "global_step": int(self.global_step)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if _CKPT_KEY in checkpoint:
