@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class Chunk:
         return len(self.indices)
 
 
-class Measure:
+class Measure(abc.ABC):
     """One measurement of an evaluation: a few entries of every step count's row.
 
     The :class:`~diffsteps.evaluation.evaluator.Evaluator` takes one step count n at a time and calls, on each
@@ -55,10 +56,10 @@ class Measure:
         """For ``steps`` steps without samples: called once per step count, on one process (the bare network),
         after that step count's chunks."""
 
+    @abc.abstractmethod
     def compute(self, steps: int) -> dict:
         """The row entries (plain floats) at ``steps`` steps; identical on every process. Called as soon as that
         step count is done, on every process."""
-        raise NotImplementedError
 
     def metrics(self) -> list[Metric]:
         """The states to move to the device and sync: every ``Metric`` attribute, and those in dict attributes."""
