@@ -97,15 +97,6 @@ class Predictor:
         return ds.prediction_target(x0, eps, alpha, sigma, self.prediction).to(x.dtype)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threading only adds overhead (≈30× slower per model call on a 2-core runner)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- helpers -----------------------------------------------------------------------------------------------------
 def noise(seed: int = 1, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)

@@ -78,9 +78,9 @@ def old_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
     return rows
 
 
-def new_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
+def measures(plan, schedule, quality, mixture, classifier, elbo):
     """The measures as runner/evaluate.py builds them, in its order."""
-    measures = [m for m in (
+    return [m for m in (
         Quality(plan, quality),
         MixtureNLL(plan, mixture) if mixture is not None else None,
         ClassifierConfidence(plan) if classifier else None,
@@ -88,7 +88,11 @@ def new_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
         ChainELBO(plan, schedule, "epsilon", elbo["data"], variance=elbo["variance"], levels=elbo["levels"],
                   full=elbo["full"]),
     ) if m is not None]
-    ev = Evaluator(plan, schedule, "epsilon", measures)
+
+
+def new_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
+    """The split evaluator, chunks outer (as before the step-major order)."""
+    ev = Evaluator(plan, schedule, "epsilon", measures(plan, schedule, quality, mixture, classifier, elbo))
     for c in range(plan.num_chunks):
         ev.run_chunk(net, c, CPU)
     ev.run_steps(net, CPU)
@@ -98,15 +102,7 @@ def new_rows(plan, schedule, net, *, quality, mixture, classifier, elbo):
 def new_rows_by_step(plan, schedule, net, *, quality, mixture, classifier, elbo):
     """The same measures in the order the runner now takes them: one step count at a time (every chunk at it, its
     ELBO, its row), as ``EvaluationModule.test_step`` does."""
-    measures = [m for m in (
-        Quality(plan, quality),
-        MixtureNLL(plan, mixture) if mixture is not None else None,
-        ClassifierConfidence(plan) if classifier else None,
-        TrajectoryError(plan, schedule, "epsilon"),
-        ChainELBO(plan, schedule, "epsilon", elbo["data"], variance=elbo["variance"], levels=elbo["levels"],
-                  full=elbo["full"]),
-    ) if m is not None]
-    ev = Evaluator(plan, schedule, "epsilon", measures)
+    ev = Evaluator(plan, schedule, "epsilon", measures(plan, schedule, quality, mixture, classifier, elbo))
     rows = []
     for n in plan.steps:
         for c in ev.my_chunks():

@@ -28,14 +28,6 @@ RTOL32 = 2e-4  # diffusers' float32 tables and coefficients vs our float64 ones 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- the diffusers side ----------------------------------------------------------------------------------------------
 def _mixture() -> ds.GaussianMixture:
     g = torch.Generator().manual_seed(0)
