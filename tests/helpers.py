@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffsteps import GaussianMixture
 from diffsteps.data import DataSpec
 from diffsteps.data.base import _InMemoryData
 
@@ -112,3 +113,17 @@ class SineSignals(_InMemoryData):
         x = torch.sin(torch.linspace(0, 4 * math.pi, self.length) + phase)
         k = self.n * 3 // 4
         return {"train": x[:k], "val": x[k:]}, None
+
+
+def agreement_mixture():
+    """A 16-D, 3-component mixture with full covariances: the model diffusers' schedulers are compared on."""
+    g = torch.Generator().manual_seed(0)
+    K, D = 3, 16
+    # means 3.6 … 4.8 apart, component standard deviations 0.7 … 2.0: multimodal, so ε* is far from linear (at
+    # ᾱ = 0.5 29% of noised points have no component with responsibility ≥ 0.9), yet overlapping enough that no
+    # sampling trajectory sits on a knife-edge between modes and amplifies float32 rounding into the max-norm
+    means = 0.7 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    A = torch.randn(K, D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    covs = A @ A.transpose(1, 2) + 0.5 * torch.eye(D, dtype=torch.float64)
+    covs[2] = torch.diag(0.5 + torch.rand(D, generator=g, dtype=torch.float64))
+    return GaussianMixture(means, covs, weights=[0.5, 0.3, 0.2])

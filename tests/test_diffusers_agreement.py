@@ -34,6 +34,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from helpers import agreement_mixture
 
 import diffsteps as ds
 
@@ -52,20 +53,9 @@ DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def _mixture() -> ds.GaussianMixture:
-    g = torch.Generator().manual_seed(0)
-    K, D = 3, 16
-    # means 3.6 … 4.8 apart, component standard deviations 0.7 … 2.0: multimodal, so ε* is far from linear (at
-    # ᾱ = 0.5 29% of noised points have no component with responsibility ≥ 0.9), yet overlapping enough that no
-    # sampling trajectory sits on a knife-edge between modes and amplifies float32 rounding into the max-norm
-    means = 0.7 * torch.randn(K, D, generator=g, dtype=torch.float64)
-    A = torch.randn(K, D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
-    covs = A @ A.transpose(1, 2) + 0.5 * torch.eye(D, dtype=torch.float64)
-    covs[2] = torch.diag(0.5 + torch.rand(D, generator=g, dtype=torch.float64))
-    return ds.GaussianMixture(means, covs, weights=[0.5, 0.3, 0.2])
 
 
-MIXTURE = _mixture()
+MIXTURE = agreement_mixture()
 
 
 class Predictor:

@@ -18,7 +18,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from helpers import noise
+from helpers import agreement_mixture, noise
 
 import diffsteps as ds
 
@@ -29,16 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 
 # -- the diffusers side ----------------------------------------------------------------------------------------------
-def _mixture() -> ds.GaussianMixture:
-    g = torch.Generator().manual_seed(0)
-    K, D = 3, 16
-    means = 0.7 * torch.randn(K, D, generator=g, dtype=torch.float64)
-    A = torch.randn(K, D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
-    covs = A @ A.transpose(1, 2) + 0.5 * torch.eye(D, dtype=torch.float64)
-    return ds.GaussianMixture(means, covs, weights=[0.5, 0.3, 0.2])
-
-
-MIXTURE = _mixture()
+MIXTURE = agreement_mixture()  # the mixture diffusers is compared on (helpers)
 LINEAR = ds.make_schedule("linear", T)
 
 
