@@ -11,10 +11,11 @@ import diffsteps as ds
 from diffsteps.core.spacings import make_timesteps, to_integer_timesteps
 
 
-# -- the shared case is bit-identical to the textbook updates -------------------------------------------------------
+# -- the shared case equals the textbook updates to round-off --------------------------------------------------------
 # Each reference evaluates the paper's update with Python-float coefficients, in the order the samplers did before
-# per-sample levels existed (commit 5d2f75f; these references passed against it bit for bit). torch.equal, not
-# allclose: the shared case must not change by one ulp.
+# per-sample levels existed (commit 5d2f75f; these references passed against it bit for bit). The lean loops fold
+# each step into precomputed float64 coefficients and fused multiply-adds, which round differently: the bound is a
+# few ulps of the state's dtype per step, far below any solver's error (a wrong coefficient shows at 1e-4 or more).
 def _ref_levels(schedule, sampler, steps, spacing):
     ts = make_timesteps(spacing, steps, schedule)
     if ds.SAMPLERS[sampler].integer_steps:
@@ -124,7 +125,7 @@ REFERENCES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sampler,eta", list(REFERENCES))
-def test_shared_levels_bit_identical_to_textbook_updates(mixture, linear, sampler, eta, dtype):
+def test_shared_levels_equal_textbook_updates(mixture, linear, sampler, eta, dtype):
     # a new sampler needs its reference here; unipc and plms are checked against diffusers and ipndm against a
     # textbook Adams–Bashforth loop in tests/test_solvers.py
     assert set(ds.SAMPLERS) - {"unipc", "ipndm", "plms"} == {s for s, _ in REFERENCES}
@@ -135,7 +136,10 @@ def test_shared_levels_bit_identical_to_textbook_updates(mixture, linear, sample
     got = ds.sample(model, x_T, schedule=linear, sampler=sampler, steps=12, spacing="karras",
                     generator=torch.Generator().manual_seed(3), **opts)
     want = REFERENCES[sampler, eta](model, x_T, lv, torch.Generator().manual_seed(3))
-    assert got.dtype == dtype and torch.equal(got, want)
+    ulp = torch.finfo(dtype).eps
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"{sampler} η={eta} {dtype}: max|Δ|/max|ref| = {err:.1e} = {err / ulp:.1f} ulp")
+    assert got.dtype == dtype and err <= 256 * ulp  # measured: 2–16 ulp, dpmpp_3m in float64 53
 
 
 # -- conditioning ---------------------------------------------------------------------------------------------------

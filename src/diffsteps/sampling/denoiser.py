@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from ..core.parameterizations import check_prediction, to_x0_eps
-from .levels import every
+from ..core.parameterizations import check_prediction
+from .levels import every, lincomb
 
 
 class Denoiser:
@@ -48,7 +48,13 @@ class Denoiser:
             self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})
         return self._cond_cast[1]
 
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma):
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma, want: str = "both"):
+        """(x̂_0, ε̂) at x, level (t, α, σ). ``want``: ``"both"``, or ``"x0"`` / ``"eps"`` to form only that one — the
+        other is returned as None — so a data-prediction solver does not pay for ε̂ nor an ε-solver for x̂_0 (with
+        ε-prediction ε̂ is the network output itself, no pass over the state at all). Clipping and thresholding act on
+        x̂_0, so with either the pair is formed whatever ``want`` says, and ε̂ re-derived from the clipped x̂_0."""
+        if want not in WANTS:
+            raise ValueError(f"want must be one of: {', '.join(WANTS)}; got {want!r}")
         dtype = self.model_dtype or x.dtype
         # t in at least float32: a bf16 t would round timesteps near 1000 to multiples of 4
         t_dtype = torch.promote_types(dtype, torch.float32)
@@ -60,9 +66,9 @@ class Denoiser:
         out = self.model(xm, tt, **self._cond_as(dtype)) if self.cond else self.model(xm, tt)
         out = out.to(x.dtype)
         self.nfe += 1
-        x0, eps = to_x0_eps(out, x, alpha, sigma, self.prediction)
         if self.clip_denoised is None and self.dynamic_threshold is None:
-            return x0, eps
+            return _convert(out, x, alpha, sigma, self.prediction, want)
+        x0 = _convert(out, x, alpha, sigma, self.prediction, "x0")[0]
         if self.dynamic_threshold is not None:
             flat = x0.reshape(len(x0), -1).abs()
             s = torch.quantile(flat.float(), self.dynamic_threshold, dim=1).to(x0.dtype).clamp(min=1.0)
@@ -72,9 +78,33 @@ class Denoiser:
             x0 = torch.maximum(torch.minimum(x0, s), -s) / s
         if self.clip_denoised is not None:
             x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
-        if every(sigma > 0):
-            eps = (x - alpha * x0) / sigma
-        return x0, eps
+        eps = None
+        if want != "x0":  # consistent with the new x̂_0 (at σ = 0 there is nothing to re-derive from)
+            eps = _sub_div(x, alpha, x0, sigma) if every(sigma > 0) else _convert(out, x, alpha, sigma,
+                                                                                  self.prediction, "eps")[1]
+        return (None if want == "eps" else x0), eps
+
+
+WANTS = ("both", "x0", "eps")
+
+
+def _convert(out: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str, want: str):
+    """:func:`~diffsteps.core.parameterizations.to_x0_eps`, forming only what ``want`` asks for, each conversion one
+    fused multiply-add and one scaling into a new tensor (the network output is never written to: the model may
+    hold it)."""
+    if prediction == "epsilon":
+        return (None if want == "eps" else _sub_div(x, sigma, out, alpha)), (None if want == "x0" else out)
+    if prediction == "x0":
+        return (None if want == "eps" else out), (None if want == "x0" else _sub_div(x, alpha, out, sigma))
+    check_prediction(prediction)  # v: x̂_0 = α x_t − σ v̂, ε̂ = σ x_t + α v̂
+    return (None if want == "eps" else lincomb(alpha, x, [(-sigma, out)]),
+            None if want == "x0" else lincomb(sigma, x, [(alpha, out)]))
+
+
+def _sub_div(x: torch.Tensor, c, y: torch.Tensor, d) -> torch.Tensor:
+    """(x − c y)/d in a new tensor: one fused multiply-add, one in-place division."""
+    out = torch.addcmul(x, c, y, value=-1.0) if isinstance(c, torch.Tensor) else torch.add(x, y, alpha=-c)
+    return out.div_(d)
 
 
 def check_cond(cond: Mapping | None, model: Callable | None = None,

@@ -35,6 +35,18 @@ def relu(v: Level) -> Level:
     return v.clamp(min=0.0) if isinstance(v, torch.Tensor) else max(v, 0.0)
 
 
+def lincomb(c: Level, x: torch.Tensor, terms) -> torch.Tensor:
+    """c x + Σ c_j y_j in one new tensor: one scaling, then a fused multiply-add in place per term (``alpha=`` for a
+    float coefficient, ``addcmul_`` for a per-sample one). Neither x nor any y_j is written to."""
+    out = x * c
+    for cj, y in terms:
+        if isinstance(cj, torch.Tensor):
+            out.addcmul_(cj, y)
+        else:
+            out.add_(y, alpha=cj)
+    return out
+
+
 def every(cond: bool | torch.Tensor) -> bool:
     """A branch condition on the levels as one bool: the condition itself for shared levels, all() for per-sample
     ones. The samplers only branch on whether the next level is the data (σ = 0, ᾱ = 1) — and, for DDIM, on whether

@@ -48,7 +48,7 @@ import torch
 
 from ..core.process import posterior_coefficients
 from .denoiser import Denoiser
-from .levels import Levels, every, expm1, log, relu, sqrt
+from .levels import Levels, every, expm1, lincomb, log, relu, sqrt
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,12 +69,16 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, eta: float = 
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"ddim needs eta in [0, 1], got {eta!r}")
     a, al, sg = lv.abar, lv.alpha, lv.sigma
-    for i in progress(range(len(lv) - 1)):
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
+    steps = []
+    for i in range(len(lv) - 1):
         c = eta * sqrt((1 - a[i + 1]) / (1 - a[i]) * (1 - a[i] / a[i + 1]))
-        x = al[i + 1] * x0 + sqrt(relu(1 - a[i + 1] - c * c)) * eps
+        steps.append(_step_eps(lv, i, 0.0, al[i + 1], sqrt(relu(1 - a[i + 1] - c * c)), callback) + (c,))
+    for i in progress(range(len(lv) - 1)):
+        want, cx, terms, c = steps[i]
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
+        x = lincomb(cx, x, terms(x0, eps))
         if every(c > 0):
-            x = x + c * _randn(x, generator)
+            _add_noise(x, c, generator)
         callback(i, x, x0)
     return x
 
@@ -88,12 +92,16 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, variance: str
     if variance not in ("small", "large"):
         raise ValueError(f"ddpm variance must be one of: small, large; got {variance!r}")
     a, al, sg = lv.abar, lv.alpha, lv.sigma
-    for i in progress(range(len(lv) - 1)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i])
+    steps = []
+    for i in range(len(lv) - 1):
         c0, cs, var, beta = posterior_coefficients(a[i], a[i + 1])
-        x = c0 * x0 + cs * x
+        steps.append(_step_eps(lv, i, cs, c0, 0.0, callback) + (sqrt(var if variance == "small" else beta),))
+    for i in progress(range(len(lv) - 1)):
+        want, cx, terms, c = steps[i]
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
+        x = lincomb(cx, x, terms(x0, eps))
         if every(a[i + 1] < 1):
-            x = x + sqrt(var if variance == "small" else beta) * _randn(x, generator)
+            _add_noise(x, c, generator)
         callback(i, x, x0)
     return x
 
@@ -103,9 +111,12 @@ def sample_euler(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     """Euler's method on the probability-flow ODE dx̃/dσ̃ = ε̂(x̃, σ̃) (Karras et al. 2022, eq. 4 with s = 1,
     σ(t) = t): x̃_n = x̃_s + (σ̃_n − σ̃_s) ε̂. Algebraically the same update as DDIM with η = 0."""
     al, sg, sv = lv.alpha, lv.sigma, lv.sigma_ve
+    want = _want_eps(callback)
+    coeffs = [(al[i + 1] / al[i], al[i + 1] * (sv[i + 1] - sv[i])) for i in range(len(lv) - 1)]
     for i in progress(range(len(lv) - 1)):
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
-        x = al[i + 1] * (x / al[i] + (sv[i + 1] - sv[i]) * eps)
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
+        cx, ce = coeffs[i]
+        x = lincomb(cx, x, [(ce, eps)])
         callback(i, x, x0)
     return x
 
@@ -115,14 +126,16 @@ def sample_heun(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     """Heun's second-order method on the same ODE (Karras et al. 2022, Alg. 1, no churn): an Euler step to σ̃_n,
     then the trapezoidal correction x̃_n = x̃_s + (σ̃_n − σ̃_s)(ε̂_s + ε̂_n)/2; the step into σ̃ = 0 stays Euler."""
     al, sg, sv = lv.alpha, lv.sigma, lv.sigma_ve
+    want = _want_eps(callback)
+    coeffs = [(al[i + 1] / al[i], al[i + 1] * (sv[i + 1] - sv[i])) for i in range(len(lv) - 1)]
     for i in progress(range(len(lv) - 1)):
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
-        xs = x / al[i]
-        x_next = xs + (sv[i + 1] - sv[i]) * eps
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
+        cx, ce = coeffs[i]
+        x_next = lincomb(cx, x, [(ce, eps)])
         if every(sv[i + 1] > 0):
-            x0, eps2 = denoise(al[i + 1] * x_next, lv.t[i + 1], al[i + 1], sg[i + 1])
-            x_next = xs + (sv[i + 1] - sv[i]) * 0.5 * (eps + eps2)
-        x = al[i + 1] * x_next
+            x0, eps2 = denoise(x_next, lv.t[i + 1], al[i + 1], sg[i + 1], want)
+            x_next = lincomb(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)])
+        x = x_next
         callback(i, x, x0)
     return x
 
@@ -133,13 +146,16 @@ def sample_sde_euler(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, generato
     and 11), with ∇log p_t = −ε̂/σ and the step's integrated rate B = ∫β dt = log(ᾱ_n/ᾱ_s) taken exactly:
     x_n = x_s + B(½ x_s − ε̂/σ_s) + √B z. The step into the data returns the Tweedie estimate x̂_0 (no noise)."""
     a, al, sg = lv.abar, lv.alpha, lv.sigma
+    want = _want_eps(callback)
     for i in progress(range(len(lv) - 1)):
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
         if every(a[i + 1] == 1):
+            x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
             x = x0
         else:
+            x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
             rate = log(a[i + 1] / a[i])
-            x = x + rate * (0.5 * x - eps / sg[i]) + sqrt(rate) * _randn(x, generator)
+            x = lincomb(1 + 0.5 * rate, x, [(-rate / sg[i], eps)])
+            _add_noise(x, sqrt(rate), generator)
         callback(i, x, x0)
     return x
 
@@ -152,20 +168,28 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_ord
     there are fewer than 15. The step into the data: ``final`` (module docstring)."""
     _check_final(final)
     al, sg, lam = lv.alpha, lv.sigma, lv.lam
-    orders = _multistep_orders(len(lv) - 1, 2, lower_order_final)
-    prev, h_prev = None, None
-    for i in progress(range(len(lv) - 1)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i])
+    n = len(lv) - 1
+    orders = _multistep_orders(n, 2, lower_order_final)
+    coeffs = []  # step i: x_{i+1} = c_x x_i + c_0 x̂_0 + c_1 x̂_0^{prev}
+    for i in range(n):
         if every(sg[i + 1] == 0):
+            coeffs.append(None)
+            continue
+        h = lam[i + 1] - lam[i]
+        c = -al[i + 1] * expm1(-h)
+        if orders[i] == 2:
+            r = (lam[i] - lam[i - 1]) / h
+            coeffs.append((sg[i + 1] / sg[i], (1 + 0.5 / r) * c, -(0.5 / r) * c))
+        else:
+            coeffs.append((sg[i + 1] / sg[i], c, None))
+    prev = None
+    for i in progress(range(n)):
+        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
+        if coeffs[i] is None:
             x = _to_data(final, [x0, prev], lv, i, orders[i])
         else:
-            h = lam[i + 1] - lam[i]
-            d = x0
-            if orders[i] == 2:
-                r = h_prev / h
-                d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev
-            x = (sg[i + 1] / sg[i]) * x - al[i + 1] * expm1(-h) * d
-            h_prev = h
+            cx, c0, c1 = coeffs[i]
+            x = lincomb(cx, x, [(c0, x0)] if c1 is None else [(c0, x0), (c1, prev)])
         prev = x0
         callback(i, x, x0)
     return x
@@ -180,33 +204,41 @@ def sample_dpmpp_3m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_ord
     (diffusers' rule, fewer than 15 steps) orders 2 and 1 on the last two steps. Into the data: ``final``."""
     _check_final(final)
     al, sg, lam = lv.alpha, lv.sigma, lv.lam
-    orders = _multistep_orders(len(lv) - 1, 3, lower_order_final)
-    hist: list[tuple[torch.Tensor, float | torch.Tensor]] = []  # (x̂_0, its λ), newest last
-    for i in progress(range(len(lv) - 1)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i])
-        if every(sg[i + 1] == 0):
-            x = _to_data(final, [x0] + [m for m, _ in reversed(hist)], lv, i, orders[i])
-            hist = (hist + [(x0, lam[i])])[-2:]
-            callback(i, x, x0)
-            continue
-        h = lam[i + 1] - lam[i]
-        phi1 = expm1(-h)
-        base = (sg[i + 1] / sg[i]) * x - al[i + 1] * phi1 * x0
-        if orders[i] == 1:
-            x = base
-        elif orders[i] == 2:
-            r0 = (lam[i] - hist[-1][1]) / h
-            x = base - al[i + 1] * phi1 * (0.5 / r0) * (x0 - hist[-1][0])
+    n = len(lv) - 1
+    orders = _multistep_orders(n, 3, lower_order_final)
+    coeffs = [None if every(sg[i + 1] == 0) else _dpmpp_3m_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
+    hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, i − 2, newest first
+    for i in progress(range(n)):
+        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
+        hist = ([x0] + hist)[:3]
+        if coeffs[i] is None:
+            x = _to_data(final, hist, lv, i, orders[i])
         else:
-            (m2, l2), (m1, l1) = hist[-2], hist[-1]
-            r0, r1 = (lam[i] - l1) / h, (l1 - l2) / h
-            d1_0, d1_1 = (x0 - m1) / r0, (m1 - m2) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            x = base + al[i + 1] * (phi1 / h + 1) * d1 - al[i + 1] * ((phi1 + h) / h**2 - 0.5) * d2
-        hist = (hist + [(x0, lam[i])])[-2:]
+            cx, cm = coeffs[i]
+            x = lincomb(cx, x, list(zip(cm, hist)))
         callback(i, x, x0)
     return x
+
+
+def _dpmpp_3m_coeffs(al, sg, lam, i: int, order: int):
+    """DPM-Solver++(3M)'s step i as (c_x, [c for x̂_0 at levels i, i − 1, i − 2]): the divided differences
+    D_1 = D1_0 + r_0/(r_0 + r_1) (D1_0 − D1_1), D_2 = (D1_0 − D1_1)/(r_0 + r_1), D1_0 = (m_0 − m_1)/r_0,
+    D1_1 = (m_1 − m_2)/r_1 expanded into weights on m_0, m_1, m_2 (order 2: D = (m_0 − m_1)/(2 r_0))."""
+    h = lam[i + 1] - lam[i]
+    phi1 = expm1(-h)
+    c0 = -al[i + 1] * phi1  # on D_0 = m_0
+    if order == 1:
+        return sg[i + 1] / sg[i], [c0]
+    r0 = (lam[i] - lam[i - 1]) / h
+    if order == 2:
+        w = c0 * (0.5 / r0)
+        return sg[i + 1] / sg[i], [c0 + w, -w]
+    r1 = (lam[i - 1] - lam[i - 2]) / h
+    c1, c2 = al[i + 1] * (phi1 / h + 1), -al[i + 1] * ((phi1 + h) / h**2 - 0.5)
+    # D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1; D_1 = (1 + q) D1_0 − q D1_1, q = r0/(r0 + r1); D_2 = (D1_0 − D1_1)/(r0 + r1)
+    q, s = r0 / (r0 + r1), 1 / (r0 + r1)
+    a0, a1 = c1 * (1 + q) + c2 * s, -(c1 * q + c2 * s)  # weights on D1_0, D1_1
+    return sg[i + 1] / sg[i], [c0 + a0 / r0, -a0 / r0 + a1 / r1, -a1 / r1]
 
 
 def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int = 2, variant: str = "bh2",
@@ -241,17 +273,17 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     x_prev = x
     for i in progress(range(n)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i])
+        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
         if i > 0 and corr[i - 1] is not None:
             cx, cm, ct = corr[i - 1]
-            x = _combine(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
+            x = lincomb(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
         hist = ([x0] + hist)[:max(order, 1)]
         x_prev = x
         if pred[i] is None:
             x = _to_data(final, hist, lv, i, orders[i])
         else:
             cx, cm = pred[i]
-            x = _combine(cx, x, list(zip(cm, hist)))
+            x = lincomb(cx, x, list(zip(cm, hist)))
         callback(i, x, x0)
     return x
 
@@ -264,7 +296,7 @@ def sample_ipndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
     basis ℓ_j on the last ``order`` σ̃'s (variable-step AB), which on a uniform σ̃ grid are the classical
     (55, −59, 37, −9)/24 of the paper. ``lower_order_final``: at most n − i on step i when there are fewer than 15
     steps (diffusers' DPM-Solver rule). Into the data (σ̃ = 0): ``final="tweedie"`` takes the Euler step, which is
-    x̂_0 of the last level exactly; ``final="ode"`` the AB step of the step's order."""
+    x̂_0 of the last level (to round-off); ``final="ode"`` the AB step of the step's order."""
     if order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm order must be one of: 1, 2, 3, 4; got {order!r}")
     _check_final(final)
@@ -276,12 +308,13 @@ def sample_ipndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
         k = 1 if final == "tweedie" and every(sv[i + 1] == 0) else orders[i]
         w = _ab_weights([sv[i - j] for j in range(k)], sv[i], sv[i + 1])
         coeffs.append((al[i + 1] / al[i], [al[i + 1] * v for v in w]))
+    want = _want_eps(callback)
     eps_hist: list[torch.Tensor] = []
     for i in progress(range(n)):
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         eps_hist = ([eps] + eps_hist)[:order]
         cx, ce = coeffs[i]
-        x = x0 if len(ce) == 1 and every(sv[i + 1] == 0) else _combine(cx, x, list(zip(ce, eps_hist)))
+        x = lincomb(cx, x, list(zip(ce, eps_hist)))
         callback(i, x, x0)
     return x
 
@@ -296,23 +329,54 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     the state at σ̃ = 0."""
     n = len(lv) - 1
     al, sg, sv = lv.alpha, lv.sigma, lv.sigma_ve
-    ab = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+    want = _want_eps(callback)
+    coeffs = [(al[i + 1] / al[i], [al[i + 1] * (sv[i + 1] - sv[i]) * w for w in AB[min(i, 3)]]) for i in range(n)]
     ets: list[torch.Tensor] = []
     for i in progress(range(n)):
-        cx, ce = al[i + 1] / al[i], al[i + 1] * (sv[i + 1] - sv[i])
-        x0, eps = denoise(x, lv.t[i], al[i], sg[i])
+        cx, ce = coeffs[i]
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         ets = ([eps] + ets)[:4]
         if i == 0 and every(sv[1] > 0):
-            x0, eps2 = denoise(_combine(cx, x, [(ce, eps)]), lv.t[1], al[1], sg[1])
-            x = _combine(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)])
+            x0, eps2 = denoise(lincomb(cx, x, [(ce[0], eps)]), lv.t[1], al[1], sg[1], want)
+            x = lincomb(cx, x, [(0.5 * ce[0], eps), (0.5 * ce[0], eps2)])
         else:
-            x = _combine(cx, x, [(ce * w, e) for w, e in zip(ab[len(ets) - 1], ets)])
+            x = lincomb(cx, x, list(zip(ce, ets)))
         callback(i, x, x0)
     return x
 
 
+# the fixed-coefficient Adams–Bashforth weights of orders 1–4 (PLMS, PNDM), newest ε̂ first
+AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
 # -- helpers ----------------------------------------------------------------------------------------------------------
 FINALS = ("tweedie", "ode")
+
+
+def _want_eps(callback: Callable) -> str:
+    """What an ε-solver asks the Denoiser for: ε̂ alone, and x̂_0 too only when a callback will see it."""
+    return "eps" if callback is _quiet else "both"
+
+
+def _step_eps(lv: Levels, i: int, cx, c0, ce, callback: Callable):
+    """Step i's update c_x x + c_0 x̂_0 + c_e ε̂ for an ε-solver, as (want, c_x', terms(x̂_0, ε̂)). Where α_i > 0,
+    x̂_0 = (x − σ_i ε̂)/α_i is folded into the coefficients — c_x' = c_x + c_0/α_i on x, c_e − c_0 σ_i/α_i on ε̂ —
+    so the Denoiser forms ε̂ only (for an ε-network, nothing) and the step is one scaling and one multiply-add. At
+    α_i = 0 (a zero-terminal-SNR start, where x̂_0 is no function of x and ε̂) the three-term form."""
+    al, sg = lv.alpha[i], lv.sigma[i]
+    if bool((al > 0).all()) if isinstance(al, torch.Tensor) else al > 0:
+        cx, ce = cx + c0 / al, ce - c0 * sg / al
+        return _want_eps(callback), cx, lambda x0, eps: [(ce, eps)]
+    return "both", cx, lambda x0, eps: [(c0, x0), (ce, eps)]
+
+
+def _add_noise(x: torch.Tensor, c, generator: torch.Generator | None) -> None:
+    """x += c z, z ~ N(0, I), in place: x is always the step's own new tensor, which no one else holds yet."""
+    z = _randn(x, generator)
+    if isinstance(c, torch.Tensor):
+        x.addcmul_(c, z)
+    else:
+        x.add_(z, alpha=c)
 
 
 def _check_final(final: str) -> None:
@@ -325,18 +389,6 @@ def _multistep_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
     at most n − i on step i (diffusers' DPM-Solver rule: its 3M takes orders 2, 1 on the last two steps)."""
     cap = lower_order_final and n < 15
     return [min(order, i + 1, n - i if cap else order) for i in range(n)]
-
-
-def _combine(c: float | torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
-    """c x + Σ c_j y_j in one new tensor, fused multiply-adds in place (alpha= for float coefficients, addcmul_ for
-    per-sample float64 ones)."""
-    out = x * c
-    for cj, y in terms:
-        if isinstance(cj, torch.Tensor):
-            out.addcmul_(cj, y)
-        else:
-            out.add_(y, alpha=cj)
-    return out
 
 
 def _to_data(final: str, x0s: list, lv: Levels, i: int, k: int) -> torch.Tensor:
@@ -356,7 +408,7 @@ def _to_data(final: str, x0s: list, lv: Levels, i: int, k: int) -> torch.Tensor:
             if m != j:
                 wj = wj * u[m] / (u[m] - u[j])
         w.append(wj)
-    return _combine(w[0], x0s[0], list(zip(w[1:], x0s[1:k])))
+    return lincomb(w[0], x0s[0], list(zip(w[1:], x0s[1:k])))
 
 
 def _ab_weights(nodes: list, a, b) -> list:
