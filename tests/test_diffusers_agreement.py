@@ -1,5 +1,5 @@
-"""Agreement with diffusers: ``ddim``, ``ddpm`` and ``dpmpp_2m`` against DDIMScheduler, DDPMScheduler and
-DPMSolverMultistepScheduler (diffusers 0.42.1, pinned in pyproject's ``test`` extra).
+"""Agreement with diffusers: ``ddim``, ``ddpm``, ``dpmpp_2m`` and ``pndm`` against DDIMScheduler, DDPMScheduler,
+DPMSolverMultistepScheduler and PNDMScheduler (diffusers 0.42.1, pinned in pyproject's ``test`` extra).
 
 Both sides get the same model, the same initial noise, the same schedule and the same timesteps; the stochastic
 samplers get CPU generators with the same seed. diffusers is an independent implementation — its own float32 β tables
@@ -33,7 +33,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from helpers import agreement_mixture
 
 import diffsteps as ds
@@ -455,3 +455,33 @@ def test_dpmpp_2m_zero_terminal_snr(steps):
     res = ds.sample(model, z, schedule=like_diffusers, sampler="dpmpp_2m", steps=None, spacing=ts.tolist(),
                     prediction="v")
     assert_agree(res, ref, RTOL32, f"dpmpp_2m zero-SNR scaled_linear {steps} (our table with ᾱ_(T-1) = 2^-24)")
+
+
+# -- PNDM with its Runge–Kutta warm-up -------------------------------------------------------------------------------
+@pytest.mark.parametrize("spacing,steps", [("trailing", 10), ("leading", 20), ("trailing", 4)])
+def test_pndm_with_runge_kutta_warmup(spacing, steps):
+    """PNDMScheduler(skip_prk_steps=False, set_alpha_to_one=True): three pseudo-Runge–Kutta steps of four model calls
+    at t, t − T/2N (twice) and t − T/N, then PLMS (AB4), the last step into ᾱ = 1. The model is called at the same
+    timesteps in the same order on both sides (our half-step level (t_s + t_n)/2 is diffusers' t_n + ⌊T/2N⌋ because
+    T/N is even here; diffusers steps to t − T//N, the next listed timestep only when N divides T), so the NFE is
+    the same, steps + 9, and the samples agree to float32 rounding. ε-prediction only: with v diffusers combines the
+    raw v outputs and converts them with the step's first level (as for PLMS in test_solvers.py)."""
+    sch = PNDMScheduler(num_train_timesteps=T, beta_schedule="linear", timestep_spacing=spacing,
+                        skip_prk_steps=False, set_alpha_to_one=True)
+    linear = ds.make_schedule("linear", T)
+    model = Predictor(linear, "epsilon")
+    sch.set_timesteps(steps)
+    ref = noise()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            ref = sch.step(model(ref, torch.full((SHAPE[0],), int(t))), t, ref).prev_sample
+    seen = []
+
+    def counting(x, t):
+        seen.append(t[0].item())
+        return model(x, t)
+
+    res = ds.sample(counting, noise(), schedule=linear, sampler="pndm", steps=steps, spacing=spacing,
+                    return_info=True)
+    assert res.nfe == len(sch.timesteps) == steps + 9 and seen == sch.timesteps.tolist()
+    assert_agree(res.sample, ref, RTOL32, f"pndm {spacing} {steps}")

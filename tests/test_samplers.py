@@ -142,7 +142,7 @@ def test_prediction_types_give_identical_samples(mixture, linear, sampler):
 
 # -- bookkeeping --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,nfe", [("ddim", 10), ("ddpm", 10), ("euler", 10), ("heun", 19),
-                                         ("sde_euler", 10), ("dpmpp_2m", 10), ("dpmpp_3m", 10)])
+                                         ("sde_euler", 10), ("dpmpp_2m", 10), ("dpmpp_3m", 10), ("pndm", 19)])
 def test_nfe_and_timesteps(mixture, linear, sampler, nfe):
     model = CountingModel(ds.ExactEpsilon(mixture, linear))
     r = ds.sample(model, noise(8, 2), schedule=linear, sampler=sampler, steps=10, spacing="karras", return_info=True)
@@ -154,7 +154,7 @@ def test_nfe_and_timesteps(mixture, linear, sampler, nfe):
     # without the final denoising step the last visited timestep is the output level: one call fewer per stage
     r2 = ds.sample(model, noise(8, 2), schedule=linear, sampler=sampler, steps=10, spacing="karras",
                    denoise_final=False, return_info=True)
-    assert r2.nfe == (18 if sampler == "heun" else 9) and len(r2.timesteps) == 9
+    assert r2.nfe == {"heun": 18, "pndm": 18}.get(sampler, 9) and len(r2.timesteps) == 9
 
 
 def test_float32_module_driven_by_float64_sampler(linear):

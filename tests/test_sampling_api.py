@@ -127,8 +127,8 @@ REFERENCES = {
 @pytest.mark.parametrize("sampler,eta", list(REFERENCES))
 def test_shared_levels_equal_textbook_updates(mixture, linear, sampler, eta, dtype):
     # a new sampler needs its reference here; unipc and plms are checked against diffusers and ipndm against a
-    # textbook Adams–Bashforth loop in tests/test_solvers.py
-    assert set(ds.SAMPLERS) - {"unipc", "ipndm", "plms"} == {s for s, _ in REFERENCES}
+    # textbook Adams–Bashforth loop in tests/test_solvers.py, pndm against diffusers in test_diffusers_agreement.py
+    assert set(ds.SAMPLERS) - {"unipc", "ipndm", "plms", "pndm"} == {s for s, _ in REFERENCES}
     model = ds.ExactEpsilon(mixture, linear)
     x_T = noise(64, 2, seed=21, dtype=dtype)
     lv = _ref_levels(linear, sampler, 12, "karras")
@@ -269,11 +269,12 @@ def test_callback_sees_every_step(mixture, linear, sampler):
     assert [s.t_next for s in infos] == planned.tolist()[1:] + [-1.0]
     assert all(type(s.t) is float for s in infos)
     assert torch.equal(infos[-1].x, out)
-    # the last step goes to the data with a first-order step, so the sample is that step's x̂_0 (plms: its AB4
-    # step, diffusers' PLMS with set_alpha_to_one, ends at σ = 0 instead)
-    if sampler != "plms":
+    # the last step goes to the data with a first-order step, so the sample is that step's x̂_0 (plms, pndm: their
+    # AB4 step, diffusers' PLMS with set_alpha_to_one, ends at σ = 0 instead)
+    if sampler not in ("plms", "pndm"):
         assert torch.allclose(infos[-1].x0, out, rtol=1e-12, atol=1e-12)
-    nfe = {"heun": [min(2 * (i + 1), 17) for i in range(9)], "plms": [i + 2 for i in range(9)]}
+    nfe = {"heun": [min(2 * (i + 1), 17) for i in range(9)], "plms": [i + 2 for i in range(9)],
+           "pndm": [4, 8, 12] + [i + 10 for i in range(3, 9)]}  # four calls in each Runge–Kutta warm-up step
     assert [s.nfe for s in infos] == [c for _, c in seen] == nfe.get(sampler, [i + 1 for i in range(9)])
     # x̂_0 is the Tweedie estimate (x − σ ε̂)/α at the state the step started from; Heun's, where it makes a second
     # call, at its Euler predictor x_p = α_n (x/α_s + (σ̃_n − σ̃_s) ε̂)
@@ -286,10 +287,22 @@ def test_callback_sees_every_step(mixture, linear, sampler):
     def tweedie(x, i):
         return (x - math.sqrt(1 - a[i]) * eps_at(x, i)) / math.sqrt(a[i])
 
+    def transfer(x, e, a0, a1):  # the DDIM transfer = Euler in x̃, σ̃ (PNDM's φ)
+        return math.sqrt(a1) * (x / math.sqrt(a0) + (math.sqrt((1 - a1) / a1) - math.sqrt((1 - a0) / a0)) * e)
+
     for i, (s, x) in enumerate(zip(infos, [x_T] + [s.x for s in infos[:-1]])):
         if (sampler == "heun" and i < 8) or (sampler == "plms" and i == 0):  # plms: Heun's first step
             sv = [math.sqrt((1 - v) / v) for v in a[i:i + 2]]
             want = tweedie(math.sqrt(a[i + 1]) * (x / math.sqrt(a[i]) + (sv[1] - sv[0]) * eps_at(x, i)), i + 1)
+        elif sampler == "pndm" and i < 3:  # its last warm-up call: at φ(x, ε_3, s → n), ε_3 from the half level
+            tm = 0.5 * (t[i] + t[i + 1])
+            am = linear.alpha_bar_at(tm).item()
+
+            def eps_mid(x):
+                return model.inner(x, torch.full((16,), tm, dtype=torch.float64))
+
+            e2 = eps_mid(transfer(x, eps_at(x, i), a[i], am))
+            want = tweedie(transfer(x, eps_mid(transfer(x, e2, a[i], am)), a[i], a[i + 1]), i + 1)
         else:
             want = tweedie(x, i)
         assert torch.allclose(s.x0, want, rtol=1e-12, atol=1e-12), (i, s.x0, want)

@@ -167,3 +167,48 @@ def test_failed_trials_wait_for_a_finite_value_then_count_as_worse_than_the_wors
     s.tell([Trial(1, [0.5], {"x": 0.5}, 2.0), Trial(2, [0.9], {"x": 0.9}, 3.0)])
     assert s.opt.yi[:2] == [2.0, 3.0] and s.opt.yi[2] > 3.0 and s.best.number == 1 and s.n_failed == 1
     assert s.ask(1)[0] not in ([0.1], [0.5], [0.9])
+
+
+def test_run_py_sweeps_spacings_including_an_optimised_schedule(tmp_path):
+    """'sampler.spacing=choice(trailing,optimized)': a categorical spacing whose 'optimized' category is the schedule
+    cached for this model, sampler and step count (here written by hand into the cache, with the model's training
+    key, instead of by a slow task=optimize_steps run). Both categories run, each on its own timesteps; a step count
+    the cache lacks is an error before any trial."""
+    import json
+
+    from helpers import FAST
+    from hydra import compose, initialize_config_dir
+
+    from diffsteps.runner.checkpoints import training_key
+    from diffsteps.runner.optimize import schedule_cache_dir
+    from diffsteps.runner.resolvers import register_resolvers
+
+    register_resolvers()
+    env = {"DIFFSTEPS_ROOT": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    fixed = [*FAST, "logger=none", "sampler=dpmpp_2m", "eval.mse.num_samples=0", "eval.elbo.num_samples=0"]
+    os.environ["DIFFSTEPS_ROOT"] = str(tmp_path)  # what paths.root_dir reads, as run.py will
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose("config", overrides=fixed, return_hydra_config=False)
+            key, cache = training_key(cfg), schedule_cache_dir(cfg)
+    finally:
+        del os.environ["DIFFSTEPS_ROOT"]
+    ours = [999.0, 640.5, 310.25, 120.0, 20.0]
+    cache.mkdir(parents=True)
+    (cache / "dpmpp_2m_nfe5_refine.yaml").write_text(yaml.safe_dump(
+        {"training_key": key, "sampler": "dpmpp_2m", "nfe": 5, "steps": 5, "method": "refine", "timesteps": ours}))
+    gp = ["hydra.sweeper.params=null", "hydra.sweeper.n_initial_points=2", "hydra.sweeper.n_calls=2"]
+
+    proc, text = sweep(tmp_path / "bad", *gp, *fixed, "sampler.spacing=choice(trailing,optimized)", "steps=choice(5,7)",
+                       app=ROOT / "run.py", env=env, check=False)
+    assert proc.returncode != 0 and job_dirs(tmp_path / "bad") == []
+    assert "sampler.spacing=optimized with steps=7 cannot be sampled: no optimised dpmpp_2m schedule with 7 steps" \
+        in text, text[-3000:]
+
+    out = tmp_path / "sweep"
+    sweep(out, *gp, *fixed, "sampler.spacing=choice(trailing,optimized)", "steps=5", app=ROOT / "run.py", env=env)
+    res = results(out)
+    assert res["n_failed"] == 0 and {t["params"]["sampler.spacing"] for t in res["trials"]} == {"trailing", "optimized"}
+    spacing = {t["params"]["sampler.spacing"]: json.loads((out / str(t["job"]) / "metrics.json").read_text())[0]
+               ["spacing"] for t in res["trials"]}
+    assert spacing["optimized"] == ours and spacing["trailing"] == "trailing"

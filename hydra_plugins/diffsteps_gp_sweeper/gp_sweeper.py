@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import config as _config  # noqa: F401  registers hydra/sweeper=gp wherever this module is imported
 from .core import (
@@ -56,6 +56,26 @@ def _write_yaml(data: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True))
     os.replace(tmp, path)  # a sweep killed mid-write keeps the previous state
+
+
+def _names_schedule(spacing: Any) -> bool:
+    """Whether a ``sampler.spacing`` value names an optimised step schedule rather than a fixed spacing."""
+    return isinstance(spacing, str) and (spacing == "optimized" or spacing.endswith((".yaml", ".yml")))
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """diffsteps' own check (``runner.optimize.resolve_spacing``: the cached schedule for this model, sampler and
+    step count, or the file's model key, sampler and length), on a copy of one trial's config."""
+    from diffsteps.runner.optimize import resolve_spacing
+
+    task = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(task):
+        task.pop("hydra", None)
+    try:
+        resolve_spacing(task)
+    except (ValueError, FileNotFoundError) as e:
+        raise SweepError(f"GP sweep: sampler.spacing={cfg.sampler.spacing} with steps={cfg.steps} cannot be "
+                         f"sampled: {e}") from None
 
 
 class GPSweeper(Sweeper):
@@ -153,23 +173,38 @@ class GPSweeper(Sweeper):
     # -- helpers ------------------------------------------------------------------------------------------------------
     def _check_composes(self, dims: List[Dim], fixed: List[str]) -> None:
         """Compose the task config at the lower corner of the space, and once per category of each categorical
-        dimension (these may be config-group choices), so that an unknown key or choice fails before any trial."""
+        dimension (these may be config-group choices), so that an unknown key or choice fails before any trial. Where
+        a composed ``sampler.spacing`` names an optimised schedule (``optimized`` or a schedule YAML), it must exist
+        for the model and sampler at every step count the sweep may pair it with: each value of a ``steps``
+        dimension is checked too (:func:`_check_schedule`)."""
         from skopt.space import Categorical
 
         corner = [d.dimension.categories[0] if isinstance(d.dimension, Categorical) else d.dimension.low
                   for d in dims]
         points = [corner] + [corner[:i] + [c] + corner[i + 1:] for i, d in enumerate(dims)
                              if isinstance(d.dimension, Categorical) for c in d.dimension.categories[1:]]
+        steps_at = next((i for i, d in enumerate(dims) if d.name == "steps"), None)
         for x in points:
-            overrides = fixed + [d.override(d.coordinate(v)) for d, v in zip(dims, x, strict=True)]
-            try:
-                self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            except Exception as e:
-                hint = ("\n(the default search space includes loss.denoise_weight, which loss=vlb does not have: "
-                        "choose another loss, or drop it with '~hydra.sweeper.params.loss')"
-                        if "denoise_weight" in str(e) else "")
-                raise SweepError(f"GP sweep: the search space does not fit the config ({' '.join(overrides)}):\n"
-                                 f"{e}{hint}") from None
+            cfg = self._compose(dims, fixed, x)
+            if not _names_schedule(OmegaConf.select(cfg, "sampler.spacing")):
+                continue
+            if steps_at is None:
+                _check_schedule(cfg)
+                continue
+            dim = dims[steps_at].dimension
+            for v in dim.categories if isinstance(dim, Categorical) else range(dim.low, dim.high + 1):
+                _check_schedule(self._compose(dims, fixed, x[:steps_at] + [v] + x[steps_at + 1:]))
+
+    def _compose(self, dims: List[Dim], fixed: List[str], x: list) -> DictConfig:
+        overrides = fixed + [d.override(d.coordinate(v)) for d, v in zip(dims, x, strict=True)]
+        try:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        except Exception as e:
+            hint = ("\n(the default search space includes loss.denoise_weight, which loss=vlb does not have: "
+                    "choose another loss, or drop it with '~hydra.sweeper.params.loss')"
+                    if "denoise_weight" in str(e) else "")
+            raise SweepError(f"GP sweep: the search space does not fit the config ({' '.join(overrides)}):\n"
+                             f"{e}{hint}") from None
 
     @staticmethod
     def _load_state(path: Path, space: Dict[str, str], fixed: List[str]) -> List[Trial]:

@@ -64,7 +64,7 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
         timesteps = make_timesteps(spacing, steps, schedule)
         if spec.integer_steps:
             timesteps = to_integer_timesteps(timesteps)
-    lv = make_levels(schedule, timesteps, denoise_final)
+    lv = make_levels(schedule, timesteps, denoise_final, half_steps=spec.half_steps)
     if len(lv) < 2:
         raise ValueError("nothing to do: one timestep and denoise_final=False make no step")
     first = lv.abar[0]

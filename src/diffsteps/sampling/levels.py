@@ -74,10 +74,14 @@ class Levels:
     """The noise levels a sampler walks through, in float64: ``t`` (training-time index; −1 for the data),
     ``abar`` ᾱ, ``alpha`` √ᾱ, ``sigma`` √(1 − ᾱ). Steps go from level i to i + 1; the model is evaluated at every
     level but the last. Each entry is a Python float (shared levels) or, for per-sample levels, a float64 tensor with
-    one value per sample: shape [B] as :func:`make_levels` returns it, [B, 1, …, 1] after :meth:`like`."""
+    one value per sample: shape [B] as :func:`make_levels` returns it, [B, 1, …, 1] after :meth:`like`.
+    ``t_half``, ``abar_half``: the half-step levels t_{i+½} = (t_i + t_{i+1})/2 between consecutive timesteps (not
+    into the data), for samplers that evaluate the model there (PNDM's Runge–Kutta warm-up); empty unless asked for."""
 
     t: tuple[Level, ...]
     abar: tuple[Level, ...]
+    t_half: tuple[Level, ...] = ()
+    abar_half: tuple[Level, ...] = ()
 
     @property
     def per_sample(self) -> bool:
@@ -110,23 +114,35 @@ class Levels:
         def move(v: torch.Tensor) -> torch.Tensor:
             return v.to(device=x.device, dtype=torch.float64).reshape(shape)
 
-        return Levels(tuple(map(move, self.t)), tuple(map(move, self.abar)))
+        return Levels(*(tuple(map(move, v)) for v in (self.t, self.abar, self.t_half, self.abar_half)))
 
     def __len__(self) -> int:
         return len(self.t)
 
 
-def make_levels(schedule: Schedule, timesteps: torch.Tensor, denoise_final: bool = True) -> Levels:
-    """Levels for the given timesteps, plus the data (ᾱ = 1) as the last level when ``denoise_final``.
-    ``timesteps`` 1-D (K,) gives shared levels; 2-D (B, K), one row per sample, gives per-sample levels."""
+def make_levels(schedule: Schedule, timesteps: torch.Tensor, denoise_final: bool = True,
+                half_steps: bool = False) -> Levels:
+    """Levels for the given timesteps, plus the data (ᾱ = 1) as the last level when ``denoise_final``, and with
+    ``half_steps`` the K − 1 midpoints between consecutive timesteps. ``timesteps`` 1-D (K,) gives shared levels;
+    2-D (B, K), one row per sample, gives per-sample levels."""
     if timesteps.ndim == 2:
         ts = timesteps.to(torch.float64)
-        t, abar = list(ts.T.contiguous().unbind()), list(schedule.alpha_bar_at(ts).T.contiguous().unbind())
+        mid = 0.5 * (ts[:, :-1] + ts[:, 1:])
+
+        def cols(v: torch.Tensor) -> list[torch.Tensor]:
+            return list(v.T.contiguous().unbind())
+
+        t, abar = cols(ts), cols(schedule.alpha_bar_at(ts))
         if denoise_final:
             t, abar = t + [torch.full_like(ts[:, 0], -1.0)], abar + [torch.ones_like(ts[:, 0])]
-        return Levels(tuple(t), tuple(abar))
+        half = (cols(mid), cols(schedule.alpha_bar_at(mid))) if half_steps else ((), ())
+        return Levels(tuple(t), tuple(abar), *map(tuple, half))
     abar = schedule.alpha_bar_at(timesteps).tolist()
     t = timesteps.tolist()
     if denoise_final:
         t, abar = t + [-1.0], abar + [1.0]
-    return Levels(tuple(t), tuple(abar))
+    half = ((), ())
+    if half_steps:
+        mid = 0.5 * (timesteps[:-1].to(torch.float64) + timesteps[1:].to(torch.float64))
+        half = (mid.tolist(), schedule.alpha_bar_at(mid).tolist())
+    return Levels(tuple(t), tuple(abar), *map(tuple, half))

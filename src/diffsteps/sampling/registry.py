@@ -17,6 +17,7 @@ from .samplers import (
     sample_heun,
     sample_ipndm,
     sample_plms,
+    sample_pndm,
     sample_sde_euler,
     sample_unipc,
 )
@@ -28,6 +29,7 @@ class SamplerSpec:
     integer_steps: bool  # visits only integer timesteps (the discrete chain)
     stochastic: bool  # draws fresh noise at every step, whatever its options
     finite_sigma: bool  # needs σ̃ < ∞ at the first level (not ᾱ = 0, i.e. no zero-terminal-SNR start)
+    half_steps: bool = False  # also evaluates the model halfway between timesteps (the level table gets them)
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -52,6 +54,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc": SamplerSpec(sample_unipc, integer_steps=False, stochastic=False, finite_sigma=True),
     "ipndm": SamplerSpec(sample_ipndm, integer_steps=False, stochastic=False, finite_sigma=True),
     "plms": SamplerSpec(sample_plms, integer_steps=False, stochastic=False, finite_sigma=True),
+    "pndm": SamplerSpec(sample_pndm, integer_steps=False, stochastic=False, finite_sigma=True, half_steps=True),
 }
 
 

@@ -345,6 +345,44 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     return x
 
 
+def sample_pndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
+                progress: Callable = iter, callback: Callable = _quiet) -> torch.Tensor:
+    """PNDM (Liu et al. 2022, eq. 11–13) exactly as diffusers' ``PNDMScheduler(skip_prk_steps=False)`` computes it:
+    every step is the DDIM transfer φ(x_s, ε', s → n) (= Euler in x̃, σ̃); the first three steps are the pseudo
+    Runge–Kutta warm-up (PRK): ε_1 = ε̂(x_s, t_s), ε_2 = ε̂(φ(x_s, ε_1, s → m), t_m), ε_3 = ε̂(φ(x_s, ε_2, s → m), t_m),
+    ε_4 = ε̂(φ(x_s, ε_3, s → n), t_n), ε' = (ε_1 + 2ε_2 + 2ε_3 + ε_4)/6, at the half-step level
+    t_m = (t_s + t_n)/2 (diffusers: t_n + ⌊T/2N⌋, the same level when T/N is even); then PLMS, ε' the
+    Adams–Bashforth combination (55, −59, 37, −9)/24 of the ε_1's of the last four steps. NFE = steps + 9 (four
+    calls per warm-up step). The warm-up never steps into the data: with fewer than four steps it covers all but
+    the last, which is then AB of the order reached. The step into the data is a PLMS step: the state at σ̃ = 0
+    (diffusers with ``set_alpha_to_one``)."""
+    n = len(lv) - 1
+    al, sg, sv = lv.alpha, lv.sigma, lv.sigma_ve
+    n_rk = min(3, n - 1)
+    if len(lv.abar_half) < n_rk:
+        raise ValueError("pndm needs the half-step levels: make_levels(..., half_steps=True)")
+    ah = [sqrt(a) for a in lv.abar_half[:n_rk]]
+    sh = [sqrt(1 - a) for a in lv.abar_half[:n_rk]]
+    want = _want_eps(callback)
+    full = [(al[i + 1] / al[i], al[i + 1] * (sv[i + 1] - sv[i])) for i in range(n)]
+    half = [(ah[i] / al[i], ah[i] * (sh[i] / ah[i] - sv[i])) for i in range(n_rk)]
+    ets: list[torch.Tensor] = []
+    for i in progress(range(n)):
+        (cx, ce), tm = full[i], lv.t_half[i] if i < n_rk else None
+        x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
+        ets = ([eps] + ets)[:4]
+        if i < n_rk:
+            hx, he = half[i]
+            x0, e2 = denoise(lincomb(hx, x, [(he, eps)]), tm, ah[i], sh[i], want)
+            x0, e3 = denoise(lincomb(hx, x, [(he, e2)]), tm, ah[i], sh[i], want)
+            x0, e4 = denoise(lincomb(cx, x, [(ce, e3)]), lv.t[i + 1], al[i + 1], sg[i + 1], want)
+            x = lincomb(cx, x, [(ce / 6, eps), (ce / 3, e2), (ce / 3, e3), (ce / 6, e4)])
+        else:
+            x = lincomb(cx, x, [(ce * w, e) for w, e in zip(AB[len(ets) - 1], ets)])
+        callback(i, x, x0)
+    return x
+
+
 # the fixed-coefficient Adams–Bashforth weights of orders 1–4 (PLMS, PNDM), newest ε̂ first
 AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
