@@ -232,15 +232,16 @@ def test_elbo_dp_equals_elbo_bpd_on_its_chain_and_beats_even_chains(gaussian):
 
 def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_path):
     """run.py task=optimize_steps trains the tiny model, writes one YAML per NFE (run folder + cache next to the
-    checkpoint) and the figure; sampler.spacing=optimized reuses the checkpoint and samples on the cached timesteps;
-    bad input fails before training."""
+    checkpoint) and the figure, and logs each YAML to the (offline) W&B run as an artifact of type "schedule";
+    sampler.spacing=optimized reuses the checkpoint and samples on the cached timesteps; bad input fails before
+    training."""
     import json
 
     import yaml
 
     from tests.helpers import FAST, run_py
 
-    opt = ["logger=none", "task=optimize_steps", "sampler=dpmpp_2m", "+optimize=default", "optimize.noises=96",
+    opt = ["logger=wandb", "task=optimize_steps", "sampler=dpmpp_2m", "+optimize=default", "optimize.noises=96",
            "optimize.iterations=20"]
     run_py(tmp_path, *FAST, *opt, "steps=[5,10]", name="opt")
     run_dir = tmp_path / "opt"
@@ -256,6 +257,15 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
     assert set(entry["fixed"]) == {"trailing", "karras", "logsnr", "linspace"}
     assert entry["heldout_error"] < entry["fixed"][entry["best_fixed"]]["heldout"]  # measured ratio ≈ 0.01
     assert entry["cost"]["model_calls"] > 0 and entry["teacher"]["heldout_noises"] == 32
+    # the offline run's record holds each artifact: its name, its type and the MD5 (base64) W&B keeps of the file
+    import base64
+    import hashlib
+
+    record = b"".join(p.read_bytes() for p in run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    for path in cached:
+        digest = base64.b64encode(hashlib.md5(path.read_bytes()).digest())
+        assert f"schedule-{entry['training_key']}-{path.stem}".encode() in record and digest in record
+    assert record.count(b"\x08schedule*") == 2  # the type field, once per artifact
 
     proc = run_py(tmp_path, *FAST, "logger=none", "sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=5",
                   name="use")

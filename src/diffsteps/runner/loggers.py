@@ -134,6 +134,20 @@ def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
 
 
 
+def log_artifact(loggers: list, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
+    """The file at ``path`` as a W&B artifact ``name`` (versioned by W&B under that name) of ``type``, on every W&B
+    logger; other loggers have no artifacts, the file stays in the run folder."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            art = wandb.Artifact(name, type=type, metadata=metadata)
+            art.add_file(str(path))
+            lg.experiment.log_artifact(art)
+
+
 def print_sync_hint(loggers: list) -> None:
     from lightning.pytorch.loggers import WandbLogger
 

@@ -104,6 +104,7 @@ def optimize_task(cfg: DictConfig) -> float:
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
     from ..steps.teacher import check_request
     from .build import build
+    from .loggers import check_loggers, log_artifact, make_loggers, print_sync_hint
     from .train import train
     from .validate import instantiate_checked, steps_list
 
@@ -123,14 +124,16 @@ def optimize_task(cfg: DictConfig) -> float:
     if settings.noises - n_held < MIN_TRAIN or n_held < MIN_HELDOUT:
         raise ValueError(f"too few teacher noises: optimize.noises={settings.noises} with holdout "
                          f"{settings.holdout:g}; need at least {MIN_TRAIN} train and {MIN_HELDOUT} held out")
+    check_loggers(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg, schedule)
+    loggers = make_loggers(cfg, out_dir)
     if cfg.ckpt_path:
         load_weights(module, cfg.ckpt_path)
     else:
-        train(cfg, module, datamodule, [], out_dir)
+        train(cfg, module, datamodule, loggers, out_dir)
     net = module.net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -159,11 +162,16 @@ def optimize_task(cfg: DictConfig) -> float:
         name = _file_name(sampler.name, rep["nfe"], rep["method"])
         (out_dir / "schedules" / name).write_text(text)
         (cache / name).write_text(text)
+        log_artifact(loggers, out_dir / "schedules" / name, f"schedule-{key}-{Path(name).stem}", "schedule",
+                     {k: entry[k] for k in ("training_key", "sampler", "nfe", "method", "heldout_error", "ratio")})
         print(f"NFE {rep['nfe']}: held-out RMS {rep['heldout_error']:.4g} vs best fixed ({rep['best_fixed']}) "
               f"{rep['fixed'][rep['best_fixed']]['heldout']:.4g}, ratio {rep.get('ratio', math.nan):.3f}; "
               f"{name} in {out_dir / 'schedules'} and {cache}")
     _figure(results, schedule, out_dir / "optimized_schedules.png")
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    for lg in loggers:
+        lg.finalize("success")
+    print_sync_hint(loggers)
     return float(results[-1][1].get("ratio", math.nan))
 
 
