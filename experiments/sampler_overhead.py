@@ -1,18 +1,21 @@
-"""Sampler overhead per model call, before and after the sampling API change (cond, callback, per-sample levels).
+"""Sampler overhead per model call, before and after a change to the samplers (today: the lean loops — coefficients
+precomputed in float64, one scaling and fused multiply-adds per step, the Denoiser forming only x̂_0 or ε̂).
 
 What is timed is everything ``diffsteps.sample`` does outside the network: a zero-cost model returns a fixed tensor,
 so the time per model call is the sampler's arithmetic, the Denoiser's conversion and the bookkeeping. Two batches:
 256 × 1×8×8 float32 (the digits images, as ``sampler_accuracy.py``'s overhead table) and 10,000 × 64 float32 (large
 enough that the tensor arithmetic, not Python, dominates); one thread; 50 karras steps.
 
-BEFORE is the code at ``--before`` (default 5d2f75f, the commit before the change), extracted with ``git archive``;
+BEFORE is the code at ``--before`` (default 4f189ed, the commit before the lean loops; 5d2f75f is the one before the
+sampling API), extracted with ``git archive``;
 AFTER is this worktree. Each side runs in its own subprocess with PYTHONPATH pointing at its ``src``, the two sides
 interleaved (rotating which goes first) ``--repeats`` times; the table reports the median over repeats of each
 run's best-of-``inner`` time. A third process times AFTER with per-sample levels (a (B, K) ``spacing`` whose rows are
 all the same karras sequence; the state is then float64). Both shared sides also log the ATen operators each run
-dispatches (a TorchDispatchMode) and hash each sampler's output: the same operator sequence says the tensor work is
-unchanged, free of timing noise (on a loaded 2-core machine the 10,000 × 64 timings, memory-bound, move by ±15% from
-run to run), and the same hash says the shared case is bit-identical.
+dispatches (a TorchDispatchMode) and hash each sampler's output: the operator count per call measures the tensor work
+free of timing noise (on a loaded 2-core machine the 10,000 × 64 timings, memory-bound, move by ±15% from run to run
+and more under load), the same operator sequence says it is unchanged, and the same hash says the output is
+bit-identical. A sampler only one side has gets "–" on the other.
 
     python experiments/sampler_overhead.py [--repeats 6] [--out docs/benchmarks/sampler_overhead.txt]
 
@@ -131,7 +134,7 @@ def main() -> None:
     ap.add_argument("--per-sample", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inner", type=int, default=3, help="timed runs per subprocess (best is kept)")
     ap.add_argument("--repeats", type=int, default=6, help="interleaved before/after subprocess runs (median)")
-    ap.add_argument("--before", default="5d2f75f", help="git commit of the BEFORE code")
+    ap.add_argument("--before", default="4f189ed", help="git commit of the BEFORE code")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/sampler_overhead.txt"))
     ap.add_argument("--vs-diffusers", action="store_true", help="ours next to diffusers' schedulers (module doc)")
     args = ap.parse_args()
@@ -178,6 +181,13 @@ def _table(runs: dict[str, list[dict]], args) -> str:
                   "same ops | bit-identical |",
                   "|---|---|---|---|---|---|---|---|"]
         for name in runs["after"][0]["results"][cname]:
+            if name not in runs["before"][0]["results"][cname]:  # new on this side
+                r = runs["after"][0]["results"][cname][name]
+                med = {s: statistics.median(r["results"][cname][name]["seconds"] for r in runs[s])
+                       for s in ("after", "per-sample")}
+                lines.append(f"| {name} | – | {med['after'] * 1e3:.3f} | – | {med['per-sample'] * 1e3:.3f} | "
+                             f"– → {r['ops']:.1f} | – | – |")
+                continue
             med = {s: statistics.median(r["results"][cname][name]["seconds"] for r in runs[s]) for s in runs}
             shared = [r["results"][cname][name] for side in ("before", "after") for r in runs[side]]
             same = {key: all(e[key] == shared[0][key] for e in shared) for key in ("digest", "op_digest")}
@@ -209,6 +219,7 @@ def _diffusers_pairs():
         "unipc": ({"order": 2}, lambda: UniPCMultistepScheduler(**base, solver_order=2)),
         "ipndm": ({}, lambda: LMSDiscreteScheduler(**base)),  # variable-step AB4 in σ̃: LMS is the same method
         "plms": ({}, lambda: PNDMScheduler(**base, skip_prk_steps=True)),
+        "pndm": ({}, lambda: PNDMScheduler(**base, skip_prk_steps=False)),
     }
 
 
@@ -249,9 +260,10 @@ def vs_diffusers(repeats: int) -> str:
 
     buf = torch.empty_like(x)
 
-    def fused():
-        torch.add(x, fixed, alpha=0.5, out=buf)
-        return 1
+    def fused():  # timed over as many passes as a sampler run takes steps: the same window for load to hit
+        for _ in range(STEPS):
+            torch.add(x, fixed, alpha=0.5, out=buf)
+        return STEPS
 
     def per_call(fn):
         n = fn()
@@ -269,14 +281,15 @@ def vs_diffusers(repeats: int) -> str:
             a = per_call(ours(name, opts))
             b = per_call(theirs(make)) if make else float("nan")
             times[name].append((a, b))
-        fused_t.append(min(per_call(fused) for _ in range(20)))
+        fused_t.append(per_call(fused))
         print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
     f = statistics.median(fused_t)
     lines = [VS_TITLE + f" (ms per model call, zero-cost model, 10,000 × 64 float32, {STEPS} trailing steps, 1 thread)",
-             "", f"median over {repeats} interleaved repeats of the best of 3; one fused elementwise pass over the state "
-             f"(torch.add(x, y, alpha=a, out=buf)): {f * 1e3:.3f} ms. diffusers: the same method's scheduler "
-             "(ipndm ↔ LMSDiscrete, plms ↔ PNDM skip_prk_steps, unipc order 2 ↔ UniPC order 2), its standard loop "
-             "with scale_model_input. Targets: ours ≤ 0.5 × diffusers, ours ≤ 3 × the fused pass.", "",
+             "", f"median over {repeats} interleaved repeats of the best of 3; one fused elementwise pass over the "
+             f"state (torch.add(x, y, alpha=a, out=buf), {STEPS} in a row as a sampler run has {STEPS} steps): "
+             f"{f * 1e3:.3f} ms. diffusers: the same method's scheduler "
+             "(ipndm ↔ LMSDiscrete, plms ↔ PNDM skip_prk_steps, pndm ↔ PNDM, unipc order 2 ↔ UniPC order 2), its "
+             "standard loop with scale_model_input. Targets: ours ≤ 0.5 × diffusers, ours ≤ 3 × the fused pass.", "",
              "| sampler | ours (ms) | diffusers (ms) | ours / diffusers | ours / fused pass |", "|---|---|---|---|---|"]
     for name, ts in times.items():
         a = statistics.median(t[0] for t in ts)
