@@ -3,7 +3,14 @@
 The state is the variance-preserving x_t the network sees (x_t = α x_0 + σ ε, α = √ᾱ, σ = √(1 − ᾱ)); the noise
 levels are precomputed once, in float64, as a :class:`Levels` table whose last entry is the data (ᾱ = 1) when the
 sampler takes the final denoising step. Every sampler calls the network through one :class:`Denoiser`, which
-converts the network's prediction to (x̂_0, ε̂), applies clipping or dynamic thresholding and counts evaluations.
+converts the network's prediction to x̂_0 or ε̂ or both (``want``: only what the sampler uses), applies clipping or
+dynamic thresholding and counts evaluations.
+
+Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one scaling
+and one fused multiply-add per term into one new tensor (:func:`~.levels.lincomb`). The ε-solvers fold
+x̂_0 = (x − σ ε̂)/α into their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. Nothing
+is written in place except the step's own new tensor: the caller's noise, the model's output and what a callback
+saw stay as they were.
 
 Samplers written in the variance-exploding view x̃ = x/α, σ̃ = σ/α (Karras et al. 2022) — ``euler``, ``heun`` — map
 to and from it per step; there a step is the textbook ODE step dx̃/dσ̃ = ε̂.
@@ -18,10 +25,10 @@ Endpoints. With ``denoise_final`` (the default) the last level is the data, σ =
 - ``x̂_0`` predicted at the last visited level (the Tweedie estimate E[x_0 | x_t], one first-order step to σ = 0):
   ddim, euler, heun (its step into σ̃ = 0 stays Euler), ddpm, sde_euler, and dpmpp_2m, dpmpp_3m, unipc, ipndm with
   ``final="tweedie"`` (the default, today's and diffusers' behaviour);
-- the state at σ = 0, the ODE continued to the data with the solver's own order: plms (its AB step into ᾱ = 1, as
-  diffusers' PNDM with ``set_alpha_to_one=True``), ipndm with ``final="ode"`` (its Adams–Bashforth step to σ̃ = 0),
-  and dpmpp_2m, dpmpp_3m, unipc with ``final="ode"``. For the data-prediction solvers "own order" cannot mean a
-  polynomial in λ: the interval [λ_s, +∞) is unbounded. The exact solution of dx̃/dσ̃ = (x̃ − x̂_0(σ̃))/σ̃ from σ̃_s to
+- the state at σ = 0, the ODE continued to the data with the solver's own order: plms and pndm (their AB step
+  into ᾱ = 1, as diffusers' PNDM with ``set_alpha_to_one=True``), ipndm with ``final="ode"`` (its Adams–Bashforth
+  step to σ̃ = 0), and dpmpp_2m, dpmpp_3m, unipc with ``final="ode"``. For the data-prediction solvers "own order"
+  cannot mean a polynomial in λ: the interval [λ_s, +∞) is unbounded. The exact solution of dx̃/dσ̃ = (x̃ − x̂_0(σ̃))/σ̃ from σ̃_s to
   0 for any polynomial x̂_0(σ̃) is x̂_0(0), so the step is the order-k interpolant of the last k x̂_0 — in σ̃², since
   along the flow x̂_0 is a smooth function of σ̃² for smooth data — evaluated at σ̃ = 0; k = 1 is x̂_0 itself.
   ``lower_order_final`` lowers k to 1 below 15 steps (unipc: always), where the two endpoints coincide.
@@ -235,7 +242,7 @@ def _dpmpp_3m_coeffs(al, sg, lam, i: int, order: int):
         return sg[i + 1] / sg[i], [c0 + w, -w]
     r1 = (lam[i - 1] - lam[i - 2]) / h
     c1, c2 = al[i + 1] * (phi1 / h + 1), -al[i + 1] * ((phi1 + h) / h**2 - 0.5)
-    # D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1; D_1 = (1 + q) D1_0 − q D1_1, q = r0/(r0 + r1); D_2 = (D1_0 − D1_1)/(r0 + r1)
+    # D_1 = (1 + q) D1_0 − q D1_1, q = r0/(r0 + r1); D_2 = (D1_0 − D1_1)/(r0 + r1)
     q, s = r0 / (r0 + r1), 1 / (r0 + r1)
     a0, a1 = c1 * (1 + q) + c2 * s, -(c1 * q + c2 * s)  # weights on D1_0, D1_1
     return sg[i + 1] / sg[i], [c0 + a0 / r0, -a0 / r0 + a1 / r1, -a1 / r1]
