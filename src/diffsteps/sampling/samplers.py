@@ -28,8 +28,9 @@ Endpoints. With ``denoise_final`` (the default) the last level is the data, σ =
 - the state at σ = 0, the ODE continued to the data with the solver's own order: plms and pndm (their AB step
   into ᾱ = 1, as diffusers' PNDM with ``set_alpha_to_one=True``), ipndm with ``final="ode"`` (its Adams–Bashforth
   step to σ̃ = 0), and dpmpp_2m, dpmpp_3m, unipc with ``final="ode"``. For the data-prediction solvers "own order"
-  cannot mean a polynomial in λ: the interval [λ_s, +∞) is unbounded. The exact solution of dx̃/dσ̃ = (x̃ − x̂_0(σ̃))/σ̃ from σ̃_s to
-  0 for any polynomial x̂_0(σ̃) is x̂_0(0), so the step is the order-k interpolant of the last k x̂_0 — in σ̃², since
+  cannot mean a polynomial in λ: the interval [λ_s, +∞) is unbounded. The exact solution of
+  dx̃/dσ̃ = (x̃ − x̂_0(σ̃))/σ̃ from σ̃_s to 0 for any polynomial x̂_0(σ̃) is x̂_0(0), so the step is the order-k
+  interpolant of the last k x̂_0 — in σ̃², since
   along the flow x̂_0 is a smooth function of σ̃² for smooth data — evaluated at σ̃ = 0; k = 1 is x̂_0 itself.
   ``lower_order_final`` lowers k to 1 below 15 steps (unipc: always), where the two endpoints coincide.
 The difference matters at high NFE: x̂_0 at t = 0 of the linear schedule (σ̃ = 0.01) is O(σ̃²) away from the σ = 0
