@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from .build import build
+from .build import adopt_diffusers, build
 from .checkpoints import load_for_eval, open_checkpoint
 from .evaluate import ResultsFile, best_effort, evaluate
 from .loggers import log_results, make_loggers, print_sync_hint
@@ -41,6 +41,11 @@ def run(cfg: DictConfig) -> float:
 
     if cfg.task == "optimize_steps":
         return optimize_task(cfg)
+    if cfg.task == "export":
+        from .export import export_task
+
+        return export_task(cfg)
+    pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
@@ -66,13 +71,15 @@ def run(cfg: DictConfig) -> float:
     rank = 0
     if cfg.ckpt_path:
         ckpt = load_for_eval(cfg, module, datamodule, checkpoint)
+    elif pretrained:
+        ckpt = Path(cfg.model.path)  # build loaded its weights
     elif cfg.task == "eval":
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
         ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
     if rank == 0:  # before evaluating: a run stopped during its evaluation still records what it evaluated
         save_config(cfg, out_dir / "config.yaml")
-        symlink(Path(ckpt).resolve(), out_dir / "checkpoint.ckpt")
+        symlink(Path(ckpt).resolve(), out_dir / ("diffusers_model" if pretrained else "checkpoint.ckpt"))
     rows = None
     if cfg.task != "train":
         results = ResultsFile(out_dir, objective)  # metrics.json/.csv, rewritten as each step count finishes
