@@ -15,7 +15,8 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from helpers import run_py
+from helpers import ROOT, run_py
+from hydra.utils import instantiate
 
 import diffsteps as ds
 from diffsteps.core.schedules import diffusers_sampling_options
@@ -142,11 +143,24 @@ def test_folder_errors_before_any_work(tmp_path):
     bad = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
     bad["prediction_type"] = "flow_prediction"
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(bad))
-    # through run.py: the error names the option, and nothing was built or written (no run files, no caches)
-    proc = run_py(tmp_path, "task=eval", "model=diffusers", f"model.path={pipe}", "logger=none", name="bad",
-                  check=False)
-    assert proc.returncode != 0 and "unsupported prediction_type 'flow_prediction'" in proc.stderr
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "bad" / "config.yaml").exists()
+    # what run.py checks first, on the composed config: the error names the option before anything is built
+    from hydra import compose, initialize_config_dir
+
+    from diffsteps.runner.build import adopt_diffusers
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["task=eval", "model=diffusers", f"model.path={pipe}"])
+        with pytest.raises(ValueError, match="unsupported prediction_type 'flow_prediction'"):
+            adopt_diffusers(cfg)
+        bad["prediction_type"] = "sample"
+        (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(bad))
+        assert adopt_diffusers(cfg)  # now taken: the folder's schedule and prediction become the run's
+        assert cfg.loss.prediction == "x0" and cfg.sampler.spacing == "trailing" and cfg.eval.clip_denoised == 1.0
+        assert torch.equal(instantiate(cfg.schedule).betas, ds.make_schedule("linear", 100).betas)
+        for overrides, match in ((["model=diffusers", "model.path=/nonexistent"], "is not a folder"),
+                                 (["task=train_eval", "model=diffusers", f"model.path={pipe}"], "use task=eval")):
+            with pytest.raises(ValueError, match=match):
+                adopt_diffusers(compose("config", overrides=["task=eval", *overrides]))
 
 
 # -- end to end: debug=fast training, export, evaluation of the folder ----------------------------------------------
