@@ -36,11 +36,12 @@ def metric_label(metric: str, features: str | None = None) -> str:
     return name
 
 
-def plain_log_axis(ax, values, axis: str = "x", min_ratio: float = 1.25) -> None:
+def plain_log_axis(ax, values, axis: str = "x", min_ratio: float = 1.25, decades: bool = False) -> None:
     """A log axis ticked at the given ``values`` (step counts, NFE) labelled as plain numbers — 5, 10, 20, 50, not
     2×10¹: a FixedLocator on the values (thinned so neighbours closer than ``min_ratio`` do not print over each
-    other) with a ScalarFormatter, and no minor labels."""
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+    other) with a ScalarFormatter, and no minor labels. ``decades``: continuous values (seconds) instead, ticked
+    at 1, 2, 5 × 10^k and labelled plainly (0.5, 1, 2)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
     ticks: list[float] = []
     for v in sorted({float(v) for v in values if v is not None and v > 0 and math.isfinite(v)}):
@@ -48,6 +49,11 @@ def plain_log_axis(ax, values, axis: str = "x", min_ratio: float = 1.25) -> None
             ticks.append(v)
     target = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if decades:
+        target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(NullFormatter())
+        return
     if not ticks:
         return
     formatter = ScalarFormatter()
@@ -136,21 +142,23 @@ def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = Non
 
 
 def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] | None = None,
-                 col_labels: dict[float, str] | None = None, target_px: int = 480, dpi: int = 120):
+                 col_labels: dict[float, str] | None = None, target_px: int = 480, scale: int | None = None,
+                 dpi: int = 120):
     """An image array (H, W) or (H, W, C) in [0, 1] drawn pixel-exact: each array pixel becomes an integer s × s block
     of screen pixels (s = round(target_px / the longer side), at least 1), the axes sized and placed on whole pixels.
     At a fractional zoom, nearest-neighbour resampling draws 1-pixel separators as 0, 1 or 2 screen pixels: stray
-    bars and missing ones. ``row_labels`` / ``col_labels``: {array row or column (its centre): text} beside and
+    bars and missing ones. ``scale`` fixes s instead. ``row_labels`` / ``col_labels``: {array row or column (its centre): text} beside and
     below the image. The caller closes the figure."""
     import numpy as np
 
     img = np.asarray(img)
     h, w = img.shape[:2]
-    s = max(1, round(target_px / max(h, w)))
-    left = 90 if row_labels else 2
+    s = scale or max(1, round(target_px / max(h, w)))
+    left = 60 if row_labels else 2
     bottom = 28 if col_labels else 2
     top = 26 if title else 2
-    W, H = w * s + left + 2, h * s + top + bottom
+    # wide enough for the title (about 7 pixels a character at 9 pt and 120 dpi)
+    W, H = max(w * s + left + 2, 7 * len(title or "") + 10), h * s + top + bottom
     fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
     ax = fig.add_axes((left / W, bottom / H, w * s / W, h * s / H))
     grey = img.ndim == 2 or img.shape[-1] == 1
@@ -185,7 +193,7 @@ def quality_vs_nfe_figure(rows: list[dict], metric: str, features: str | None = 
     axes[0].set_xlabel("NFE (model evaluations)")
     axes[1].set_xlabel("sampling wall time (s)")
     plain_log_axis(axes[0], [r["nfe"] for r in rows if metric in r])
-    axes[1].set_xscale("log")
+    plain_log_axis(axes[1], [], decades=True)
     for ax in axes:
         _log_y_if_wide(ax, [r[metric] for r in rows if metric in r])
         ax.set_ylabel(metric_label(metric, features))

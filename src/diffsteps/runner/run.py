@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from .build import adopt_diffusers, build
 from .checkpoints import load_for_eval, open_checkpoint
-from .evaluate import ResultsFile, best_effort, evaluate
+from .evaluate import ResultsFile, best_effort, evaluate, feature_name, make_plan
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
 from .validate import (
@@ -86,7 +86,9 @@ def run(cfg: DictConfig) -> float:
         rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir, on_row=results.add)
     if rank != 0 or rows is None:
         return math.nan  # rank zero writes the results
-    best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir)
+    best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir, feature_name(cfg, datamodule))
+    best_effort("the trajectory pictures", trajectory_pictures, cfg, module, datamodule, schedule, steps, out_dir,
+                loggers)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")
@@ -94,6 +96,42 @@ def run(cfg: DictConfig) -> float:
     print(f"results in {out_dir}; objective {objective.name} = {rows[-1]['objective']:.6g}")
     return rows[-1]["objective"]
 
+
+
+def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: list[int], out_dir: Path,
+                        loggers=()) -> list[Path]:
+    """The sampler step by step at the run's fewest steps, on the first ``eval.trajectory_samples`` samples of the
+    evaluation's own noise (chunk 0: the same in every run of a multirun, so the report's sampler grid compares
+    like with like): ``trajectory_<sampler>_<steps>.png`` / ``.gif`` / ``.pt``, and on W&B as an image and a video."""
+    import torch
+
+    from ..evaluation.plan import chunk_noise
+    from ..reporting.trajectory import capture, save_trajectory
+
+    n = int(cfg.eval.get("trajectory_samples", 0) or 0)
+    if n <= 0 or datamodule.spec.modality not in ("image", "vector"):
+        return []
+    plan = make_plan(cfg, datamodule, steps)
+    k = min(steps)
+    device = next(module.net.parameters()).device
+    noise = chunk_noise(plan, 0, device=device)[:n]
+    was_training = module.net.training
+    module.net.eval()
+    try:
+        traj = capture(module.net, noise, label=f"{plan.sampler} {k} steps", schedule=schedule,
+                       sampler=plan.sampler, steps=k, spacing=plan.spacing, prediction=module.prediction,
+                       generator=torch.Generator(device=device).manual_seed(plan.noise_seed),
+                       **plan.denoiser_options, **plan.sampler_options)
+    finally:
+        module.net.train(was_training)
+    files = save_trajectory(traj, out_dir, f"trajectory_{plan.sampler}_{k}", modality=datamodule.spec.modality)
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            lg.experiment.log({"trajectory/strip": wandb.Image(str(files[0])),
+                               "trajectory/animation": wandb.Video(str(files[1]), format="gif")})
+    return files
 
 
 def _figure_task(cfg: DictConfig) -> float:
