@@ -20,7 +20,8 @@ __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "
 CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 # what each metric is, for axis labels; the distribution distances also name the feature space they are measured in
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID standard deviation", "nll": "NLL (exact density)",
-                "mse": "trajectory MSE", "mse_median": "trajectory MSE (median)", "elbo_bpd": "negative ELBO (bits/dim)"}
+                "mse": "trajectory MSE", "mse_median": "trajectory MSE (median)",
+                "elbo_bpd": "negative ELBO (bits/dim)"}
 FEATURE_METRICS = ("fid", "kid_mean", "kid_std")
 # diffsteps.data.FEATURE_SPACES, as a reader would name them
 FEATURE_NAMES = {"digits": "digits-classifier features", "inception": "Inception-v3 features",
@@ -147,8 +148,8 @@ def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] 
     """An image array (H, W) or (H, W, C) in [0, 1] drawn pixel-exact: each array pixel becomes an integer s × s block
     of screen pixels (s = round(target_px / the longer side), at least 1), the axes sized and placed on whole pixels.
     At a fractional zoom, nearest-neighbour resampling draws 1-pixel separators as 0, 1 or 2 screen pixels: stray
-    bars and missing ones. ``scale`` fixes s instead. ``row_labels`` / ``col_labels``: {array row or column (its centre): text} beside and
-    below the image. The caller closes the figure."""
+    bars and missing ones. ``scale`` fixes s instead. ``row_labels`` / ``col_labels``: {array row or column (its
+    centre): text} beside and below the image. The caller closes the figure."""
     import numpy as np
 
     img = np.asarray(img)
@@ -157,8 +158,8 @@ def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] 
     left = 60 if row_labels else 2
     bottom = 28 if col_labels else 2
     top = 26 if title else 2
-    # wide enough for the title (about 7 pixels a character at 9 pt and 120 dpi)
-    W, H = max(w * s + left + 2, 7 * len(title or "") + 10), h * s + top + bottom
+    # wide enough for the title (at most about 9 pixels a character at 9 pt and 120 dpi)
+    W, H = max(w * s + left + 2, left + 9 * len(title or "") + 10), h * s + top + bottom
     fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
     ax = fig.add_axes((left / W, bottom / H, w * s / W, h * s / H))
     grey = img.ndim == 2 or img.shape[-1] == 1
@@ -169,7 +170,7 @@ def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] 
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title or "", fontsize=9)
+    ax.set_title(title or "", fontsize=9, loc="left" if W > w * s + left + 2 else "center")
     return fig
 
 
@@ -296,21 +297,26 @@ def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: st
     if modality == "image":
         _, c, h, w = items[0][1].shape
         cols = max(len(x) for _, x in items)
-        fig, axes = plt.subplots(len(items), 1, figsize=(min(0.6 * cols, 16) + 1.5, 0.6 * len(items) * h / 8 + 0.6),
-                                 squeeze=False)
-        for ax, (label, x) in zip(axes[:, 0], items):
+        # pixel-exact as image_figure: an integer zoom s, every row's axes on whole screen pixels, so the 1-pixel
+        # separators all come out s pixels wide
+        dpi, s = 120, max(1, min(round(48 / h), 1800 // (cols * (w + 1))))
+        left, top, gap = 90, 26 if title else 4, 6
+        W, H = cols * (w + 1) * s - s + left + 4, len(items) * (h * s + gap) + top
+        fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+        for r, (label, x) in enumerate(items):
             row = torch.ones(c, h, cols * (w + 1) - 1)
             for k, img in enumerate(x.clamp(-1, 1) * 0.5 + 0.5):
                 row[:, :, k * (w + 1): k * (w + 1) + w] = img
             img = row.permute(1, 2, 0).numpy()
+            y = H - top - (r + 1) * (h * s + gap) + gap
+            ax = fig.add_axes((left / W, y / H, (cols * (w + 1) - 1) * s / W, h * s / H))
             ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-                      interpolation="nearest")
+                      interpolation="nearest", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
         if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+            fig.suptitle(title, fontsize=9, y=1 - 4 / H, va="top")
     elif modality == "signal":
         cols = max(len(x) for _, x in items)
         fig, axes = plt.subplots(len(items), cols, figsize=(min(1.5 * cols, 16) + 1.5, 0.9 * len(items) + 0.6),

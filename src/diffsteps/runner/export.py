@@ -60,8 +60,9 @@ def export_task(cfg: DictConfig) -> float:
     checkpoint = open_checkpoint(cfg)  # ckpt_path: its training config (the model included) becomes the run's
     target = cfg.model.get("_target_")
     if target != NEW_UNET:
+        model = target or cfg.model.get("name")
         raise ValueError(f"task=export writes a diffusers pipeline, which needs diffusers' own UNet2DModel: train "
-                         f"and export with model=diffusers_unet (this run's model is {target or cfg.model.get('name')})")
+                         f"and export with model=diffusers_unet (this run's model is {model})")
     schedule = instantiate(cfg.schedule)
     validate(cfg, schedule)
     out_dir = Path(cfg.paths.output_dir)
