@@ -83,15 +83,15 @@ def strip_figure(traj: Trajectory, n: int = 4, *, modality: str = "image"):
     if modality == "vector":
         k = len(traj)
         fig, axes = plt.subplots(1, k, figsize=(2.2 * k, 2.5), squeeze=False, sharex=True, sharey=True)
+        xs, x0s = _xy(traj.x), _xy(traj.x0)
         for j, ax in enumerate(axes[0]):
-            ax.scatter(traj.x[j, :, 0], traj.x[j, :, 1] if traj.x.shape[-1] > 1 else traj.x[j, :, 0] * 0, s=2,
-                       label="x_t")
-            ax.scatter(traj.x0[j, :, 0], traj.x0[j, :, 1] if traj.x.shape[-1] > 1 else traj.x0[j, :, 0] * 0, s=2,
-                       label="x̂₀")
+            ax.scatter(xs[j, :, 0], xs[j, :, 1], s=2, label="x_t")
+            ax.scatter(x0s[j, :, 0], x0s[j, :, 1], s=2, label="x̂₀")
             ax.set_title(_level(float(traj.t[j])), fontsize=8)
         axes[0, 0].legend(fontsize=6)
         fig.suptitle(traj.label, fontsize=9)
-        fig.tight_layout()
+        # tight_layout would cost about a second per figure; the panels share their axes, fixed margins suffice
+        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.1, top=0.8, wspace=0.1)
         return fig
     raise ValueError(f"trajectory pictures draw image or vector data; got {modality!r}")
 
@@ -101,33 +101,64 @@ def save_strip(traj: Trajectory, path: Path, n: int = 4, *, modality: str = "ima
     return Path(path)
 
 
-def _frame(traj: Trajectory, j: int, n: int, modality: str):
-    """GIF frame j: the first ``n`` samples' x_t (top) and x̂_0 (bottom) after step j."""
+def _png(fig):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _frames(traj: Trajectory, n: int, modality: str) -> list:
+    """One picture per step: images, the first ``n`` samples' x_t (top row) and x̂_0 (bottom row) after it; vector
+    data, one scatter of x_t and x̂_0 (all samples) on fixed axes, its points moved from frame to frame."""
+    _check_samples(traj.sample, modality)
     if modality == "image":
         n = min(n, traj.x.shape[1])
         h = traj.x.shape[-2]
-        grid = _tiles(torch.stack([traj.x[j, :n], traj.x0[j, :n]]))
-        return image_figure(grid.permute(1, 2, 0).numpy(), title=f"{traj.label} · step {j + 1}/{len(traj)} · "
-                            f"{_level(float(traj.t[j]))}", row_labels={(h - 1) / 2: "x_t", h + 1 + (h - 1) / 2: "x̂₀"},
-                            scale=max(1, round(40 / h)))
-    single = Trajectory(traj.label, traj.t[j:j + 1], traj.x[j:j + 1], traj.x0[j:j + 1], traj.sample)
-    return strip_figure(single, n, modality=modality)
+        out = []
+        for j in range(len(traj)):
+            grid = _tiles(torch.stack([traj.x[j, :n], traj.x0[j, :n]]))
+            fig = image_figure(grid.permute(1, 2, 0).numpy(), title=f"{traj.label} · step {j + 1}/{len(traj)} · "
+                               f"{_level(float(traj.t[j]))}", row_labels={(h - 1) / 2: "x_t", h + 1 + (h - 1) / 2: "x̂₀"},
+                               scale=max(1, round(40 / h)))
+            try:
+                out.append(_png(fig))
+            finally:
+                plt.close(fig)
+        return out
+    if modality != "vector":
+        raise ValueError(f"trajectory pictures draw image or vector data; got {modality!r}")
+    xs, x0s = _xy(traj.x), _xy(traj.x0)
+    both = torch.cat([xs.flatten(0, 1), x0s.flatten(0, 1)])
+    lo, hi = both.min(0).values - 0.1, both.max(0).values + 0.1
+    fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=100)
+    try:
+        a = ax.scatter(xs[0, :, 0], xs[0, :, 1], s=4, label="x_t")
+        b = ax.scatter(x0s[0, :, 0], x0s[0, :, 1], s=4, label="x̂₀")
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.legend(fontsize=7, loc="upper right")
+        out = []
+        for j in range(len(traj)):  # one figure, its points moved: a new figure per frame costs far more
+            a.set_offsets(xs[j].numpy())
+            b.set_offsets(x0s[j].numpy())
+            ax.set_title(f"{traj.label} · step {j + 1}/{len(traj)} · {_level(float(traj.t[j]))}", fontsize=8)
+            out.append(_png(fig))
+        return out
+    finally:
+        plt.close(fig)
+
+
+def _xy(v: torch.Tensor) -> torch.Tensor:
+    """The first two coordinates of vector samples (…, D); one-dimensional data get 0 as the second."""
+    return v[..., :2] if v.shape[-1] > 1 else torch.stack([v[..., 0], torch.zeros_like(v[..., 0])], -1)
 
 
 def save_gif(traj: Trajectory, path: Path, n: int = 8, *, modality: str = "image", ms_per_frame: int = 250) -> Path:
-    """An animated GIF, one frame per step (:func:`_frame`), the last frame held three times as long; written
+    """An animated GIF, one frame per step (:func:`_frames`), the last frame held three times as long; written
     with Pillow (matplotlib's own dependency), atomically."""
-    from PIL import Image
-
-    frames = []
-    for j in range(len(traj)):
-        fig = _frame(traj, j, n, modality)
-        try:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=fig.dpi)
-            frames.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-        finally:
-            plt.close(fig)
+    frames = _frames(traj, n, modality)
     size = frames[0].size
     frames = [f if f.size == size else f.resize(size) for f in frames]
     durations = [ms_per_frame] * (len(frames) - 1) + [3 * ms_per_frame]
