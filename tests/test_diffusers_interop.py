@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from helpers import ROOT, run_py
 from hydra.utils import instantiate
+from PIL import Image
 
 import diffsteps as ds
 from diffsteps.core.schedules import diffusers_sampling_options
@@ -166,7 +167,7 @@ def test_folder_errors_before_any_work(tmp_path):
 # -- end to end: debug=fast training, export, evaluation of the folder ----------------------------------------------
 TINY = ["model=diffusers_unet", "model.block_out_channels=[8,16]", "model.norm_num_groups=4",
         "model.down_block_types=[DownBlock2D,DownBlock2D]", "model.up_block_types=[UpBlock2D,UpBlock2D]",
-        "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "steps=[2,5]"]
+        "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "steps=[2,5]", "eval.grid_size=0", "eval.grid_columns=0"]
 
 
 def test_diffusers_folder_evaluates_like_the_native_checkpoint(tmp_path):
@@ -175,20 +176,27 @@ def test_diffusers_folder_evaluates_like_the_native_checkpoint(tmp_path):
     native = tmp_path / "native"
     assert not shared.exists(), "debug=fast wrote into the shared cache"
     assert list((native / "debug_cache" / "checkpoints").glob("*/last.ckpt"))
-    # export in-process from the native run's checkpoint (what task=export writes, without another process)
-    from omegaconf import OmegaConf
+    with Image.open(native / "trajectory_ddim_2.gif") as gif:  # the runner's trajectory pictures, fewest steps
+        assert gif.n_frames == 2
+    # task=export in-process (what `run.py task=export ckpt_path=…` runs, without another process; outside Hydra
+    # every key counts as set, so the model is named as trained): the checkpoint's EMA weights, checked against its
+    # training config, written with the schedule's exact betas
+    from hydra import compose, initialize_config_dir
 
-    from diffsteps.nets.diffusers_unet import new_unet
+    from diffsteps.runner.export import export_task
 
-    cfg = OmegaConf.load(native / "config.yaml")
-    net = new_unet(1, 8, **{k: v for k, v in OmegaConf.to_container(cfg.model).items()
-                            if k not in ("_target_", "in_channels", "image_size")})
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=fast", "task=export", f"ckpt_path={native / 'checkpoint.ckpt'}",
+                                           f"export_dir={tmp_path / 'pipe'}", f"paths.root_dir={tmp_path}",
+                                           f"paths.output_dir={tmp_path / 'export'}", "logger=none", *TINY[:5]])
+    export_task(cfg)
     state = torch.load(native / "checkpoint.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
-    write_pipeline(net, ds.make_schedule("linear", 1000), cfg.loss.prediction, tmp_path / "pipe", clip_sample=1.0)
+    exported = UNet2DModel.from_pretrained(str(tmp_path / "pipe" / "unet"), local_files_only=True).state_dict()
+    assert all(torch.equal(v, state[f"net.unet.{k}"]) for k, v in exported.items())
 
     run_py(tmp_path, "debug=fast", "task=eval", "model=diffusers", f"model.path={tmp_path / 'pipe'}",
-           "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "steps=[2,5]", name="folder")
+           "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "steps=[2,5]", "eval.grid_size=0",
+           "eval.grid_columns=0", "eval.trajectory_samples=0", name="folder")
     rows = [json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("native", "folder")]
     assert [r["steps"] for r in rows[1]] == [2, 5]
     for a, b in zip(*rows):

@@ -119,9 +119,9 @@ def _frames(traj: Trajectory, n: int, modality: str) -> list:
         out = []
         for j in range(len(traj)):
             grid = _tiles(torch.stack([traj.x[j, :n], traj.x0[j, :n]]))
-            fig = image_figure(grid.permute(1, 2, 0).numpy(), title=f"{traj.label} · step {j + 1}/{len(traj)} · "
-                               f"{_level(float(traj.t[j]))}", row_labels={(h - 1) / 2: "x_t", h + 1 + (h - 1) / 2: "x̂₀"},
-                               scale=max(1, round(40 / h)))
+            title = f"{traj.label} · step {j + 1}/{len(traj)} · {_level(float(traj.t[j]))}"
+            fig = image_figure(grid.permute(1, 2, 0).numpy(), title=title, scale=max(1, round(40 / h)),
+                               row_labels={(h - 1) / 2: "x_t", h + 1 + (h - 1) / 2: "x̂₀"})
             try:
                 out.append(_png(fig))
             finally:
