@@ -176,7 +176,7 @@ def test_diffusers_folder_evaluates_like_the_native_checkpoint(tmp_path):
     native = tmp_path / "native"
     assert not shared.exists(), "debug=fast wrote into the shared cache"
     assert list((native / "debug_cache" / "checkpoints").glob("*/last.ckpt"))
-    with Image.open(native / "trajectory_ddim_2.gif") as gif:  # the runner's trajectory pictures, fewest steps
+    with Image.open(native / "trajectory" / "ddim_2.gif") as gif:  # the runner's trajectory pictures, fewest steps
         assert gif.n_frames == 2
     # task=export in-process (what `run.py task=export ckpt_path=…` runs, without another process; outside Hydra
     # every key counts as set, so the model is named as trained): the checkpoint's EMA weights, checked against its

@@ -117,9 +117,9 @@ def test_image_trajectory_files_gif_frames_and_sampler_grid(tmp_path):
     noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     for run, (sampler, steps) in enumerate((("ddim", 5), ("heun", 3))):
         traj = capture(model, noise, schedule=schedule, sampler=sampler, steps=steps, label=f"{sampler} {steps}")
-        out = tmp_path / f"run{run}"
-        out.mkdir()
-        png, gif, pt = save_trajectory(traj, out, f"trajectory_{sampler}_{steps}")
+        out = tmp_path / f"run{run}" / "trajectory"  # as the runner writes them
+        out.mkdir(parents=True)
+        png, gif, pt = save_trajectory(traj, out, f"{sampler}_{steps}")
         with Image.open(gif) as im:
             assert im.n_frames == steps  # one frame per step
         strip = np.asarray(strip_figure(traj, n=2).axes[0].images[0].get_array())

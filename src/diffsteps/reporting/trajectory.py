@@ -178,17 +178,17 @@ def save_trajectory(traj: Trajectory, out_dir: Path, stem: str, *, modality: str
 
 
 def gather_samplers_grid(sweep_dir: str | Path, n: int = 8, name: str = "trajectory_samplers.png") -> Path | None:
-    """The results of every run of a multirun from the same noise, one row per run (``trajectory_*.pt`` under
+    """The results of every run of a multirun from the same noise, one row per run (``trajectory/*.pt`` under
     ``sweep_dir``, labelled with the run's sampler and steps), in ``sweep_dir/name``. None when no run saved one.
     Rows whose sample shapes differ (other data) are left out with the first shape kept."""
     sweep_dir = Path(sweep_dir)
     rows: dict[str, torch.Tensor] = {}
-    for pt in sorted(sweep_dir.glob("**/trajectory_*.pt")):
+    for pt in sorted(sweep_dir.glob("**/trajectory/*.pt")):
         saved = torch.load(pt, map_location="cpu", weights_only=True)
         x = saved["sample"][:n]
         if rows and x.shape[1:] != next(iter(rows.values())).shape[1:]:
             continue
-        rows[f"{saved['label']} ({pt.parent.name})" if saved["label"] in rows else saved["label"]] = x
+        rows[f"{saved['label']} ({pt.parent.parent.name})" if saved["label"] in rows else saved["label"]] = x
     if not rows:
         return None
     modality = "image" if next(iter(rows.values())).ndim == 4 else "vector"

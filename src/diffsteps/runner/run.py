@@ -102,7 +102,7 @@ def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: li
                         loggers=()) -> list[Path]:
     """The sampler step by step at the run's fewest steps, on the first ``eval.trajectory_samples`` samples of the
     evaluation's own noise (chunk 0: the same in every run of a multirun, so the report's sampler grid compares
-    like with like): ``trajectory_<sampler>_<steps>.png`` / ``.gif`` / ``.pt``, and on W&B as an image and a video."""
+    like with like): ``trajectory/<sampler>_<steps>.png`` / ``.gif`` / ``.pt``, and on W&B as an image and a video."""
     import torch
 
     from ..evaluation.plan import chunk_noise
@@ -124,7 +124,9 @@ def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: li
                        **plan.denoiser_options, **plan.sampler_options)
     finally:
         module.net.train(was_training)
-    files = save_trajectory(traj, out_dir, f"trajectory_{plan.sampler}_{k}", modality=datamodule.spec.modality)
+    folder = out_dir / "trajectory"  # beside, not among, the evaluation's own figures
+    folder.mkdir(exist_ok=True)
+    files = save_trajectory(traj, folder, f"{plan.sampler}_{k}", modality=datamodule.spec.modality)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
