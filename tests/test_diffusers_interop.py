@@ -97,6 +97,19 @@ def test_wrapper_calls_the_unet_and_passes_class_labels():
     torch.testing.assert_close(out, h, rtol=RTOL32, atol=1e-4)
 
 
+def test_diffusers_unet_sizes_are_checked_before_training():
+    from diffsteps.nets.diffusers_unet import new_unet
+
+    net = new_unet(1, 8, block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["DownBlock2D"] * 2,
+                   up_block_types=["UpBlock2D"] * 2)
+    assert net.unet.config.sample_size == 8 and net(torch.zeros(2, 1, 8, 8), torch.tensor([3.0, 7.0])).shape == (
+        2, 1, 8, 8)
+    with pytest.raises(ValueError, match="norm_num_groups=4 must divide every block_out_channels entry; \\[6\\]"):
+        new_unet(1, 8, block_out_channels=[6, 16], norm_num_groups=4)
+    with pytest.raises(ValueError, match="need 2 entries each"):
+        new_unet(1, 8, block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["DownBlock2D"])
+
+
 # -- out: export, load in diffusers, sample on both sides ----------------------------------------------------------
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_exported_pipeline_samples_like_diffsteps_ddim(tmp_path, prediction):

@@ -16,6 +16,15 @@ __all__ = ["DiffusersUNet", "new_unet", "load_unet", "diffusers_folder", "UNET_C
 UNET_CLASS = "UNet2DModel"
 
 
+def _unet_class():
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as err:
+        raise ImportError(f"model=diffusers and model=diffusers_unet need the diffusers package ({err}): "
+                          'pip install -e ".[diffusers]"') from None
+    return UNet2DModel
+
+
 class DiffusersUNet(nn.Module):
     """A ``UNet2DModel`` behind diffsteps' net call. ``t`` arrives as float training-time indices (possibly
     fractional, for the samplers that step in σ or λ); UNet2DModel's sinusoidal embedding takes them as they are, and
@@ -41,8 +50,7 @@ def new_unet(in_channels: int, image_size: int, block_out_channels: Sequence[int
     """A fresh ``UNet2DModel`` of these sizes (``sample_size`` and ``in_channels`` = ``out_channels`` from the data;
     ``options``: any other UNet2DModel argument), wrapped. Sizes diffusers cannot build fail here, before training,
     with diffusers' own message."""
-    from diffusers import UNet2DModel
-
+    UNet2DModel = _unet_class()
     if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
         raise ValueError(f"model=diffusers_unet: block_out_channels {list(block_out_channels)} has "
                          f"{len(block_out_channels)} levels, so down_block_types and up_block_types need "
@@ -90,7 +98,6 @@ def diffusers_folder(path: str | Path) -> tuple[Path, dict, dict | None]:
 def load_unet(path: str | Path) -> DiffusersUNet:
     """The ``UNet2DModel`` of a diffusers folder (:func:`diffusers_folder`), loaded from disk only
     (``local_files_only``: never a download), wrapped."""
-    from diffusers import UNet2DModel
-
+    UNet2DModel = _unet_class()
     unet_dir, _, _ = diffusers_folder(path)
     return DiffusersUNet(UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True))
