@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["Schedule", "make_schedule", "SCHEDULES", "rescale_zero_terminal_snr"]
+__all__ = ["Schedule", "make_schedule", "SCHEDULES", "rescale_zero_terminal_snr", "diffusers_sampling_options"]
 
 _F64 = torch.float64
 
@@ -110,6 +111,34 @@ class Schedule:
         sigma = torch.as_tensor(sigma, dtype=_F64)
         return self.t_from_log_snr(-2.0 * torch.log(sigma))
 
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> Schedule:
+        """The schedule of a diffusers scheduler config (``scheduler_config.json`` as a dict; no diffusers import):
+        ``trained_betas`` as given, else ``beta_schedule`` over ``num_train_timesteps`` with ``beta_start`` /
+        ``beta_end`` exactly as diffusers builds it (``linear``: linspace, not rescaled by 1000/T;
+        ``scaled_linear``: linspace of √β squared; ``squaredcos_cap_v2``: Nichol & Dhariwal's cosine with
+        max_beta 0.999; ``sigmoid``), then ``rescale_betas_zero_snr``. An unsupported value names the key and the
+        valid choices (:func:`diffusers_sampling_options` checks the sampling keys)."""
+        diffusers_sampling_options(config)  # reject the whole config before building anything
+        c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+        T = c["num_train_timesteps"]
+        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
+            raise ValueError(f"diffusers scheduler config: num_train_timesteps must be an integer ≥ 2, got {T!r}")
+        if config.get("trained_betas") is not None:
+            betas, name = torch.as_tensor(list(config["trained_betas"]), dtype=_F64), "diffusers:trained_betas"
+            if len(betas) != T:
+                raise ValueError(f"diffusers scheduler config: trained_betas has {len(betas)} values but "
+                                 f"num_train_timesteps is {T}")
+        else:
+            kind = c["beta_schedule"]
+            if kind not in _DIFFUSERS_BETAS:
+                raise ValueError(f"diffusers scheduler config: unsupported beta_schedule {kind!r}; valid choices: "
+                                 f"{', '.join(_DIFFUSERS_BETAS)} (or trained_betas)")
+            betas, name = _DIFFUSERS_BETAS[kind](T, float(c["beta_start"]), float(c["beta_end"])), f"diffusers:{kind}"
+        if c["rescale_betas_zero_snr"]:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(name, betas)
+
     def __repr__(self) -> str:
         a = self.alphas_cumprod
         return f"Schedule({self.name!r}, T={self.num_timesteps}, ᾱ_0={a[0].item():.6g}, ᾱ_T-1={a[-1].item():.6g})"
@@ -186,3 +215,69 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000, *, zero_termi
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule(name, betas)
+
+
+# -- diffusers scheduler configs --------------------------------------------------------------------------------------
+# the defaults of diffusers' DDPMScheduler / DDIMScheduler for keys a saved config may omit
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True,
+    "clip_sample_range": 1.0, "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+    "rescale_betas_zero_snr": False, "use_karras_sigmas": False, "variance_type": "fixed_small"}
+# diffusers' own β tables, without diffsteps' 1000/T rescaling of the named schedules (diffusers never rescales)
+_DIFFUSERS_BETAS: dict[str, Callable[[int, float, float], torch.Tensor]] = {
+    "linear": lambda T, b0, b1: torch.linspace(b0, b1, T, dtype=_F64),
+    "scaled_linear": _scaled_linear,
+    "squaredcos_cap_v2": lambda T, b0, b1: _cosine(T),
+    "sigmoid": lambda T, b0, b1: torch.sigmoid(torch.linspace(-6, 6, T, dtype=_F64)) * (b1 - b0) + b0,
+}
+_DIFFUSERS_PREDICTIONS = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}
+_DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+# the sampling noise of ancestral schedulers; the learned ones need a network with 2C output channels
+_DIFFUSERS_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+_DIFFUSERS_UNSUPPORTED_FLAGS = ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
+
+
+def diffusers_sampling_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a diffusers scheduler config says about sampling, in diffsteps' terms (missing keys take diffusers'
+    DDPM/DDIM defaults): ``prediction`` (``prediction_type`` epsilon → epsilon, sample → x0, v_prediction → v),
+    ``spacing`` (``timestep_spacing`` leading / trailing / linspace, the same rules in
+    :mod:`~diffsteps.core.spacings`; ``use_karras_sigmas`` → karras), ``clip_denoised`` (``clip_sample_range``
+    when ``clip_sample``, else None) and, with ``thresholding``, ``dynamic_threshold``
+    (``dynamic_thresholding_ratio``) and ``threshold_max`` (``sample_max_value``) — Imagen's dynamic thresholding
+    as :class:`~diffsteps.sampling.Denoiser` applies it. Which solver to run is diffsteps' ``sampler`` choice, so
+    solver keys (``solver_order``, ``algorithm_type``, …) are not read. An unsupported value raises, naming it."""
+    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+
+    def check(key: str, valid) -> Any:
+        if c[key] not in valid:
+            raise ValueError(f"diffusers scheduler config: unsupported {key} {c[key]!r}; valid choices: "
+                             f"{', '.join(map(str, valid))}")
+        return c[key]
+
+    prediction = _DIFFUSERS_PREDICTIONS[check("prediction_type", tuple(_DIFFUSERS_PREDICTIONS))]
+    spacing = check("timestep_spacing", _DIFFUSERS_SPACINGS)
+    check("variance_type", _DIFFUSERS_VARIANCES)
+    if c["steps_offset"] != 0:
+        raise ValueError(f"diffusers scheduler config: unsupported steps_offset {c['steps_offset']!r}; valid "
+                         "choices: 0 (diffsteps' spacings start at the timesteps diffusers' spacings name)")
+    for flag in _DIFFUSERS_UNSUPPORTED_FLAGS:
+        if c.get(flag):
+            raise ValueError(f"diffusers scheduler config: unsupported {flag}=true; valid choices: false "
+                             "(use_karras_sigmas=true is supported)")
+    if c["use_karras_sigmas"]:
+        spacing = "karras"
+    clip = None
+    if c["clip_sample"]:
+        clip = float(c["clip_sample_range"])
+        if not clip > 0:
+            raise ValueError(f"diffusers scheduler config: clip_sample_range must be positive, got {clip!r}")
+    options: dict[str, Any] = {"prediction": prediction, "spacing": spacing, "clip_denoised": clip,
+                               "dynamic_threshold": None, "threshold_max": None}
+    if c["thresholding"]:
+        ratio = float(c["dynamic_thresholding_ratio"])
+        if not 0 < ratio <= 1:
+            raise ValueError(f"diffusers scheduler config: dynamic_thresholding_ratio must lie in (0, 1], got "
+                             f"{ratio!r}")
+        options.update(dynamic_threshold=ratio, threshold_max=float(c["sample_max_value"]))
+    return options

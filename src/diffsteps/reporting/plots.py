@@ -14,10 +14,55 @@ import torch  # noqa: E402
 from .files import save_figure  # noqa: E402
 
 __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "plot_quality_vs_nfe", "plot_schedules",
-           "plot_sweep_metric"]
+           "plot_sweep_metric", "quality_vs_nfe_figure", "metric_label", "plain_log_axis", "image_figure"]
 
 # metrics drawn against NFE when present, lower is better for all
 CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
+# what each metric is, for axis labels; the distribution distances also name the feature space they are measured in
+METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID standard deviation", "nll": "NLL (exact density)",
+                "mse": "trajectory MSE", "mse_median": "trajectory MSE (median)",
+                "elbo_bpd": "negative ELBO (bits/dim)"}
+FEATURE_METRICS = ("fid", "kid_mean", "kid_std")
+# diffsteps.data.FEATURE_SPACES, as a reader would name them
+FEATURE_NAMES = {"digits": "digits-classifier features", "inception": "Inception-v3 features",
+                 "identity": "raw coordinates"}
+
+
+def metric_label(metric: str, features: str | None = None) -> str:
+    """An axis label that says what the number is: ``FID, digits-classifier features`` (FID and KID depend on the
+    feature space, :data:`~diffsteps.data.base.FEATURE_SPACES`; without ``features`` none is named)."""
+    name = METRIC_NAMES.get(metric, metric)
+    if metric in FEATURE_METRICS and features:
+        name += f", {FEATURE_NAMES.get(features, features + ' features')}"
+    return name
+
+
+def plain_log_axis(ax, values, axis: str = "x", min_ratio: float = 1.25, decades: bool = False) -> None:
+    """A log axis ticked at the given ``values`` (step counts, NFE) labelled as plain numbers — 5, 10, 20, 50, not
+    2×10¹: a FixedLocator on the values (thinned so neighbours closer than ``min_ratio`` do not print over each
+    other) with a ScalarFormatter, and no minor labels. ``decades``: continuous values (seconds) instead, ticked
+    at 1, 2, 5 × 10^k and labelled plainly (0.5, 1, 2)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    ticks: list[float] = []
+    for v in sorted({float(v) for v in values if v is not None and v > 0 and math.isfinite(v)}):
+        if not ticks or v >= min_ratio * ticks[-1]:
+            ticks.append(v)
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    if decades:
+        target.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(NullFormatter())
+        return
+    if not ticks:
+        return
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(formatter)
+    target.set_minor_locator(NullLocator())
+    target.set_minor_formatter(NullFormatter())
 
 
 # how each modality of diffsteps.data.DataSpec is drawn, by the rank of a batch of it
@@ -70,13 +115,7 @@ def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = Non
         for i, img in enumerate(samples.clamp(-1, 1) * 0.5 + 0.5):
             r, k = divmod(i, cols)
             grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = img
-        img = grid.permute(1, 2, 0).numpy()
-        fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[1] / grid.shape[2] + 0.3))
-        ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.axis("off")
-        ax.set_title(title or "", fontsize=9)
-        fig.tight_layout()
+        fig = image_figure(grid.permute(1, 2, 0).numpy(), title=title or "")
     elif modality == "signal":
         b = len(samples)
         cols = math.ceil(math.sqrt(b))
@@ -103,6 +142,38 @@ def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = Non
     return fig
 
 
+def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] | None = None,
+                 col_labels: dict[float, str] | None = None, target_px: int = 480, scale: int | None = None,
+                 dpi: int = 120):
+    """An image array (H, W) or (H, W, C) in [0, 1] drawn pixel-exact: each array pixel becomes an integer s × s block
+    of screen pixels (s = round(target_px / the longer side), at least 1), the axes sized and placed on whole pixels.
+    At a fractional zoom, nearest-neighbour resampling draws 1-pixel separators as 0, 1 or 2 screen pixels: stray
+    bars and missing ones. ``scale`` fixes s instead. ``row_labels`` / ``col_labels``: {array row or column (its
+    centre): text} beside and below the image. The caller closes the figure."""
+    import numpy as np
+
+    img = np.asarray(img)
+    h, w = img.shape[:2]
+    s = scale or max(1, round(target_px / max(h, w)))
+    left = 60 if row_labels else 2
+    bottom = 28 if col_labels else 2
+    top = 26 if title else 2
+    # wide enough for the title (at most about 9 pixels a character at 9 pt and 120 dpi)
+    W, H = max(w * s + left + 2, left + 9 * len(title or "") + 10), h * s + top + bottom
+    fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+    ax = fig.add_axes((left / W, bottom / H, w * s / W, h * s / H))
+    grey = img.ndim == 2 or img.shape[-1] == 1
+    ax.imshow(img.reshape(h, w) if grey else img, cmap="gray" if grey else None, vmin=0, vmax=1,
+              interpolation="nearest", aspect="auto")
+    ax.set_xticks(list(col_labels or ()), list((col_labels or {}).values()), fontsize=7)
+    ax.set_yticks(list(row_labels or ()), list((row_labels or {}).values()), fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title or "", fontsize=9, loc="left" if W > w * s + left + 2 else "center")
+    return fig
+
+
 def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, modality: str) -> None:
     """Samples of a data ``modality`` (``DataSpec.modality``) as one figure: images (B, C, H, W) in [−1, 1] as a
     square grid; signals (B, C, L) as one line plot per sample, its channels stacked; vectors (B, D) as a scatter
@@ -111,30 +182,36 @@ def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, mo
     _save(fig, path)
 
 
-def plot_quality_vs_nfe(rows: list[dict], out_dir: Path) -> list[Path]:
-    """One figure per metric: the metric against NFE (log axis) and against sampling seconds, a line per
-    sampler. Returns the files written (``<metric>_vs_nfe.png``)."""
-    out = []
+def quality_vs_nfe_figure(rows: list[dict], metric: str, features: str | None = None):
+    """``metric`` against NFE (log axis ticked at the NFE values, plain numbers) and against sampling seconds, a
+    line per sampler; the y label names the metric and, for FID/KID, its feature space. The caller closes it."""
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in samplers:
+        pts = sorted((r["nfe"], r["sample_seconds"], r[metric]) for r in rows if r["sampler"] == name and metric in r)
+        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=name)
+    axes[0].set_xlabel("NFE (model evaluations)")
+    axes[1].set_xlabel("sampling wall time (s)")
+    plain_log_axis(axes[0], [r["nfe"] for r in rows if metric in r])
+    plain_log_axis(axes[1], [], decades=True)
+    for ax in axes:
+        _log_y_if_wide(ax, [r[metric] for r in rows if metric in r])
+        ax.set_ylabel(metric_label(metric, features))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_quality_vs_nfe(rows: list[dict], out_dir: Path, features: str | None = None) -> list[Path]:
+    """One figure per metric (:func:`quality_vs_nfe_figure`). Returns the files written (``<metric>_vs_nfe.png``)."""
+    out = []
     for metric in CURVE_METRICS:
         if not any(metric in r for r in rows):
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        for name in samplers:
-            pts = sorted((r["nfe"], r["sample_seconds"], r[metric]) for r in rows if r["sampler"] == name and metric in r)
-            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
-            axes[1].plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=name)
-        axes[0].set_xlabel("NFE (model evaluations)")
-        axes[1].set_xlabel("sampling wall time (s)")
-        for ax in axes:
-            ax.set_xscale("log")
-            _log_y_if_wide(ax, [r[metric] for r in rows if metric in r])
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
         path = out_dir / f"{metric}_vs_nfe.png"
-        _save(fig, path)
+        _save(quality_vs_nfe_figure(rows, metric, features), path)
         out.append(path)
     return out
 
@@ -184,8 +261,6 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
     """A sweep's quality against cost: one panel per cost in ``fronts`` (e.g. ``nfe``, ``sample_seconds``, both on
     log axes), one line per ``row[group_key]``, and that cost's Pareto front (the rows given in ``fronts[cost]``)
     as a step line through ringed markers: the best ``metric`` reachable at each budget. Returns ``path``."""
-    from matplotlib.ticker import NullFormatter
-
     path = Path(path)
     groups = list(dict.fromkeys(r[group_key] for r in rows))
     fig, axes = plt.subplots(1, len(fronts), figsize=(5 * len(fronts) + 1, 4), squeeze=False)
@@ -200,14 +275,10 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
                     label="Pareto front")
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=90, facecolors="none", edgecolors="black",
                        zorder=3)
-        ax.set_xscale("log")
-        ticks = []
-        for t in sorted({r[cost] for r in rows}):
-            if not ticks or t >= 1.25 * ticks[-1]:  # neighbours like 9 and 10 would print over each other
-                ticks.append(t)
-        if cost == "nfe" and len(ticks) <= 12:  # the NFE values themselves read better than powers of ten
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        if cost == "nfe" and len({r[cost] for r in rows}) <= 12:  # NFE values read better than powers of ten
+            plain_log_axis(ax, [r[cost] for r in rows])
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel(labels.get(cost, cost))
         _log_y_if_wide(ax, [r[metric] for r in rows])
         ax.set_ylabel(f"{metric} (lower is better)")
@@ -226,21 +297,26 @@ def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: st
     if modality == "image":
         _, c, h, w = items[0][1].shape
         cols = max(len(x) for _, x in items)
-        fig, axes = plt.subplots(len(items), 1, figsize=(min(0.6 * cols, 16) + 1.5, 0.6 * len(items) * h / 8 + 0.6),
-                                 squeeze=False)
-        for ax, (label, x) in zip(axes[:, 0], items):
+        # pixel-exact as image_figure: an integer zoom s, every row's axes on whole screen pixels, so the 1-pixel
+        # separators all come out s pixels wide
+        dpi, s = 120, max(1, min(round(48 / h), 1800 // (cols * (w + 1))))
+        left, top, gap = 90, 26 if title else 4, 6
+        W, H = cols * (w + 1) * s - s + left + 4, len(items) * (h * s + gap) + top
+        fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+        for r, (label, x) in enumerate(items):
             row = torch.ones(c, h, cols * (w + 1) - 1)
             for k, img in enumerate(x.clamp(-1, 1) * 0.5 + 0.5):
                 row[:, :, k * (w + 1): k * (w + 1) + w] = img
             img = row.permute(1, 2, 0).numpy()
+            y = H - top - (r + 1) * (h * s + gap) + gap
+            ax = fig.add_axes((left / W, y / H, (cols * (w + 1) - 1) * s / W, h * s / H))
             ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1,
-                      interpolation="nearest")
+                      interpolation="nearest", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
         if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+            fig.suptitle(title, fontsize=9, y=1 - 4 / H, va="top")
     elif modality == "signal":
         cols = max(len(x) for _, x in items)
         fig, axes = plt.subplots(len(items), cols, figsize=(min(1.5 * cols, 16) + 1.5, 0.9 * len(items) + 0.6),

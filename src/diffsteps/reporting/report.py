@@ -211,6 +211,11 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS) -
             costs["sample_seconds"] = pareto_front(have, "sample_seconds", m)
         files.append(plot_sweep_metric(have, m, sweep_dir / f"summary_{m}_vs_nfe.png", costs))
         files.append(_write_csv(fronts[m], sweep_dir / f"pareto_{m}.csv", columns=_columns(rows)))
+    from .trajectory import gather_samplers_grid
+
+    grid = gather_samplers_grid(sweep_dir)  # every run's result from the same noise, when the runs saved one
+    if grid is not None:
+        files.append(grid)
     return {"rows": len(rows), "metrics": present, "files": files, "pareto": fronts}
 
 

@@ -19,7 +19,10 @@ log = logging.getLogger("diffsteps")
 
 # the nets of conf/model/<name>.yaml: _target_ → (the name to choose it by, the modality it takes)
 _NETS = {"diffsteps.nets.UNet": ("unet", "image"), "diffsteps.nets.unet.UNet": ("unet", "image"),
-         "diffsteps.nets.MLP": ("mlp", "vector"), "diffsteps.nets.mlp.MLP": ("mlp", "vector")}
+         "diffsteps.nets.MLP": ("mlp", "vector"), "diffsteps.nets.mlp.MLP": ("mlp", "vector"),
+         "diffsteps.nets.diffusers_unet.new_unet": ("diffusers_unet", "image")}
+# conf/model/diffusers.yaml: a diffusers folder on disk, loaded rather than built (adopt_diffusers, build_net)
+DIFFUSERS_LOAD = "diffsteps.nets.diffusers_unet.load_unet"
 _FOR_MODALITY = {"image": "unet", "vector": "mlp"}
 # conf/model/auto.yaml's knobs, per chosen net: null leaves the size to the data, a value overrides it
 _AUTO_KEYS = {"unet": ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"),
@@ -104,6 +107,8 @@ def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.
     attention resolution that is never reached) fails here, before training, saying what fits."""
     from hydra.utils import instantiate
 
+    if cfg.model.get("_target_") == DIFFUSERS_LOAD:
+        return _load_diffusers(cfg.model.path, spec, data_name)
     model_cfg = resolve_model(cfg.model, spec, data_name)
     if model_cfg is not cfg.model:
         log.info("model=auto for %s: %s", spec.describe(), OmegaConf.to_container(model_cfg))
@@ -129,6 +134,75 @@ def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.
         hint = "; model=auto chooses levels and attention resolutions that exist at this size" if sized else ""
         data = f"data {data_name} ({spec.describe()})" if data_name else spec.describe()
         raise ValueError(f"model={name} cannot be built for {data}: {cause}{hint}") from cause
+
+
+def is_diffusers_folder_model(cfg: DictConfig) -> bool:
+    return cfg.model.get("_target_") == DIFFUSERS_LOAD
+
+
+def adopt_diffusers(cfg: DictConfig) -> bool:
+    """``model=diffusers model.path=<folder>``: check the folder and make its scheduler config the run's, before any
+    work. The schedule becomes :meth:`~diffsteps.core.schedules.Schedule.from_diffusers` of it, ``loss.prediction``
+    its ``prediction_type``, ``eval.clip_denoised`` / ``eval.dynamic_threshold`` / ``eval.threshold_max`` its
+    clipping and thresholding, and ``sampler.spacing`` its ``timestep_spacing`` unless set on the command line. A
+    bare UNet folder keeps the config's schedule and ``loss.prediction``. Only ``task=eval`` evaluates such a
+    folder; a missing folder, another model class or an unsupported scheduler option fails here, naming it.
+    False for every other model."""
+    from ..core.schedules import Schedule, diffusers_sampling_options
+    from ..nets.diffusers_unet import diffusers_folder
+    from .checkpoints import explicit_overrides
+
+    if not is_diffusers_folder_model(cfg):
+        return False
+    if cfg.task != "eval":
+        raise ValueError(f"model=diffusers evaluates a pretrained diffusers folder: use task=eval, not "
+                         f"task={cfg.task} (to train diffusers' UNet2DModel inside diffsteps: model=diffusers_unet)")
+    if cfg.get("ckpt_path"):
+        raise ValueError("model=diffusers takes its weights from model.path; drop ckpt_path")
+    if not cfg.model.get("path"):
+        raise ValueError("model=diffusers needs model.path=<a UNet2DModel or pipeline folder>")
+    unet_dir, unet_cfg, scheduler = diffusers_folder(cfg.model.path)
+    if unet_cfg.get("num_class_embeds"):
+        raise ValueError(f"{unet_dir} is a class-conditional UNet2DModel (num_class_embeds="
+                         f"{unet_cfg['num_class_embeds']}); task=eval generates unconditionally. Sample it through "
+                         "diffsteps.sample(..., cond={'y': labels}) instead")
+    if scheduler is None:
+        log.info("model=diffusers: %s has no scheduler config; using schedule=%s and loss.prediction=%s", unet_dir,
+                 cfg.schedule.get("name"), cfg.loss.prediction)
+        return True
+    opts = diffusers_sampling_options(scheduler)
+    node = {"_target_": "diffsteps.core.schedules.Schedule.from_diffusers", "_convert_": "all",
+            "config": {k: v for k, v in scheduler.items() if not k.startswith("_")}}
+    schedule = Schedule.from_diffusers(node["config"])  # built once here: a bad value fails now, not after loading
+    explicit = explicit_overrides() or []
+    with open_dict(cfg):
+        cfg.schedule = OmegaConf.create(node)
+        cfg.loss.prediction = opts["prediction"]
+        cfg.eval.clip_denoised = opts["clip_denoised"]
+        cfg.eval.dynamic_threshold = opts["dynamic_threshold"]
+        cfg.eval.threshold_max = opts["threshold_max"]
+        if "sampler.spacing" not in explicit:
+            cfg.sampler.spacing = opts["spacing"]
+    log.info("model=diffusers: %s with its scheduler config (%s): prediction %s, spacing %s, clip %s",
+             unet_dir, schedule, opts["prediction"], cfg.sampler.spacing, opts["clip_denoised"])
+    return True
+
+
+def _load_diffusers(path: str, spec: DataSpec, data_name: str) -> torch.nn.Module:
+    """The UNet2DModel of ``path``, after checking that it takes the data's images (its sample_size and
+    in_channels against the DataSpec's sample shape)."""
+    from ..nets.diffusers_unet import diffusers_folder, load_unet
+
+    unet_dir, config, _ = diffusers_folder(path)
+    size = config.get("sample_size")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    shape = (config.get("in_channels", 3), *size)
+    if spec.modality != "image" or tuple(spec.sample_shape) != shape or config.get("out_channels", 3) != shape[0]:
+        data = f"data {data_name} is {spec.describe()}" if data_name else f"the data are {spec.describe()}"
+        raise ValueError(f"the UNet2DModel in {unet_dir} takes images of shape {shape} (in_channels, sample_size) "
+                         f"with out_channels={config.get('out_channels', 3)}; {data}: choose the data it was "
+                         "trained on")
+    return load_unet(path)
 
 
 def _has_torch_fidelity() -> bool:

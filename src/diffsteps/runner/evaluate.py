@@ -25,6 +25,10 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
     # at t = T−1 on the linear schedule) from compounding; vector data has no such bound
     clip = cfg.eval.get("clip_denoised", "auto")
     options["clip_denoised"] = (1.0 if datamodule.spec.modality == "image" else None) if clip == "auto" else clip
+    # set by a diffusers scheduler config's thresholding (runner.build.adopt_diffusers)
+    for key in ("dynamic_threshold", "threshold_max"):
+        if cfg.eval.get(key) is not None:
+            options[key] = cfg.eval[key]
     return options
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from .build import build
+from .build import adopt_diffusers, build
 from .checkpoints import load_for_eval, open_checkpoint
-from .evaluate import ResultsFile, best_effort, evaluate
+from .evaluate import ResultsFile, best_effort, evaluate, feature_name, make_plan
 from .loggers import log_results, make_loggers, print_sync_hint
 from .train import train
 from .validate import (
@@ -41,6 +41,11 @@ def run(cfg: DictConfig) -> float:
 
     if cfg.task == "optimize_steps":
         return optimize_task(cfg)
+    if cfg.task == "export":
+        from .export import export_task
+
+        return export_task(cfg)
+    pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
@@ -66,20 +71,24 @@ def run(cfg: DictConfig) -> float:
     rank = 0
     if cfg.ckpt_path:
         ckpt = load_for_eval(cfg, module, datamodule, checkpoint)
+    elif pretrained:
+        ckpt = Path(cfg.model.path)  # build loaded its weights
     elif cfg.task == "eval":
         raise ValueError("task=eval needs ckpt_path=<a checkpoint>")
     else:
         ckpt, rank = train(cfg, module, datamodule, loggers, out_dir)
     if rank == 0:  # before evaluating: a run stopped during its evaluation still records what it evaluated
         save_config(cfg, out_dir / "config.yaml")
-        symlink(Path(ckpt).resolve(), out_dir / "checkpoint.ckpt")
+        symlink(Path(ckpt).resolve(), out_dir / ("diffusers_model" if pretrained else "checkpoint.ckpt"))
     rows = None
     if cfg.task != "train":
         results = ResultsFile(out_dir, objective)  # metrics.json/.csv, rewritten as each step count finishes
         rows, rank = evaluate(cfg, module, datamodule, schedule, steps, out_dir, on_row=results.add)
     if rank != 0 or rows is None:
         return math.nan  # rank zero writes the results
-    best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir)
+    best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir, feature_name(cfg, datamodule))
+    best_effort("the trajectory pictures", trajectory_pictures, cfg, module, datamodule, schedule, steps, out_dir,
+                loggers)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")
@@ -87,6 +96,44 @@ def run(cfg: DictConfig) -> float:
     print(f"results in {out_dir}; objective {objective.name} = {rows[-1]['objective']:.6g}")
     return rows[-1]["objective"]
 
+
+
+def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: list[int], out_dir: Path,
+                        loggers=()) -> list[Path]:
+    """The sampler step by step at the run's fewest steps, on the first ``eval.trajectory_samples`` samples of the
+    evaluation's own noise (chunk 0: the same in every run of a multirun, so the report's sampler grid compares
+    like with like): ``trajectory/<sampler>_<steps>.png`` / ``.gif`` / ``.pt``, and on W&B as an image and a video."""
+    import torch
+
+    from ..evaluation.plan import chunk_noise
+    from ..reporting.trajectory import capture, save_trajectory
+
+    n = int(cfg.eval.get("trajectory_samples", 0) or 0)
+    if n <= 0 or datamodule.spec.modality not in ("image", "vector"):
+        return []
+    plan = make_plan(cfg, datamodule, steps)
+    k = min(steps)
+    device = next(module.net.parameters()).device
+    noise = chunk_noise(plan, 0, device=device)[:n]
+    was_training = module.net.training
+    module.net.eval()
+    try:
+        traj = capture(module.net, noise, label=f"{plan.sampler} {k} steps", schedule=schedule,
+                       sampler=plan.sampler, steps=k, spacing=plan.spacing, prediction=module.prediction,
+                       generator=torch.Generator(device=device).manual_seed(plan.noise_seed),
+                       **plan.denoiser_options, **plan.sampler_options)
+    finally:
+        module.net.train(was_training)
+    folder = out_dir / "trajectory"  # beside, not among, the evaluation's own figures
+    folder.mkdir(exist_ok=True)
+    files = save_trajectory(traj, folder, f"{plan.sampler}_{k}", modality=datamodule.spec.modality)
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            lg.experiment.log({"trajectory/strip": wandb.Image(str(files[0])),
+                               "trajectory/animation": wandb.Video(str(files[1]), format="gif")})
+    return files
 
 
 def _figure_task(cfg: DictConfig) -> float:
