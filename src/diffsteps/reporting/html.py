@@ -25,7 +25,7 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.82em;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-pre{background:#f7f7f7;padding:.6em;font-size:.78em;overflow:auto;max-height:40em}
+div.wide{overflow-x:auto}pre{background:#f7f7f7;padding:.6em;font-size:.78em;overflow:auto;max-height:40em}
 """
 # figures of a run folder, in reading order: curves first, then grids of samples
 _RUN_FIGURES = ("*_vs_nfe.png", "grid_steps_*.png", "grid_*.png", "trajectory*.png", "*.png")
@@ -56,7 +56,7 @@ def table(rows: Sequence[dict], columns: Sequence[str] | None = None, table_id: 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
     ident = f' id="{html.escape(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def render(title: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -118,7 +118,7 @@ def sweep_report(sweep_dir: str | Path, result: dict) -> Path:
     """``<sweep_dir>/report.html`` for a multirun or sweep summarised by :func:`.report.summarize` (its ``result``):
     the means over seeds ± 95 % interval (table ``#seeds``) when seeds vary, every job's rows (``#metrics``, the
     numbers of summary.csv), the Pareto fronts, the summary figures, the GP sweep's results and plots if any, and
-    the config (the sweep's ``multirun.yaml``, else the first job's ``config.yaml``). Returns its path."""
+    the config (the first job's ``config.yaml``, else the sweep's ``multirun.yaml``). Returns its path."""
     from .report import collect
 
     sweep_dir = Path(sweep_dir)
@@ -128,7 +128,7 @@ def sweep_report(sweep_dir: str | Path, result: dict) -> Path:
     drop = ("dir", "overrides")
     columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in drop]
     config = ""
-    for candidate in (sweep_dir / "multirun.yaml", *sorted(sweep_dir.glob("*/config.yaml"))):
+    for candidate in (*sorted(sweep_dir.glob("*/config.yaml")), sweep_dir / "multirun.yaml"):
         if candidate.is_file():
             config = f"# {candidate.relative_to(sweep_dir)}\n" + candidate.read_text()
             break

@@ -232,8 +232,8 @@ def aggregate_seeds(rows: list[dict], varying: Sequence[str], metrics: Sequence[
                "seeds": ",".join(sorted({str(r.get("seed")) for r in same}, key=lambda v: (len(v), v)))}
         for k in ("nfe", "sample_seconds", "kid_std"):
             vals = [v for r in same if (v := _value(r, k)) is not None]
-            if vals:
-                row[k] = sum(vals) / len(vals)
+            if vals:  # NFE is the same for every seed: kept as it is (an int)
+                row[k] = first[k] if len(set(vals)) == 1 else sum(vals) / len(vals)
         for m in metrics:
             vals = [v for r in same if (v := _value(r, m)) is not None]
             if vals:

@@ -116,7 +116,7 @@ def run_name(cfg: DictConfig, kind: str) -> str:
         what = [data, str(OmegaConf.select(cfg, "sampler.name", default="")), f"steps{steps}"]
     name = "-".join(p for p in (kind, *what) if p)
     trial = _trial()
-    return f"#{trial[0]} {trial[1]} {name}".replace("  ", " ") if trial else name
+    return " ".join(p for p in (f"#{trial[0]}", trial[1], name) if p) if trial else name
 
 
 def _hydra_choices() -> dict:
@@ -129,17 +129,30 @@ def _hydra_choices() -> dict:
 
 
 def _trial() -> tuple[int, str] | None:
-    """(job number, its overrides) in a multirun or sweep, else None."""
+    """(job number, this job's values of the swept settings) in a multirun or sweep, else None. The swept keys are
+    read from the sweep's ``multirun.yaml`` (written before any job starts): the command line's overrides with a
+    sweep value (``a,b``, ``choice(…)``, ``interval(…)``, …) and ``hydra.sweeper.params``."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return int(hc.job.num), str(hc.job.override_dirname)
+        if hc.mode != RunMode.MULTIRUN:
+            return None
     except ValueError:
+        return None
+    swept: set[str] = set()
+    try:
+        sweep = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra
+        for o in sweep.overrides.task:
+            key, _, value = str(o).partition("=")
+            if "," in value or "(" in value:
+                swept.add(key.lstrip("+~"))
+        swept.update(str(k) for k in (OmegaConf.select(sweep, "sweeper.params") or {}))
+    except (OSError, ValueError, AttributeError):  # no multirun.yaml: the number alone
         pass
-    return None
+    mine = [str(o) for o in hc.overrides.task if str(o).partition("=")[0].lstrip("+~") in swept]
+    return int(hc.job.num), " ".join(mine)
 
 
 def wandb_loggers(loggers: list) -> list:
