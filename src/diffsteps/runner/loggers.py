@@ -130,8 +130,8 @@ def _hydra_choices() -> dict:
 
 def _trial() -> tuple[int, str] | None:
     """(job number, this job's values of the swept settings) in a multirun or sweep, else None. The swept keys are
-    read from the sweep's ``multirun.yaml`` (written before any job starts): the command line's overrides with a
-    sweep value (``a,b``, ``choice(…)``, ``interval(…)``, …) and ``hydra.sweeper.params``."""
+    read from the sweep's ``multirun.yaml`` (written before any job starts): the command line's sweep overrides
+    (``a,b``, ``choice(…)``, ``interval(…)``, … as Hydra parses them) and ``hydra.sweeper.params``."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -141,15 +141,15 @@ def _trial() -> tuple[int, str] | None:
             return None
     except ValueError:
         return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     swept: set[str] = set()
     try:
         sweep = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra
-        for o in sweep.overrides.task:
-            key, _, value = str(o).partition("=")
-            if "," in value or "(" in value:
-                swept.add(key.lstrip("+~"))
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in sweep.overrides.task])
+        swept.update(o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override())
         swept.update(str(k) for k in (OmegaConf.select(sweep, "sweeper.params") or {}))
-    except (OSError, ValueError, AttributeError):  # no multirun.yaml: the number alone
+    except Exception:  # noqa: BLE001 (no or an unreadable multirun.yaml: the number alone names the job)
         pass
     mine = [str(o) for o in hc.overrides.task if str(o).partition("=")[0].lstrip("+~") in swept]
     return int(hc.job.num), " ".join(mine)
