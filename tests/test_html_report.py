@@ -9,7 +9,6 @@ import csv
 import io
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from PIL import Image

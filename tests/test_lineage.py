@@ -214,3 +214,32 @@ def test_resumed_training_continues_its_run_and_a_reuse_links_to_it(tmp_path, mo
     lineage = reused["config"]["lineage"]
     assert lineage == {"checkpoint": str(entry / "last.ckpt"), "model_artifact": f"model-{entry.name}:latest",
                        "trained_by_run": run_id}
+
+
+class _Recorder:
+    """Stands in for a started W&B run: records what link_model asks of it."""
+
+    def __init__(self, mode: str):
+        from types import SimpleNamespace
+
+        self.settings = SimpleNamespace(mode=mode)
+        self.used, self.cfg = [], {}
+        self.config = SimpleNamespace(update=lambda d, allow_val_change: self.cfg.update(d))
+
+    def use_artifact(self, name, type):  # noqa: A002 (W&B's keyword)
+        self.used.append((name, type))
+
+
+@pytest.mark.parametrize("mode,used", [("online", [("model-abc123-x:latest", "model")]), ("offline", [])])
+def test_online_eval_uses_the_model_artifact_by_name(tmp_path, mode, used):
+    # the online branch (no W&B server here): the edge is drawn with use_artifact("model-<key>:latest")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from diffsteps.runner.loggers import RUN_ID_FILE, link_model
+
+    (tmp_path / RUN_ID_FILE).write_text("trainer1\n")
+    run = _Recorder(mode)
+    link_model([WandbLogger(experiment=run)], tmp_path / "last.ckpt", "abc123/x")
+    assert run.used == used
+    assert run.cfg["lineage"] == {"checkpoint": str(tmp_path / "last.ckpt"), "model_artifact": "model-abc123-x:latest",
+                                  "trained_by_run": "trainer1"}

@@ -231,14 +231,14 @@ def link_model(loggers: list, ckpt: Path, key: str | None) -> None:
     _before_start(loggers, job_type="eval")
     id_file = Path(ckpt).resolve().parent / RUN_ID_FILE
     lineage = {"checkpoint": str(Path(ckpt).resolve()),
-               "model_artifact": f"model-{key}:latest" if key else None,
+               "model_artifact": _artifact_name(f"model-{key}") + ":latest" if key else None,
                "trained_by_run": id_file.read_text().strip() if id_file.is_file() else None}
     for lg in found:
         run = lg.experiment
         run.config.update({"lineage": lineage}, allow_val_change=True)
         if key and run.settings.mode != "offline":
             try:
-                run.use_artifact(_artifact_name(f"model-{key}") + ":latest", type="model")
+                run.use_artifact(lineage["model_artifact"], type="model")
             except Exception as err:  # noqa: BLE001 (not logged by any run yet: lineage stays in the config)
                 import logging
 

@@ -164,7 +164,20 @@ def optimize_task(cfg: DictConfig) -> float:
               f"{name} in {out_dir / 'schedules'} and {cache}")
     _figure(results, schedule, out_dir / "optimized_schedules.png")
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    _log_schedules(cfg, out_dir, key, sampler.name,
+                   [_file_name(sampler.name, r["nfe"], r["method"]) for _, r in results])
     return float(results[-1][1].get("ratio", math.nan))
+
+
+def _log_schedules(cfg: DictConfig, out_dir: Path, key: str, sampler: str, names: list[str]) -> None:
+    """The schedule files as one W&B artifact ``schedule-<training key>-<sampler>`` of an ``optimize`` run."""
+    from .loggers import log_artifact, make_loggers, print_sync_hint, wandb_loggers
+
+    loggers = wandb_loggers(make_loggers(cfg, out_dir))
+    log_artifact(loggers, f"schedule-{key}-{sampler}", "schedule",
+                 [out_dir / "schedules" / n for n in names] + [out_dir / "optimized_schedules.png"],
+                 metadata={"training_key": key, "sampler": sampler})
+    print_sync_hint(loggers)
 
 
 def _figure(results, schedule, path: Path) -> None:
