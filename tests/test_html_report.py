@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from seed_sweep import seed_sweep
 
-from diffsteps.reporting.html import run_report
+from diffsteps.reporting.report import run_report
 
 
 class Page(HTMLParser):

@@ -2,22 +2,21 @@
 network — every figure embedded as a base64 PNG ``data:`` URI, the metrics table, the Pareto front and the config
 (YAML). No scripts, fonts, style sheets or images are fetched from anywhere.
 
-Kept cheap to import (the multirun callback calls :func:`sweep_report` through :func:`.report.summarize`): only
-the standard library and OmegaConf / YAML readers inside the functions.
+Rendering only: :mod:`.report` collects the rows and Pareto fronts and calls :func:`run_page` / :func:`sweep_page`
+(``report.run_report``, ``report.summarize``). Standard library only, so cheap to import.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from .files import write_text
 
-__all__ = ["run_report", "sweep_report", "render", "figure", "table"]
+__all__ = ["run_page", "sweep_page", "render", "figure", "table"]
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;color:#222}
@@ -81,12 +80,9 @@ def _figures(folder: Path, patterns: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def _fronts(rows: list[dict], metrics: Sequence[str]) -> str:
-    from .report import pareto_front
-
+def _fronts(fronts: dict[str, list[dict]]) -> str:
     out = []
-    for m in metrics:
-        front = pareto_front(rows, "nfe", m)
+    for m, front in fronts.items():
         if front:
             wanted = ("group", "sampler", "spacing", "steps", "nfe", m, f"{m}_ci")
             cols = [c for c in wanted if any(c in r for r in front)]
@@ -94,37 +90,27 @@ def _fronts(rows: list[dict], metrics: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def run_report(run_dir: str | Path) -> Path:
-    """``<run_dir>/report.html`` from what the run wrote: ``metrics.json`` (table ``#metrics``), the NFE Pareto
-    front of each metric, every PNG figure and ``config.yaml``. Returns its path."""
-    from .report import SUMMARY_METRICS
-
+def run_page(run_dir: str | Path, rows: list[dict], fronts: dict[str, list[dict]]) -> Path:
+    """``<run_dir>/report.html``: the run's ``rows`` (table ``#metrics``), the NFE Pareto ``fronts`` ({metric:
+    rows}, tables ``#pareto-<metric>``), every PNG figure of the folder and its ``config.yaml``. Returns its path."""
     run_dir = Path(run_dir)
-    rows = json.loads((run_dir / "metrics.json").read_text())
-    rows = [rows] if isinstance(rows, dict) else rows
-    metrics = [m for m in SUMMARY_METRICS if any(m in r for r in rows)]
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     sampler = ", ".join(dict.fromkeys(str(r.get("sampler", "")) for r in rows))
     page = render(f"diffsteps run: {sampler} — {run_dir.name}", [
         ("Metrics (metrics.json)", table(rows, table_id="metrics")),
-        ("Pareto front: quality against NFE", _fronts(rows, metrics)),
+        ("Pareto front: quality against NFE", _fronts(fronts)),
         ("Figures", _figures(run_dir, _RUN_FIGURES)),
         ("Config (config.yaml)", _pre(config) if config else ""),
     ])
     return write_text(run_dir / "report.html", page)
 
 
-def sweep_report(sweep_dir: str | Path, result: dict) -> Path:
-    """``<sweep_dir>/report.html`` for a multirun or sweep summarised by :func:`.report.summarize` (its ``result``):
-    the means over seeds ± 95 % interval (table ``#seeds``) when seeds vary, every job's rows (``#metrics``, the
-    numbers of summary.csv), the Pareto fronts, the summary figures, the GP sweep's results and plots if any, and
-    the config (the first job's ``config.yaml``, else the sweep's ``multirun.yaml``). Returns its path."""
-    from .report import collect
-
+def sweep_page(sweep_dir: str | Path, rows: list[dict], seeds: list[dict], fronts: dict[str, list[dict]]) -> Path:
+    """``<sweep_dir>/report.html`` for a multirun or sweep: the means over ``seeds`` ± 95 % interval (table
+    ``#seeds``) when seeds vary, the Pareto ``fronts``, the summary figures, every job's ``rows`` (``#metrics``, the
+    numbers of summary.csv), the GP sweep's results and plots if any, and the config (the first job's
+    ``config.yaml``, else the sweep's ``multirun.yaml``). Returns its path."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
-    seeds = result.get("seeds") or []
-    metrics = result.get("metrics", [])
     drop = ("dir", "overrides")
     columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in drop]
     config = ""
@@ -135,8 +121,7 @@ def sweep_report(sweep_dir: str | Path, result: dict) -> Path:
     gp = sweep_dir / "optimization_results.yaml"
     page = render(f"diffsteps sweep: {sweep_dir.name}", [
         ("Mean over seeds ± 95 % interval (Student t)", table(seeds, table_id="seeds") if seeds else ""),
-        ("Pareto front: quality against NFE" + (" (means over seeds)" if seeds else ""),
-         _fronts(seeds or rows, metrics)),
+        ("Pareto front: quality against NFE" + (" (means over seeds)" if seeds else ""), _fronts(fronts)),
         ("Figures", _figures(sweep_dir, ("summary_*.png", "convergence.png", "partial_dependence.png"))),
         (f"Every job's rows ({len(rows)}, summary.csv)", table(rows, columns, table_id="metrics")),
         ("GP sweep (optimization_results.yaml)", _pre(gp.read_text()) if gp.is_file() else ""),

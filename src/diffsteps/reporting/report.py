@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 
 from .files import atomic_open, write_csv, write_text
 
-__all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "aggregate_seeds", "mean_interval",
+__all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "run_report", "aggregate_seeds", "mean_interval",
            "MultirunSummary", "NoResultsError", "SUMMARY_METRICS"]
 
 log = logging.getLogger("diffsteps.report")
@@ -253,7 +253,7 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS, h
     A multirun over seeds (:func:`aggregate_seeds`) also gets ``summary_seeds.csv`` and ``summary_seeds.md``; its
     figures and fronts are then of the means over seeds, each point with its 95 % interval as an error bar. Without
     seeds, KID's points carry ± its standard deviation over subsets. ``html``: also ``report.html``
-    (:func:`~.html.sweep_report`). Returns ``{"rows": n, "metrics": [...], "files": [paths], "pareto": {metric:
+    (:func:`~.html.sweep_page`). Returns ``{"rows": n, "metrics": [...], "files": [paths], "pareto": {metric:
     rows}, "seeds": aggregated rows, "html": path or None}``."""
     from .plots import plot_sweep_metric
 
@@ -282,10 +282,22 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS, h
     result = {"rows": len(rows), "metrics": present, "files": files, "pareto": fronts, "seeds": seeds,
               "html": None}
     if html:
-        from .html import sweep_report
+        from .html import sweep_page
 
-        result["html"] = sweep_report(sweep_dir, result)
+        result["html"] = sweep_page(sweep_dir, rows, seeds, fronts)
     return result
+
+
+def run_report(run_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS) -> Path:
+    """``<run_dir>/report.html`` (:func:`~.html.run_page`) from the run's ``metrics.json``, with the NFE Pareto front
+    of each of ``metrics`` it holds. Returns its path."""
+    from .html import run_page
+
+    run_dir = Path(run_dir)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    rows = [rows] if isinstance(rows, dict) else rows
+    return run_page(run_dir, rows, {m: pareto_front(rows, "nfe", m) for m in metrics
+                                    if any(_value(r, m) is not None for r in rows)})
 
 
 def _seeds_markdown(seeds: list[dict], ident: list[str], metrics: list[str], fronts: dict[str, list[dict]]) -> str:

@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     from ..reporting.files import save_config, symlink
-    from ..reporting.html import run_report
+    from ..reporting.report import run_report
     from ..reporting.plots import plot_quality_vs_nfe
 
     check_top_level_keys(cfg)
