@@ -135,7 +135,7 @@ def test_multirun_jobs_are_named_typed_and_log_their_artifacts(sweep):
         job_dir = sweep / str(job)
         [run] = offline_runs(job_dir)
         r = run["run"]
-        assert r.display_name == f"#{job} seed={seed} train-toy2d-mlp-seed{seed}"
+        assert r.display_name == f"#{job} seed={seed} toy2d-ddim-steps5,10-seed{seed}"
         assert r.job_type == "train" and r.run_group == "-".join(sweep.parts[-2:])
         key = json.loads((job_dir / "checkpoint.ckpt").resolve().with_name("complete.json").read_text())["key"]
         kind, aliases, meta, files = run["artifacts"][f"model-{key}"]

@@ -103,18 +103,20 @@ def job_type(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig, kind: str) -> str:
-    """What tells this run apart: the job type, the data, the sampler and the step counts (training: the model and
-    seed instead); in a multirun or sweep, the job (trial) number and its overrides first."""
+    """What tells this run apart (its ``job_type`` is shown beside it): the data, the sampler, the step counts and
+    the seed (a training-only run: the model instead of sampler and steps); in a multirun or sweep, the job (trial)
+    number and its swept values first. ``optimize`` and ``sweep`` runs say so."""
     choices = _hydra_choices()
     data = choices.get("data") or str(OmegaConf.select(cfg, "data._target_", default="data")).rsplit(".", 1)[-1]
-    if kind == "train":
+    steps = cfg.steps if not OmegaConf.is_list(cfg.steps) else ",".join(str(s) for s in cfg.steps)
+    if cfg.task == "train":
         what = [data, choices.get("model") or "", f"seed{cfg.seed}"]
     elif kind == "sweep":
-        what = [Path(str(cfg.get("report_dir") or "")).name]
+        what = ["summary", Path(str(cfg.get("report_dir") or "")).name]
     else:
-        steps = cfg.steps if not OmegaConf.is_list(cfg.steps) else ",".join(str(s) for s in cfg.steps)
-        what = [data, str(OmegaConf.select(cfg, "sampler.name", default="")), f"steps{steps}"]
-    name = "-".join(p for p in (kind, *what) if p)
+        what = [kind if kind == "optimize" else "", data, str(OmegaConf.select(cfg, "sampler.name", default="")),
+                f"steps{steps}", f"seed{cfg.seed}"]
+    name = "-".join(p for p in what if p)
     trial = _trial()
     return " ".join(p for p in (f"#{trial[0]}", trial[1], name) if p) if trial else name
 
