@@ -227,8 +227,10 @@ def link_model(loggers: list, ckpt: Path, key: str | None) -> None:
     weights and the run that trained them. Online, ``use_artifact("model-<key>:latest")`` draws the edge in W&B's
     lineage graph; offline W&B cannot use artifacts, so the run's config records ``lineage.model_artifact`` and
     ``lineage.trained_by_run`` (the id stored in the cache entry), which the synced run shows."""
+    from .checkpoints import launched_rank
+
     found = wandb_loggers(loggers)
-    if not found:
+    if not found or launched_rank() != 0:  # a DDP process past rank zero has no run (Lightning's dummy)
         return
     _before_start(loggers, job_type="eval")
     id_file = Path(ckpt).resolve().parent / RUN_ID_FILE
