@@ -61,10 +61,15 @@ def log_to_wandb(results: Dict[str, Any], plots: List[Path], sweep_dir: Path, op
     table = wandb.Table(columns=["job", "status", "value", *names, "error"])
     for t in results["trials"]:
         table.add_data(t["job"], t["status"], t["value"], *[str(t["params"][k]) for k in names], t["error"])
-    run = wandb.init(project=options.get("project"), group=group, job_type="sweep-summary",
+    run = wandb.init(project=options.get("project"), group=group, job_type="sweep",
                      name=f"{group}-summary", dir=str(sweep_dir), mode=options.get("mode"),
                      config={"sweeper": results["sweeper"], "space": results["space"], "fixed": results["fixed"]})
     run.log({"trials": table, **{p.stem: wandb.Image(str(p)) for p in plots}})
+    results_file = Path(sweep_dir) / "optimization_results.yaml"
+    if results_file.is_file():  # the trials as a results artifact, beside the runs' model / samples / results
+        artifact = wandb.Artifact(f"gp-sweep-{group}", type="results")
+        artifact.add_file(str(results_file))
+        run.log_artifact(artifact)
     run.summary.update({"best_value": results["best_value"], "n_trials": results["n_trials"],
                         "n_failed": results["n_failed"],
                         **{f"best/{k}": v for k, v in results["best_params"].items()}})

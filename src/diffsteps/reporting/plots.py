@@ -188,16 +188,19 @@ def quality_vs_nfe_figure(rows: list[dict], metric: str, features: str | None = 
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in samplers:
-        pts = sorted((r["nfe"], r["sample_seconds"], r[metric]) for r in rows if r["sampler"] == name and metric in r)
-        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
-        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=name)
+        pts = sorted((r["nfe"], r["sample_seconds"], r[metric], r.get("kid_std") if metric == "kid_mean" else None)
+                     for r in rows if r["sampler"] == name and metric in r)
+        for ax, x in zip(axes, (0, 1)):
+            line = ax.plot([p[x] for p in pts], [p[2] for p in pts], "o-", label=name)[0]
+            _band(ax, [p[x] for p in pts], [p[2] for p in pts], [p[3] for p in pts], line.get_color())
     axes[0].set_xlabel("NFE (model evaluations)")
     axes[1].set_xlabel("sampling wall time (s)")
     plain_log_axis(axes[0], [r["nfe"] for r in rows if metric in r])
     plain_log_axis(axes[1], [], decades=True)
     for ax in axes:
         _log_y_if_wide(ax, [r[metric] for r in rows if metric in r])
-        ax.set_ylabel(metric_label(metric, features))
+        kid_spread = metric == "kid_mean" and any("kid_std" in r for r in rows)
+        ax.set_ylabel(metric_label(metric, features) + ("\n± std over KID subsets" if kid_spread else ""))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -257,18 +260,22 @@ def plot_schedules(schedules: dict, path: Path) -> Path:
 
 
 def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[str, list[dict]],
-                      group_key: str = "group") -> Path:
+                      group_key: str = "group", errors: str | None = None) -> Path:
     """A sweep's quality against cost: one panel per cost in ``fronts`` (e.g. ``nfe``, ``sample_seconds``, both on
     log axes), one line per ``row[group_key]``, and that cost's Pareto front (the rows given in ``fronts[cost]``)
-    as a step line through ringed markers: the best ``metric`` reachable at each budget. Returns ``path``."""
+    as a step line through ringed markers: the best ``metric`` reachable at each budget. ``errors``: the key of
+    each row's ± half-width (a 95 % interval over seeds, KID's standard deviation), drawn as error bars.
+    Returns ``path``."""
     path = Path(path)
     groups = list(dict.fromkeys(r[group_key] for r in rows))
     fig, axes = plt.subplots(1, len(fronts), figsize=(5 * len(fronts) + 1, 4), squeeze=False)
     labels = {"nfe": "NFE (model evaluations)", "sample_seconds": "sampling wall time (s)"}
     for ax, (cost, front) in zip(axes[0], fronts.items()):
         for g in groups:
-            pts = sorted((r[cost], r[metric]) for r in rows if r[group_key] == g)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, label=g)
+            pts = sorted((r[cost], r[metric], r.get(errors) if errors else None) for r in rows if r[group_key] == g)
+            err = [p[2] if isinstance(p[2], (int, float)) and math.isfinite(p[2]) else 0.0 for p in pts]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err if any(err) else None, fmt="o-", ms=4,
+                        capsize=3, label=g)
         pts = sorted((r[cost], r[metric]) for r in front)
         if pts:
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="black", lw=1.2, ls="--",
@@ -281,7 +288,8 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
             ax.set_xscale("log")
         ax.set_xlabel(labels.get(cost, cost))
         _log_y_if_wide(ax, [r[metric] for r in rows])
-        ax.set_ylabel(f"{metric} (lower is better)")
+        spread = {"kid_std": "std over KID subsets"}.get(errors, "95 % interval over seeds")
+        ax.set_ylabel(f"{metric} (lower is better)" + (f"\n± {spread}" if errors else ""))
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -354,6 +362,14 @@ def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title
     fig = steps_grid_figure(samples_by_steps, modality=modality, title=title)
     _save(fig, path)
     return Path(path)
+
+
+def _band(ax, xs, ys, errs, color) -> None:
+    """A shaded ± ``errs`` band around a curve; skipped where no point has a finite spread."""
+    if any(isinstance(e, (int, float)) and math.isfinite(e) for e in errs):
+        e = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in errs]
+        ax.fill_between(xs, [y - d for y, d in zip(ys, e)], [y + d for y, d in zip(ys, e)], color=color, alpha=0.2,
+                        lw=0)
 
 
 def _log_y_if_wide(ax, values) -> None:

@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 
 from .files import atomic_open, write_csv, write_text
 
-__all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "MultirunSummary", "NoResultsError",
-           "SUMMARY_METRICS"]
+__all__ = ["schedule_figure", "collect", "pareto_front", "summarize", "run_report", "aggregate_seeds", "mean_interval",
+           "MultirunSummary", "NoResultsError", "SUMMARY_METRICS"]
 
 log = logging.getLogger("diffsteps.report")
 
@@ -28,6 +28,10 @@ log = logging.getLogger("diffsteps.report")
 SUMMARY_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
 # overrides that vary inside one job's rows (steps) or only label the run: never a configuration group
 _NOT_GROUP_KEYS = ("steps",)
+# overrides that only repeat a configuration with other random numbers: aggregated over, never a group of their own
+SEED_KEYS = ("seed", "data.seed", "eval.noise_seed", "eval.kid_seed")
+# what identifies one configuration's row across seeds, besides the non-seed overrides
+_POINT_KEYS = ("sampler", "spacing", "steps")
 # settings read from each job's config.yaml: what a reader needs to tell runs apart even if no override named them
 _CONFIG_FIELDS = {"schedule": "schedule.name", "zero_terminal_snr": "schedule.zero_terminal_snr",
                   "loss": "loss.kind", "prediction": "loss.prediction", "data": "data._target_", "seed": "seed"}
@@ -187,36 +191,131 @@ def pareto_front(rows: list[dict], cost: str = "nfe", metric: str = "fid") -> li
     return front
 
 
+# -- uncertainty over seeds -----------------------------------------------------------------------------------------
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, standard deviation, half-width) of the Student-t interval of the mean of ``values``:
+    x̄ ± t_{(1+level)/2, n−1} · s/√n with s the sample standard deviation (n − 1 in the denominator); the seeds of a
+    multirun are n independent draws of the whole pipeline (data split, initialisation, noise, KID subsets). One
+    value has no spread: s and the half-width are NaN."""
+    import numpy as np
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    if n == 1:
+        return float(x[0]), math.nan, math.nan
+    sd = float(x.std(ddof=1))
+    return float(x.mean()), sd, float(t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+
+
+def aggregate_seeds(rows: list[dict], varying: Sequence[str], metrics: Sequence[str] = SUMMARY_METRICS,
+                    level: float = 0.95) -> list[dict]:
+    """A multirun over seeds (``-m seed=0,1,2``, with any other overrides) as one row per configuration and point
+    — the overrides in ``varying`` except :data:`SEED_KEYS`, and (sampler, spacing, steps) — holding ``n_seeds``,
+    ``seeds``, the mean of ``nfe``, ``sample_seconds`` and ``kid_std`` (KID's own spread over subsets), and per
+    metric ``<m>`` (the mean over seeds), ``<m>_sd`` and ``<m>_ci`` (the half-width of the ``level`` interval,
+    :func:`mean_interval`). ``group`` names the configuration without the seed. Empty when every row has the same
+    seed."""
+    if len({str(r.get("seed")) for r in rows}) < 2:
+        return []
+    keys = [k for k in varying if k not in SEED_KEYS]
+    points: dict[tuple, list[dict]] = {}
+    for r in rows:
+        points.setdefault((*(str(r.get(k, "")) for k in keys), *(str(r.get(k)) for k in _POINT_KEYS)), []).append(r)
+    out = []
+    for key, same in points.items():
+        first = same[0]
+        row = {"group": " ".join(f"{k}={first.get(k, '')}" for k in keys) or str(first.get("sampler", "all")),
+               **{k: first.get(k) for k in (*keys, *_POINT_KEYS)}, "n_seeds": len(same),
+               "seeds": ",".join(sorted({str(r.get("seed")) for r in same}, key=lambda v: (len(v), v)))}
+        for k in ("nfe", "sample_seconds", "kid_std"):
+            vals = [v for r in same if (v := _value(r, k)) is not None]
+            if vals:  # NFE is the same for every seed: kept as it is (an int)
+                row[k] = first[k] if len(set(vals)) == 1 else sum(vals) / len(vals)
+        for m in metrics:
+            vals = [v for r in same if (v := _value(r, m)) is not None]
+            if vals:
+                row[m], row[f"{m}_sd"], row[f"{m}_ci"] = mean_interval(vals, level)
+        out.append(row)
+    out.sort(key=lambda r: (str(r["group"]), _value(r, "nfe") or 0.0, _value(r, "steps") or 0.0))
+    return out
+
+
 # -- summary --------------------------------------------------------------------------------------------------------
-def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS) -> dict[str, Any]:
+def summarize(sweep_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS, html: bool = True) -> dict[str, Any]:
     """Collect a sweep (:func:`collect`) and write into ``sweep_dir``: ``summary.csv`` (every row, every column),
     ``summary.md`` (a table sorted by configuration group and NFE, with the Pareto-optimal rows marked), and for
     each of ``metrics`` that some row holds ``summary_<metric>_vs_nfe.png`` (quality against NFE and against
     sampling time, a line per group, the Pareto front drawn) and ``pareto_<metric>.csv`` (the NFE front).
-    Returns ``{"rows": n, "metrics": [...], "files": [paths], "pareto": {metric: rows}}``."""
+
+    A multirun over seeds (:func:`aggregate_seeds`) also gets ``summary_seeds.csv`` and ``summary_seeds.md``; its
+    figures and fronts are then of the means over seeds, each point with its 95 % interval as an error bar. Without
+    seeds, KID's points carry ± its standard deviation over subsets. ``html``: also ``report.html``
+    (:func:`~.html.sweep_page`). Returns ``{"rows": n, "metrics": [...], "files": [paths], "pareto": {metric:
+    rows}, "seeds": aggregated rows, "html": path or None}``."""
     from .plots import plot_sweep_metric
 
     sweep_dir = Path(sweep_dir)
     rows, varying = _collect(sweep_dir)
     rows.sort(key=_row_order)
     present = [m for m in metrics if any(_value(r, m) is not None for r in rows)]
-    fronts = {m: pareto_front(rows, "nfe", m) for m in present}
+    seeds = aggregate_seeds(rows, varying, present)
+    drawn = seeds or rows  # what the figures and fronts are of: means over seeds when there are seeds
+    fronts = {m: pareto_front(drawn, "nfe", m) for m in present}
     files = [_write_csv(rows, sweep_dir / "summary.csv")]
-    files.append(write_text(sweep_dir / "summary.md", _markdown(rows, varying or ["sampler"], present, fronts,
-                                                               sweep_dir)))
+    ident = [k for k in varying if not (seeds and k in SEED_KEYS)] or ["sampler"]
+    files.append(write_text(sweep_dir / "summary.md", _markdown(rows, varying or ["sampler"], present,
+                                                               {} if seeds else fronts, sweep_dir)))
+    if seeds:
+        files.append(_write_csv(seeds, sweep_dir / "summary_seeds.csv"))
+        files.append(write_text(sweep_dir / "summary_seeds.md", _seeds_markdown(seeds, ident, present, fronts)))
     for m in present:
-        have = [r for r in rows if _value(r, m) is not None and _value(r, "nfe") is not None]
+        have = [r for r in drawn if _value(r, m) is not None and _value(r, "nfe") is not None]
         costs = {"nfe": fronts[m]}
         if all(_value(r, "sample_seconds") is not None for r in have):
             costs["sample_seconds"] = pareto_front(have, "sample_seconds", m)
-        files.append(plot_sweep_metric(have, m, sweep_dir / f"summary_{m}_vs_nfe.png", costs))
-        files.append(_write_csv(fronts[m], sweep_dir / f"pareto_{m}.csv", columns=_columns(rows)))
+        errors = f"{m}_ci" if seeds else ("kid_std" if m == "kid_mean" else None)
+        files.append(plot_sweep_metric(have, m, sweep_dir / f"summary_{m}_vs_nfe.png", costs, errors=errors))
+        files.append(_write_csv(fronts[m], sweep_dir / f"pareto_{m}.csv", columns=_columns(drawn)))
     from .trajectory import gather_samplers_grid
 
     grid = gather_samplers_grid(sweep_dir)  # every run's result from the same noise, when the runs saved one
     if grid is not None:
         files.append(grid)
-    return {"rows": len(rows), "metrics": present, "files": files, "pareto": fronts}
+    result = {"rows": len(rows), "metrics": present, "files": files, "pareto": fronts, "seeds": seeds,
+              "html": None}
+    if html:
+        from .html import sweep_page
+
+        result["html"] = sweep_page(sweep_dir, rows, seeds, fronts)
+    return result
+
+
+def run_report(run_dir: str | Path, metrics: Sequence[str] = SUMMARY_METRICS) -> Path:
+    """``<run_dir>/report.html`` (:func:`~.html.run_page`) from the run's ``metrics.json``, with the NFE Pareto front
+    of each of ``metrics`` it holds. Returns its path."""
+    from .html import run_page
+
+    run_dir = Path(run_dir)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    rows = [rows] if isinstance(rows, dict) else rows
+    return run_page(run_dir, rows, {m: pareto_front(rows, "nfe", m) for m in metrics
+                                    if any(_value(r, m) is not None for r in rows)})
+
+
+def _seeds_markdown(seeds: list[dict], ident: list[str], metrics: list[str], fronts: dict[str, list[dict]]) -> str:
+    on_front = {m: {id(r) for r in fronts[m]} for m in metrics}
+    cols = [*ident, "steps", "nfe", "n_seeds", *metrics, "pareto"]
+    lines = ["# Mean over seeds ± 95 % interval (Student t)", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in seeds:
+        cells = [_fmt(r.get(c, "")) for c in (*ident, "steps", "nfe", "n_seeds")]
+        cells += [f"{_fmt(r[m])} ± {_fmt(r[f'{m}_ci'])}" if m in r else "" for m in metrics]
+        cells.append(", ".join(m for m in metrics if id(r) in on_front[m]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _row_order(r: dict) -> tuple:
@@ -234,7 +333,7 @@ def _write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -
 def _markdown(rows: list[dict], ident: list[str], metrics: list[str], fronts: dict[str, list[dict]],
               sweep_dir: Path) -> str:
     cols = ["job", *ident, "steps", "nfe", "sample_seconds", *metrics, "pareto"]
-    on_front = {m: {id(r) for r in fronts[m]} for m in metrics}
+    on_front = {m: {id(r) for r in fronts.get(m, ())} for m in metrics}
     lines = [f"# Sweep summary: {sweep_dir}", "",
              f"{len(rows)} rows from {len({r['dir'] for r in rows})} jobs; lower is better for every metric; "
              "`pareto` lists the metrics for which the row is on the NFE–quality Pareto front.", "",

@@ -162,8 +162,9 @@ def optimize_task(cfg: DictConfig) -> float:
         name = _file_name(sampler.name, rep["nfe"], rep["method"])
         (out_dir / "schedules" / name).write_text(text)
         (cache / name).write_text(text)
-        log_artifact(loggers, out_dir / "schedules" / name, f"schedule-{key}-{Path(name).stem}", "schedule",
-                     {k: entry[k] for k in ("training_key", "sampler", "nfe", "method", "heldout_error", "ratio")})
+        log_artifact(loggers, f"schedule-{key}-{Path(name).stem}", "schedule", [out_dir / "schedules" / name],
+                     metadata={k: entry[k] for k in ("training_key", "sampler", "nfe", "method", "heldout_error",
+                                                     "ratio")})
         print(f"NFE {rep['nfe']}: held-out RMS {rep['heldout_error']:.4g} vs best fixed ({rep['best_fixed']}) "
               f"{rep['fixed'][rep['best_fixed']]['heldout']:.4g}, ratio {rep.get('ratio', math.nan):.3f}; "
               f"{name} in {out_dir / 'schedules'} and {cache}")

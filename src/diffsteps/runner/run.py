@@ -14,9 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from .build import adopt_diffusers, build
-from .checkpoints import load_for_eval, open_checkpoint
+from .checkpoints import checkpoint_provenance, load_for_eval, open_checkpoint
 from .evaluate import ResultsFile, best_effort, evaluate, feature_name, make_plan
-from .loggers import log_results, make_loggers, print_sync_hint
+from .loggers import link_model, log_results, make_loggers, print_sync_hint
 from .train import train
 from .validate import (
     check_eval_config,
@@ -32,6 +32,7 @@ def run(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     from ..reporting.files import save_config, symlink
+    from ..reporting.report import run_report
     from ..reporting.plots import plot_quality_vs_nfe
 
     check_top_level_keys(cfg)
@@ -71,6 +72,7 @@ def run(cfg: DictConfig) -> float:
     rank = 0
     if cfg.ckpt_path:
         ckpt = load_for_eval(cfg, module, datamodule, checkpoint)
+        link_model(loggers, ckpt, (checkpoint_provenance(checkpoint) or {}).get("key"))
     elif pretrained:
         ckpt = Path(cfg.model.path)  # build loaded its weights
     elif cfg.task == "eval":
@@ -89,6 +91,7 @@ def run(cfg: DictConfig) -> float:
     best_effort("the quality-vs-NFE plots", plot_quality_vs_nfe, rows, out_dir, feature_name(cfg, datamodule))
     best_effort("the trajectory pictures", trajectory_pictures, cfg, module, datamodule, schedule, steps, out_dir,
                 loggers)
+    best_effort(out_dir / "report.html", run_report, out_dir)
     log_results(rows, loggers, out_dir)
     for lg in loggers:
         lg.finalize("success")
@@ -147,6 +150,14 @@ def _figure_task(cfg: DictConfig) -> float:
     else:
         if not cfg.get("report_dir"):
             raise ValueError("task=report needs report_dir=<a multirun folder>")
+        from .loggers import log_artifact
+
         result = summarize(cfg.report_dir)
-        print(f"summary of {result['rows']} rows in {Path(cfg.report_dir) / 'summary.md'}")
+        files = [Path(f) for f in result["files"]]
+        if result.get("html"):
+            files.append(Path(result["html"]))
+        loggers = make_loggers(cfg, out)
+        log_artifact(loggers, f"summary-{Path(cfg.report_dir).name}", "results", files)
+        print_sync_hint(loggers)
+        print(f"summary of {result['rows']} rows in {Path(cfg.report_dir) / 'summary.md'} and report.html")
     return math.nan

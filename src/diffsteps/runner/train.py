@@ -30,6 +30,7 @@ from .checkpoints import (
     set_aside,
     weights_digest,
 )
+from .loggers import continue_training_run, link_model, log_model
 
 log = logging.getLogger("diffsteps")
 
@@ -118,7 +119,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
     last, done = ckpt_dir / "last.ckpt", ckpt_dir / "complete.json"
     first_rank = launched_rank() == 0
     if done.is_file() and last.is_file() and _cached_problem(last, done, prov, module) is None:
-        return _reused(last, module), 0
+        return _reused(last, module, loggers, prov), 0
     trainer = _make_trainer(cfg, ckpt_dir, loggers, out_dir)
     if not first_rank:
         # a DDP process started by rank zero inside fit: rank zero holds the lock and readied the entry
@@ -129,7 +130,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
         if done.is_file() and last.is_file():
             problem = _cached_problem(last, done, prov, module)
             if problem is None:
-                return _reused(last, module), 0
+                return _reused(last, module, loggers, prov), 0
             set_aside(last, problem)
         done.unlink(missing_ok=True)  # a complete.json without its checkpoint, or of the checkpoint set aside
         if last.is_file():
@@ -140,6 +141,7 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(ckpt_dir / "train_config.yaml", OmegaConf.to_yaml(OmegaConf.create(prov)))
+            continue_training_run(loggers, ckpt_dir, resuming=last.is_file())
             return _fit(cfg, trainer, module, datamodule, last, done, prov, first_rank=True)
         except BaseException:
             if created and not any(ckpt_dir.glob("*.ckpt*")):
@@ -152,7 +154,8 @@ def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[
             raise
 
 
-def _reused(last: Path, module) -> Path:
+def _reused(last: Path, module, loggers, prov: dict) -> Path:
+    link_model(loggers, last, prov["key"])
     log.info("reusing the checkpoint trained with this config: %s (sampler and steps don't retrain); weights "
              "sha256 %s", last, weights_digest(module.state_dict()))
     return last
@@ -180,4 +183,5 @@ def _fit(cfg: DictConfig, trainer, module, datamodule, last: Path, done: Path, p
                                         "weights_sha256": digest, "pid": os.getpid(), "host": socket.gethostname(),
                                         "run_dir": str(trainer.default_root_dir)}, indent=2))
         log.info("trained %s to step %d; weights sha256 %s", last, trainer.global_step, digest)
+        log_model(trainer.loggers, last.parent, prov["key"], trainer.global_step, digest)
     return last, trainer.global_rank
