@@ -48,7 +48,8 @@ class Denoiser:
             self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})
         return self._cond_cast[1]
 
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma):
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma, rows: torch.Tensor | None = None):
+        """``rows``: which samples of the batch x holds (a sampler that evaluates only some), so ``cond`` follows."""
         dtype = self.model_dtype or x.dtype
         # t in at least float32: a bf16 t would round timesteps near 1000 to multiples of 4
         t_dtype = torch.promote_types(dtype, torch.float32)
@@ -57,7 +58,11 @@ class Denoiser:
         else:
             tt = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
         xm = x.to(dtype)
-        out = self.model(xm, tt, **self._cond_as(dtype)) if self.cond else self.model(xm, tt)
+        if self.cond:
+            cond = self._cond_as(dtype)
+            out = self.model(xm, tt, **(cond if rows is None else {k: v[rows.to(v.device)] for k, v in cond.items()}))
+        else:
+            out = self.model(xm, tt)
         out = out.to(x.dtype)
         self.nfe += 1
         x0, eps = to_x0_eps(out, x, alpha, sigma, self.prediction)

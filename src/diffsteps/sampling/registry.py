@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .adaptive import sample_adaptive
 from .samplers import (
     sample_ddim,
     sample_ddpm,
@@ -28,11 +29,13 @@ class SamplerSpec:
     integer_steps: bool  # visits only integer timesteps (the discrete chain)
     stochastic: bool  # draws fresh noise at every step, whatever its options
     finite_sigma: bool  # needs σ̃ < ∞ at the first level (not ᾱ = 0, i.e. no zero-terminal-SNR start)
+    # chooses its own steps: gets only the start and end levels and the schedule (for λ ↔ t), no ``steps``
+    adaptive: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
-        internal = ("progress", "generator", "callback")  # passed by sample() itself, not sampler options
+        internal = ("progress", "generator", "callback", "schedule")  # passed by sample() itself, not sampler options
         return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in internal)
 
     def is_deterministic(self, **options) -> bool:
@@ -52,6 +55,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc": SamplerSpec(sample_unipc, integer_steps=False, stochastic=False, finite_sigma=True),
     "ipndm": SamplerSpec(sample_ipndm, integer_steps=False, stochastic=False, finite_sigma=True),
     "plms": SamplerSpec(sample_plms, integer_steps=False, stochastic=False, finite_sigma=True),
+    # error-controlled steps in λ, which is −∞ at ᾱ = 0
+    "adaptive": SamplerSpec(sample_adaptive, integer_steps=False, stochastic=False, finite_sigma=True,
+                            adaptive=True),
 }
 
 
