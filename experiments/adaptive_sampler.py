@@ -5,7 +5,8 @@ schedule (T = 1000), N noises (default 2,000). Error: RMS distance to the conver
 from the same noise (DPM-Solver++(3M), 1000 log-SNR steps, checked against 500), all ending with x̂_0 at t = 0.
 
 Over a sweep of rtol (atol = 0.156 rtol, the ratio of the defaults 0.0078/0.05, so the tolerance stays relative
-across the sweep), for diffsteps ``adaptive`` with per-sample control, with ``control="batch"``, and the anchor
+across the sweep), for diffsteps ``adaptive`` in both forms (``form="data"``, the default, and ``"noise"``), each with
+per-sample control and with ``control="batch"``, and the anchor
 (k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, same PID defaults, driven in σ̃ coordinates: denoiser(x̃, σ̃)
 = x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at σ̃(t = 0), and one more call gives x̂_0 there):
 mean / p95 / max NFE, RMS error, wall seconds. Then: the log-log slope and Spearman correlation of error vs rtol
@@ -115,7 +116,9 @@ def main() -> None:
     half = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=500, spacing="logsnr")
     print(f"reference: DPM-Solver++(3M) at 1000 vs 500 log-SNR steps differ by RMS {rms(ref, half):.1e} "
           f"(data RMS {ref.square().mean().sqrt():.2f}); {args.n} samples  [{time.perf_counter() - t0:.0f} s]\n")
-    curves: dict[str, list[tuple]] = {"adaptive (per-sample)": [], "adaptive (batch)": [], "k-diffusion anchor": []}
+    methods = {f"{form}, {control}": dict(form=form, control=control)
+               for form in ("data", "noise") for control in ("sample", "batch")}
+    curves: dict[str, list[tuple]] = {name: [] for name in [*methods, "k-diffusion anchor"]}
     print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for rtol in RTOLS:
@@ -127,9 +130,8 @@ def main() -> None:
                 nfe = torch.full((args.n,), calls, dtype=torch.long)
                 rej = math.nan
             else:
-                control = "batch" if "batch" in name else "sample"
                 r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=atol,
-                              control=control, return_info=True)
+                              return_info=True, **methods[name])
                 x, nfe, rej = r.sample, r.nfe_per_sample, r.rejected.double().mean().item()
             secs = time.perf_counter() - t0
             err = rms(x, ref)
@@ -145,16 +147,18 @@ def main() -> None:
         slope, rho = fit(rt, er)
         jump = max(max(a / b, b / a) for a, b in zip(er[:-1], er[1:]))
         print(f"| {name} | {slope:.2f} | {rho:.3f} | {jump:.1f}× |")
-    print("\n### at the same mean NFE\n")
-    print("| rtol | per-sample NFE | per-sample error | anchor error at that NFE | ratio (≤ 1: no worse) | "
+    print("\n### at the same mean NFE (per-sample control against the anchor and against batch control)\n")
+    print("| form | rtol | per-sample NFE | per-sample error | anchor error at that NFE | ratio (≤ 1: no worse) | "
           "batch-control NFE at that error | per-sample / batch NFE |")
-    print("|---|---|---|---|---|---|---|")
-    anchor, batch = curves["k-diffusion anchor"], curves["adaptive (batch)"]
-    for rtol, n_ps, e_ps in curves["adaptive (per-sample)"]:
-        e_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[2] for c in anchor])
-        n_batch = interp_loglog(e_ps, [c[2] for c in batch], [c[1] for c in batch])
-        print(f"| {rtol:g} | {n_ps:.1f} | {e_ps:.2e} | {e_anchor:.2e} | {e_ps / e_anchor:.2f} | {n_batch:.1f} | "
-              f"{n_ps / n_batch:.2f} |")
+    print("|---|---|---|---|---|---|---|---|")
+    anchor = curves["k-diffusion anchor"]
+    for form in ("data", "noise"):
+        batch = curves[f"{form}, batch"]
+        for rtol, n_ps, e_ps in curves[f"{form}, sample"]:
+            e_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[2] for c in anchor])
+            n_batch = interp_loglog(e_ps, [c[2] for c in batch], [c[1] for c in batch])
+            print(f"| {form} | {rtol:g} | {n_ps:.1f} | {e_ps:.2e} | {e_anchor:.2e} | {e_ps / e_anchor:.2f} | "
+                  f"{n_batch:.1f} | {n_ps / n_batch:.2f} |")
     print("\n(nan: outside the other curve's range; the anchor's error is interpolated log-log in its mean NFE, "
           "batch control's NFE log-log in its error)")
 

@@ -2,6 +2,7 @@
 (a hard sample does not cost the easy ones, a sample's result does not depend on its batch), NFE accounting against
 a counting model, bad input, the max_nfe cap, and ``python run.py sampler=adaptive``."""
 
+import json
 import math
 import warnings
 
@@ -100,8 +101,8 @@ def test_accepted_steps_keep_the_error_estimate_under_tolerance(gaussian, linear
     assert r.rejected.sum() > 0
 
 
-@pytest.mark.parametrize("control", ["sample", "batch"])
-def test_final_error_shrinks_with_rtol(gaussian, linear, control):
+@pytest.mark.parametrize("control,form", [("sample", "data"), ("batch", "data"), ("sample", "noise")])
+def test_final_error_shrinks_with_rtol(gaussian, linear, control, form):
     model = ds.ExactEpsilon(gaussian, linear)
     x_T = noise(64, 3, seed=2)
     truth = tweedie_flow(gaussian, linear, x_T)
@@ -109,7 +110,7 @@ def test_final_error_shrinks_with_rtol(gaussian, linear, control):
     errs, nfes = [], []
     for rtol in rtols:
         r = ds.sample(model, x_T, schedule=linear, sampler="adaptive", rtol=rtol, atol=0.156 * rtol,
-                      control=control, return_info=True)
+                      control=control, form=form, return_info=True)
         errs.append(rms(r.sample, truth))
         nfes.append(r.nfe_per_sample.double().mean().item())
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
@@ -210,6 +211,7 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
                           ({"order": 2, "max_nfe": 2}, "max_nfe must be an integer ≥ 3"),
                           ({"order": 4}, "order must be one of: 2, 3"),
                           ({"control": "global"}, "control must be one of: sample, batch"),
+                          ({"form": "v"}, "form must be one of: data, noise"),
                           ({"steps": 10}, "chooses its own steps"),
                           ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
         with pytest.raises(ValueError, match=message):
@@ -234,13 +236,10 @@ def test_max_nfe_cap_finishes_every_sample_and_says_so(two_modes, linear):
 
 
 def test_run_py_with_the_adaptive_sampler(tmp_path):
-    """The runner: steps are ignored for an adaptive sampler (one row), its realised mean NFE is the row's nfe."""
-    proc = run_py(tmp_path, *FAST, "sampler=adaptive", "sampler.options.rtol=0.05", "task=eval", "steps=[10,20]",
-                  "eval.num_samples=64", "eval.batch_size=64")
-    out = proc.stdout + proc.stderr
-    assert "adaptive" in out and "ignored" in out
-    import json
-
-    rows = [json.loads(line) for p in tmp_path.rglob("rows*.jsonl") for line in p.read_text().splitlines()]
-    assert rows, out[-3000:]
-    assert len(rows) == 1 and rows[0]["sampler"] == "adaptive" and 9 <= rows[0]["nfe"] < 200
+    """The runner: steps are ignored for an adaptive sampler (one row, and a warning), its realised mean NFE is the
+    row's nfe."""
+    proc = run_py(tmp_path, *FAST, "sampler=adaptive", "sampler.options.rtol=0.05", "steps=[10,20]")
+    assert "steps=[10, 20] ignored" in proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["sampler"] == "adaptive" and rows[0]["num_samples"] == 256
+    assert 4 <= rows[0]["nfe"] <= 1000 and math.isfinite(rows[0]["nll"])

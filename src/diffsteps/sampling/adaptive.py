@@ -3,9 +3,9 @@ PID step-size controller and per-sample control.
 
 Lu et al. 2022 (DPM-Solver, §4.2 and Alg. 5) pair a first- and a second-order singlestep solver (``order=2``) or a
 second- and a third-order one (``order=3``) that share their model evaluations; their difference is the local error
-estimate of the lower one. Here both are the data-prediction (DPM-Solver++) forms (Lu et al. 2022b), as in
-k-diffusion's ``sample_dpm_adaptive`` (the reference users know; its controller is Söderlind's PID with the
-1 + atan(f − 1) limiter, reproduced here).
+estimate of the lower one. By default both are the data-prediction (DPM-Solver++) forms (Lu et al. 2022b);
+``form="noise"`` takes the noise-prediction forms of the paper and of k-diffusion's ``sample_dpm_adaptive`` (the
+reference users know). The controller is k-diffusion's: Söderlind's PID with the 1 + atan(f − 1) limiter.
 
 Per-sample control: each sample has its own λ, step size h, controller memory and accept/reject decisions; the
 error norm of a sample is its own RMS over its features. Each round evaluates the model only on the samples still
@@ -31,6 +31,7 @@ from .denoiser import Denoiser
 from .levels import Levels
 
 CONTROLS = ("sample", "batch")
+FORMS = ("data", "noise")
 _ARRIVED = 1e-5  # a remainder below this (in λ) is folded into the step: no sliver steps at the end
 
 
@@ -38,7 +39,9 @@ def _quiet(i, x, x0, t, t_next) -> None:
     pass
 
 
-def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control) -> None:
+def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form) -> None:
+    if form not in FORMS:
+        raise ValueError(f"adaptive form must be one of: {', '.join(FORMS)}; got {form!r}")
     if order not in (2, 3):
         raise ValueError(f"adaptive order must be one of: 2, 3; got {order!r}")
     if control not in CONTROLS:
@@ -63,13 +66,14 @@ def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safe
 def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule: Schedule | None = None,
                     order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                     pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
-                    max_nfe: int = 1000, control: str = "sample", progress: Callable = iter,
+                    max_nfe: int = 1000, control: str = "sample", form: str = "data", progress: Callable = iter,
                     callback: Callable = _quiet):
     """Adaptive DPM-Solver in λ from the first level of ``lv`` to its second (t = 0 by default), then, when the
     last level is the data, x̂_0 there (one evaluation). Returns (x, nfe, accepted, rejected), the counts per sample.
 
     A step of size h from λ_s tries λ_t = min(λ_s + h, λ_end) with stages at λ_s + r_i h (order 2: r = ½; order 3:
-    r = ⅓, ⅔) and forms the lower- and higher-order solutions x_lo, x_hi (DPM-Solver++ 1 and 2, or 2 and 3). Error:
+    r = ⅓, ⅔) and forms the lower- and higher-order solutions x_lo, x_hi (DPM-Solver++ 1 and 2, or 2 and 3; with
+    ``form="noise"`` the noise-prediction DPM-Solver 1 and 2, or 2 and 3, of Lu et al. 2022 and k-diffusion). Error:
     E = RMS((x_hi − x_lo)/δ), δ = max(atol, rtol · max(|x_lo|, |x_lo of the last accepted step|)) (Lu et al.
     2022, eq. 4.4; k-diffusion). PID controller (Söderlind 2003; k-diffusion ``PIDStepSizeController``):
     f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1), ε_k = 1/E of the last accepted errors, b₁ = (p + i + d)/order,
@@ -80,7 +84,7 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
 
     ``callback(i, x, x0, t, t_next)`` is called after every round in which some sample moved: t, t_next are (B,)
     float64 timesteps before and after it (equal for samples that did not move; −1 for samples at the data)."""
-    check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control)
+    check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form)
     if len(lv) == 0:
         return x
     B, dev = x.shape[0], x.device
@@ -143,7 +147,8 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
             lam_s, xs, m_s = lam[run], x[run], x0[run]
             left = lam_end[run] - lam_s
             step = torch.where(left - h[run] <= _ARRIVED, left, torch.minimum(h[run], left))
-            lo, hi = _embedded_pair(lambda rows_x, lams: evaluate(run, rows_x, lams), xs, m_s, lam_s, step, r, view)
+            pair = _embedded_pair if form == "data" else _embedded_pair_noise
+            lo, hi = pair(lambda rows_x, lams: evaluate(run, rows_x, lams), xs, m_s, lam_s, step, r, view)
             delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(lo.abs(), x_prev[run].abs()))
             err2 = ((hi - lo) / delta).square().reshape(len(run), -1).mean(1)
             if control == "batch":
@@ -194,6 +199,37 @@ def _embedded_pair(model: Callable, x: torch.Tensor, m_s: torch.Tensor, lam_s: t
     m_2 = model(u2, lam_s + r2 * h)
     x3 = x1 + v((1 / r2) * al_t * (phi / h + 1)) * (m_2 - m_s)
     return x2, x3
+
+
+def _embedded_pair_noise(model: Callable, x: torch.Tensor, m_s: torch.Tensor, lam_s: torch.Tensor, h: torch.Tensor,
+                         r: tuple[float, ...], view: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same pair in noise prediction (Lu et al. 2022, Alg. 4–5, DPM-Solver-2/3 with ε̂; k-diffusion's
+    ``DPMSolver``): with E(u) = e^u − 1, x_1 = (α_t/α_s) x − σ_t E(h) ε_s, x_2 = x_1 − (1/2r₁) σ_t E(h)(ε_1 − ε_s),
+    x_3 = x_1 − (1/r₂) σ_t (E(h)/h − 1)(ε_2 − ε_s), stages u_i = (α_{s_i}/α_s) x − σ_{s_i} E(r_i h) ε_s
+    [− (r₂/r₁) σ_{s₂} (E(r₂h)/(r₂h) − 1)(ε_1 − ε_s) for i = 2]. The model's x̂_0 gives ε̂ = (x − α x̂_0)/σ."""
+    def v(a):
+        return a.reshape(view)
+
+    def eps(u, lam):
+        al, sg = _alpha_sigma(lam)
+        return (u - v(al) * model(u, lam)) / v(sg)
+
+    al_s, sg_s = _alpha_sigma(lam_s)
+    al_t, sg_t = _alpha_sigma(lam_s + h)
+    e_s = (x - v(al_s) * m_s) / v(sg_s)
+    E = torch.expm1(h)
+    x1 = v(al_t / al_s) * x - v(sg_t * E) * e_s
+    al_1, sg_1 = _alpha_sigma(lam_s + r[0] * h)
+    e_1 = eps(v(al_1 / al_s) * x - v(sg_1 * torch.expm1(r[0] * h)) * e_s, lam_s + r[0] * h)
+    x2 = x1 - v(sg_t * E / (2 * r[0])) * (e_1 - e_s)
+    if len(r) == 1:
+        return x1, x2
+    r1, r2 = r
+    al_2, sg_2 = _alpha_sigma(lam_s + r2 * h)
+    E2 = torch.expm1(r2 * h)
+    u2 = v(al_2 / al_s) * x - v(sg_2 * E2) * e_s - v((r2 / r1) * sg_2 * (E2 / (r2 * h) - 1)) * (e_1 - e_s)
+    e_2 = eps(u2, lam_s + r2 * h)
+    return x2, x1 - v((1 / r2) * sg_t * (E / h - 1)) * (e_2 - e_s)
 
 
 def _pid(err: torch.Tensor, rows: torch.Tensor, inv_err: torch.Tensor, fresh: torch.Tensor, b: torch.Tensor,
