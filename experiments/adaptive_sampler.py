@@ -9,7 +9,8 @@ across the sweep), for diffsteps ``adaptive`` in both forms (``form="data"``, th
 per-sample control and with ``control="batch"``, and the anchor
 (k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, same PID defaults, driven in σ̃ coordinates: denoiser(x̃, σ̃)
 = x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at σ̃(t = 0), and one more call gives x̂_0 there):
-mean / p95 / max NFE, RMS error, wall seconds. Then: the log-log slope and Spearman correlation of error vs rtol
+mean / p95 / max NFE, RMS error, the median sample's error (RMS over its features: the typical sample, which the
+few mode-flipping samples that dominate the RMS do not move), wall seconds. Then: the log-log slope and Spearman correlation of error vs rtol
 ("calibrated tolerance"), the error ratio to the anchor at the same mean NFE (anchor's log-error interpolated in
 log-NFE), and the NFE ratio of per-sample to batch control at the same error.
 
@@ -119,8 +120,9 @@ def main() -> None:
     methods = {f"{form}, {control}": dict(form=form, control=control)
                for form in ("data", "noise") for control in ("sample", "batch")}
     curves: dict[str, list[tuple]] = {name: [] for name in [*methods, "k-diffusion anchor"]}
-    print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | median sample error | "
+          "seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rtol in RTOLS:
         atol = ATOL_PER_RTOL * rtol
         for name in curves:
@@ -135,30 +137,34 @@ def main() -> None:
                 x, nfe, rej = r.sample, r.nfe_per_sample, r.rejected.double().mean().item()
             secs = time.perf_counter() - t0
             err = rms(x, ref)
+            med = (x - ref).square().mean(1).sqrt().median().item()  # the typical sample, not the mode flips
             mean = nfe.double().mean().item()
-            curves[name].append((rtol, mean, err))
+            curves[name].append((rtol, mean, err, med))
             print(f"| {name} | {rtol:g} | {mean:.1f} | {nfe.double().quantile(0.95).item():.0f} | "
-                  f"{nfe.max().item()} | {rej:.2f} | {err:.2e} | {secs:.1f} |")
+                  f"{nfe.max().item()} | {rej:.2f} | {err:.2e} | {med:.2e} | {secs:.1f} |")
     print("\n### calibrated tolerance: RMS error against rtol\n")
-    print("| method | log-log slope | Spearman ρ | largest error jump between neighbouring rtol |")
-    print("|---|---|---|---|")
+    print("| method | log-log slope | Spearman ρ | largest error jump between neighbouring rtol | "
+          "median-sample error: slope | ρ |")
+    print("|---|---|---|---|---|---|")
     for name, pts in curves.items():
-        rt, _, er = map(np.array, zip(*pts))
+        rt, _, er, md = map(np.array, zip(*pts))
         slope, rho = fit(rt, er)
         jump = max(max(a / b, b / a) for a, b in zip(er[:-1], er[1:]))
-        print(f"| {name} | {slope:.2f} | {rho:.3f} | {jump:.1f}× |")
+        print(f"| {name} | {slope:.2f} | {rho:.3f} | {jump:.1f}× | {fit(rt, md)[0]:.2f} | {fit(rt, md)[1]:.3f} |")
     print("\n### at the same mean NFE (per-sample control against the anchor and against batch control)\n")
-    print("| form | rtol | per-sample NFE | per-sample error | anchor error at that NFE | ratio (≤ 1: no worse) | "
-          "batch-control NFE at that error | per-sample / batch NFE |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| form | rtol | per-sample NFE | RMS error | anchor's at that NFE | ratio (≤ 1: no worse) | "
+          "batch NFE at that RMS error | per-sample / batch | median error: ratio to anchor | per-sample / batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     anchor = curves["k-diffusion anchor"]
     for form in ("data", "noise"):
         batch = curves[f"{form}, batch"]
-        for rtol, n_ps, e_ps in curves[f"{form}, sample"]:
+        for rtol, n_ps, e_ps, m_ps in curves[f"{form}, sample"]:
             e_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[2] for c in anchor])
             n_batch = interp_loglog(e_ps, [c[2] for c in batch], [c[1] for c in batch])
+            m_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[3] for c in anchor])
+            nm_batch = interp_loglog(m_ps, [c[3] for c in batch], [c[1] for c in batch])
             print(f"| {form} | {rtol:g} | {n_ps:.1f} | {e_ps:.2e} | {e_anchor:.2e} | {e_ps / e_anchor:.2f} | "
-                  f"{n_batch:.1f} | {n_ps / n_batch:.2f} |")
+                  f"{n_batch:.1f} | {n_ps / n_batch:.2f} | {m_ps / m_anchor:.2f} | {n_ps / nm_batch:.2f} |")
     print("\n(nan: outside the other curve's range; the anchor's error is interpolated log-log in its mean NFE, "
           "batch control's NFE log-log in its error)")
 
