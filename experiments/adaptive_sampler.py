@@ -10,9 +10,9 @@ per-sample control and with ``control="batch"``, and the anchor
 (k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, same PID defaults, driven in σ̃ coordinates: denoiser(x̃, σ̃)
 = x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at σ̃(t = 0), and one more call gives x̂_0 there):
 mean / p95 / max NFE, RMS error, the median sample's error (RMS over its features: the typical sample, which the
-few mode-flipping samples that dominate the RMS do not move), wall seconds. Then: the log-log slope and Spearman correlation of error vs rtol
-("calibrated tolerance"), the error ratio to the anchor at the same mean NFE (anchor's log-error interpolated in
-log-NFE), and the NFE ratio of per-sample to batch control at the same error.
+few mode-flipping samples that dominate the RMS do not move), wall seconds. Then: the log-log slope and Spearman
+correlation of error vs rtol ("calibrated tolerance"), the error ratio to the anchor at the same mean NFE (anchor's
+log-error interpolated in log-NFE), and the NFE ratio of per-sample to batch control at the same error.
 
 k-diffusion's package __init__ imports torchvision (absent here), so only its ``sampling.py`` is loaded, by file
 path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
