@@ -17,6 +17,8 @@ log-error interpolated in log-NFE), and the NFE ratio of per-sample to batch con
 k-diffusion's package __init__ imports torchvision (absent here), so only its ``sampling.py`` is loaded, by file
 path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
 
+First, a step-for-step check that the controller is the anchor's (``reproduce_anchor``, 200 noises).
+
 Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq``, then
 ``python experiments/adaptive_sampler.py [--n 2000]``.
 """
@@ -84,6 +86,32 @@ def run_anchor(kd, model, schedule, noise, rtol, atol):
     return x0, den.calls
 
 
+def reproduce_anchor(kd, model, schedule, noise, rtols=(0.05, 0.01, 0.001)) -> None:
+    """diffsteps' controller is k-diffusion's: ``form="noise", control="batch", coords="ve"``, atol = 0, against the
+    anchor with its λ in float64 (k-diffusion builds them with torch.tensor(float), float32 by default), step for
+    step: the same accepted/rejected counts and the same samples to round-off."""
+    print("### reproducing the anchor (noise form, batch control, x̃ norm, atol = 0; anchor's λ in float64)\n")
+    print("| rtol | anchor accepted / rejected | diffsteps accepted / rejected | max abs difference |")
+    print("|---|---|---|---|")
+    sig = schedule.sigmas
+    for rtol in rtols:
+        den = SigmaDenoiser(model, schedule)
+        x = noise / math.sqrt(schedule.alphas_cumprod[-1].item())
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            x, info = kd.sample_dpm_adaptive(den, x, sig[0].item(), sig[-1].item(), rtol=rtol, atol=0.0, disable=True,
+                                             return_info=True)
+        finally:
+            torch.set_default_dtype(default)
+        x = den(x, sig[0].expand(len(x)).to(x.dtype))
+        r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=0.0, form="noise",
+                      control="batch", coords="ve", return_info=True)
+        print(f"| {rtol:g} | {info['n_accept']} / {info['n_reject']} | {r.accepted[0].item()} / "
+              f"{r.rejected[0].item()} | {(r.sample - x).abs().max().item():.1e} |")
+    print()
+
+
 def rms(a, b):
     return (a - b).square().mean().sqrt().item()
 
@@ -106,12 +134,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reproduce-only", action="store_true", help="only the step-for-step check against the anchor")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     kd = load_kdiffusion_sampling()
     schedule = ds.make_schedule("linear", 1000)
     model = ds.ExactEpsilon(make_mixture(), schedule)
     noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reproduce_anchor(kd, model, schedule, noise[:200])
+    if args.reproduce_only:
+        return
     t0 = time.perf_counter()
     ref = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=1000, spacing="logsnr")
     half = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=500, spacing="logsnr")

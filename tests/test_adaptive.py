@@ -101,8 +101,9 @@ def test_accepted_steps_keep_the_error_estimate_under_tolerance(gaussian, linear
     assert r.rejected.sum() > 0
 
 
-@pytest.mark.parametrize("control,form", [("sample", "data"), ("batch", "data"), ("sample", "noise")])
-def test_final_error_shrinks_with_rtol(gaussian, linear, control, form):
+@pytest.mark.parametrize("control,form,coords", [("sample", "data", "vp"), ("batch", "data", "vp"),
+                                                 ("sample", "noise", "ve")])
+def test_final_error_shrinks_with_rtol(gaussian, linear, control, form, coords):
     model = ds.ExactEpsilon(gaussian, linear)
     x_T = noise(64, 3, seed=2)
     truth = tweedie_flow(gaussian, linear, x_T)
@@ -110,7 +111,7 @@ def test_final_error_shrinks_with_rtol(gaussian, linear, control, form):
     errs, nfes = [], []
     for rtol in rtols:
         r = ds.sample(model, x_T, schedule=linear, sampler="adaptive", rtol=rtol, atol=0.156 * rtol,
-                      control=control, form=form, return_info=True)
+                      control=control, form=form, coords=coords, return_info=True)
         errs.append(rms(r.sample, truth))
         nfes.append(r.nfe_per_sample.double().mean().item())
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
@@ -212,6 +213,7 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
                           ({"order": 4}, "order must be one of: 2, 3"),
                           ({"control": "global"}, "control must be one of: sample, batch"),
                           ({"form": "v"}, "form must be one of: data, noise"),
+                          ({"coords": "x"}, "coords must be one of: vp, ve"),
                           ({"steps": 10}, "chooses its own steps"),
                           ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
         with pytest.raises(ValueError, match=message):

@@ -32,6 +32,7 @@ from .levels import Levels
 
 CONTROLS = ("sample", "batch")
 FORMS = ("data", "noise")
+COORDS = ("vp", "ve")
 _ARRIVED = 1e-5  # a remainder below this (in λ) is folded into the step: no sliver steps at the end
 
 
@@ -39,7 +40,10 @@ def _quiet(i, x, x0, t, t_next) -> None:
     pass
 
 
-def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form) -> None:
+def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form,
+                  coords) -> None:
+    if coords not in COORDS:
+        raise ValueError(f"adaptive coords must be one of: {', '.join(COORDS)}; got {coords!r}")
     if form not in FORMS:
         raise ValueError(f"adaptive form must be one of: {', '.join(FORMS)}; got {form!r}")
     if order not in (2, 3):
@@ -66,7 +70,8 @@ def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safe
 def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule: Schedule | None = None,
                     order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                     pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
-                    max_nfe: int = 1000, control: str = "sample", form: str = "data", progress: Callable = iter,
+                    max_nfe: int = 1000, control: str = "sample", form: str = "data", coords: str = "vp",
+                    progress: Callable = iter,
                     callback: Callable = _quiet):
     """Adaptive DPM-Solver in λ from the first level of ``lv`` to its second (t = 0 by default), then, when the
     last level is the data, x̂_0 there (one evaluation). Returns (x, nfe, accepted, rejected), the counts per sample.
@@ -75,16 +80,19 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
     r = ⅓, ⅔) and forms the lower- and higher-order solutions x_lo, x_hi (DPM-Solver++ 1 and 2, or 2 and 3; with
     ``form="noise"`` the noise-prediction DPM-Solver 1 and 2, or 2 and 3, of Lu et al. 2022 and k-diffusion). Error:
     E = RMS((x_hi − x_lo)/δ), δ = max(atol, rtol · max(|x_lo|, |x_lo of the last accepted step|)) (Lu et al.
-    2022, eq. 4.4; k-diffusion). PID controller (Söderlind 2003; k-diffusion ``PIDStepSizeController``):
-    f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1), ε_k = 1/E of the last accepted errors, b₁ = (p + i + d)/order,
-    b₂ = −(p + 2d)/order, b₃ = d/order; the step is accepted when f ≥ ``accept_safety``, and h ← f h either way.
+    2022, eq. 4.4; k-diffusion), in VP coordinates, or with ``coords="ve"`` in k-diffusion's x̃ = x/α (there |x̃_lo|
+    and |x̃_prev| sit at different σ̃, so the two norms are not proportional; ``form="noise", control="batch",
+    coords="ve"`` is k-diffusion's ``sample_dpm_adaptive`` step for step). PID controller (Söderlind 2003;
+    k-diffusion ``PIDStepSizeController``): f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1), ε_k = 1/E of this try and the
+    last two accepted ones, b₁ = (p + i + d)/order, b₂ = −(p + 2d)/order, b₃ = d/order; the step is accepted when
+    f ≥ ``accept_safety``, and h ← f h either way.
     The higher-order solution is kept (local extrapolation). A sample whose next try and final evaluation would
     exceed ``max_nfe`` finishes with one first-order step from where it is (x̂_0 there when the end is the data),
     with a warning. λ, h and E are float64, the state too (returned in its input dtype by :func:`~.api.sample`).
 
     ``callback(i, x, x0, t, t_next)`` is called after every round in which some sample moved: t, t_next are (B,)
     float64 timesteps before and after it (equal for samples that did not move; −1 for samples at the data)."""
-    check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form)
+    check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form, coords)
     if len(lv) == 0:
         return x
     B, dev = x.shape[0], x.device
@@ -100,7 +108,8 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
         raise ValueError("the adaptive sampler needs a finite log-SNR at its first level (not ᾱ = 0)")
     t_now = per_sample(lv.t[0])
     x = x.to(torch.float64).clone()
-    x_prev = x.clone()  # x_lo of the last accepted step, for the relative tolerance
+    # x_lo of the last accepted step, in the coordinates of the norm, for the relative tolerance
+    x_prev = x / _alpha_sigma(lam)[0].reshape(view) if coords == "ve" else x.clone()
     x0 = torch.zeros_like(x)
     cached = torch.zeros(B, dtype=torch.bool, device=dev)  # x0[b] is x̂_0 at sample b's current λ
     h = torch.full((B,), float(h_init), dtype=torch.float64, device=dev)
@@ -149,14 +158,17 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
             step = torch.where(left - h[run] <= _ARRIVED, left, torch.minimum(h[run], left))
             pair = _embedded_pair if form == "data" else _embedded_pair_noise
             lo, hi = pair(lambda rows_x, lams: evaluate(run, rows_x, lams), xs, m_s, lam_s, step, r, view)
-            delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(lo.abs(), x_prev[run].abs()))
-            err2 = ((hi - lo) / delta).square().reshape(len(run), -1).mean(1)
+            # the norm's coordinates: VP x, or k-diffusion's x̃ = x/α (relative to x̃, which shrinks with σ̃)
+            to_norm = 1 / _alpha_sigma(lam_s + step)[0].reshape(view) if coords == "ve" else 1.0
+            n_lo = lo * to_norm
+            delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(n_lo.abs(), x_prev[run].abs()))
+            err2 = ((hi - lo) * to_norm / delta).square().reshape(len(run), -1).mean(1)
             if control == "batch":
                 err2 = err2.mean().expand(len(run))
             err = err2.sqrt()
             ok, h[run] = _pid(err, run, inv_err, fresh, b, accept_safety, h[run])
             acc = run[ok]
-            x[acc], x_prev[acc] = hi[ok], lo[ok]
+            x[acc], x_prev[acc] = hi[ok], n_lo[ok]
             lam[acc] = torch.where(step[ok] == left[ok], lam_end[acc], lam_s[ok] + step[ok])
             t_now[acc] = _t_of(schedule, lam[acc])
             cached[acc] = False
