@@ -71,8 +71,7 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
                     order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
                     pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
                     max_nfe: int = 1000, control: str = "sample", form: str = "data", coords: str = "vp",
-                    progress: Callable = iter,
-                    callback: Callable = _quiet):
+                    progress: Callable = iter, callback: Callable = _quiet):
     """Adaptive DPM-Solver in λ from the first level of ``lv`` to its second (t = 0 by default), then, when the
     last level is the data, x̂_0 there (one evaluation). Returns (x, nfe, accepted, rejected), the counts per sample.
 
@@ -102,8 +101,8 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
         return torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(-1).expand(B).clone()
 
     to_data = bool(torch.all(per_sample(lv.abar[-1]) == 1))
-    lam = per_sample(_half_log_snr(per_sample(lv.abar[0])))
-    lam_end = per_sample(_half_log_snr(per_sample(lv.abar[-2 if to_data else -1])))
+    lam = _half_log_snr(per_sample(lv.abar[0]))
+    lam_end = _half_log_snr(per_sample(lv.abar[-2 if to_data else -1]))
     if not bool(torch.all(torch.isfinite(lam))):
         raise ValueError("the adaptive sampler needs a finite log-SNR at its first level (not ᾱ = 0)")
     t_now = per_sample(lv.t[0])
@@ -120,14 +119,12 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
     active = torch.ones(B, dtype=torch.bool, device=dev)
     b = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64) / order
     r = (0.5,) if order == 2 else (1 / 3, 2 / 3)
-    capped_count, calls = 0, 0
+    capped_count = 0
 
     def evaluate(rows: torch.Tensor, xs: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
         al, sg = _alpha_sigma(lams)
         t = _t_of(schedule, lams)
         nfe[rows] += 1
-        calls += 1
         return denoise(xs, t, al.reshape(view), sg.reshape(view), rows=rows)[0]
 
     i = 0
