@@ -60,7 +60,8 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
                   **options) -> tuple[SamplerSpec, Levels, torch.Tensor]:
     """Validate a sampling request without a model and return (spec, levels, timesteps): what :func:`sample` would
     do. Runners call it to reject a bad sampler, spacing, steps or option before any training. A 2-D ``spacing``
-    (B, K) gives per-sample levels (:func:`sample`)."""
+    (B, K) gives per-sample levels (:func:`sample`). For an adaptive sampler ``steps`` must be None and the
+    timesteps are its (start, end)."""
     spec = get_sampler(sampler)
     unknown = set(options) - set(spec.options)
     if unknown:
