@@ -79,6 +79,8 @@ def accuracy_table(n: int, spacings: list[str], seed: int = 0) -> None:
         print("| sampler | " + " | ".join(f"NFE {k}" for k in NFES) + " |")
         print("|---|" + "---|" * len(NFES))
         for name, spec in ds.SAMPLERS.items():
+            if spec.adaptive:  # picks its own steps: experiments/adaptive_sampler.py
+                continue
             cells = []
             for nfe in NFES:
                 out = ds.sample(model, noise, schedule=schedule, sampler=name, steps=steps_for(name, nfe),
@@ -130,7 +132,7 @@ def overhead_table(batch: int = 256, steps: int = 50) -> None:
           f"({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters)\n")
     print("| sampler | overhead per model call (ms) | % of one UNet forward |")
     print("|---|---|---|")
-    for name in ds.SAMPLERS:
+    for name in (n for n, s in ds.SAMPLERS.items() if not s.adaptive):
         def run():
             return ds.sample(fixed, x, schedule=schedule, sampler=name, steps=steps, spacing="karras",
                              generator=torch.Generator().manual_seed(0), return_info=True)

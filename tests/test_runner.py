@@ -115,7 +115,7 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     ("eval.num_samples=50", "eval.num_samples=50 is below the minimum 64"),
     ("objective=mse sampler=ddpm", "objective=mse needs a deterministic sampler"),
     ("data.kind=moons", "objective=nll needs data with a known density"),
-    ("sampler=dpm_fast", r"Available options in 'sampler':\s+ddim\s+ddpm"),  # Hydra lists the group's choices
+    ("sampler=dpm_fast", r"Available options in 'sampler':\s+adaptive\s+ddim\s+ddpm"),  # Hydra lists the group's choices
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
     proc = run_py(tmp_path, *FAST, *override.split(), check=False)

@@ -9,7 +9,8 @@ random numbers (common random numbers: differences between step counts are the s
 c runs on rank c mod world size; every measurement is a torchmetrics state synced when its row is computed —
 FID/KID features put back in global sample order — so a DDP evaluation reproduces the single-process numbers.
 
-The evaluator itself times the sampling (NFE, sampling seconds and the part spent in the network, peak
+The evaluator itself times the sampling (NFE — the mean over samples, which for an adaptive sampler is the
+realised mean, its ``steps`` ignored —, sampling seconds and the part spent in the network, peak
 accelerator memory); everything else is a :class:`~diffsteps.evaluation.measures.Measure` in the list it is given
 (:mod:`diffsteps.evaluation.measures`: FID/KID, classifier confidence, exact NLL, trajectory error, ELBO).
 """
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from ..core.schedules import Schedule
 from ..sampling.api import sample
+from ..sampling.registry import get_sampler
 from .measures.base import Chunk, Measure, Totals
 from .plan import EvalPlan, _sampler_generator, chunk_noise
 
@@ -123,13 +125,15 @@ class Evaluator:
             _sync(device)
             t0 = time.perf_counter()
             res = sample(timed, chunk.noise, schedule=self.schedule, prediction=self.prediction,
-                         sampler=plan.sampler, steps=n, spacing=plan.spacing,
+                         sampler=plan.sampler, steps=None if get_sampler(plan.sampler).adaptive else n,
+                         spacing=plan.spacing,
                          generator=_sampler_generator(plan, c, device), return_info=True, **plan.options)
             _sync(device)
             seconds = time.perf_counter() - t0
             x = res.sample
             tot = self.totals[n]
-            tot.update(n=size, sample_seconds=seconds, model_seconds=timed.seconds, nfe_sum=res.nfe * size)
+            tot.update(n=size, sample_seconds=seconds, model_seconds=timed.seconds,
+                       nfe_sum=int(res.nfe_per_sample.sum()))
             if device.type == "cuda":
                 tot.update(peak_memory=torch.cuda.max_memory_allocated(device) / 2**20)
             for m in self.measures:

@@ -3,9 +3,12 @@ spacing, steps, sampler options, loggers, evaluation sizes, and keys that must f
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
 
 from ..sampling.api import plan_sampling
+from ..sampling.registry import get_sampler
 from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 
 __all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "check_training",
@@ -85,7 +88,17 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"steps must be integers, got {n!r}")
-        plan_sampling(schedule, sampler.name, n, sampler.spacing, **sampler.options)
+    if get_sampler(sampler.name).adaptive:
+        if cfg.task == "optimize_steps":
+            raise ValueError(f"task=optimize_steps fits step schedules; sampler {sampler.name!r} picks its own steps")
+        plan_sampling(schedule, sampler.name, None, sampler.spacing, **sampler.options)
+        logging.getLogger("diffsteps").warning(
+            "sampler=%s picks its own steps (rtol, atol, max_nfe): steps=%s ignored, one evaluation row (labelled "
+            "steps=%d) whose nfe is the realised mean NFE", sampler.name, steps, steps[0])
+        steps = steps[:1]
+    else:
+        for n in steps:
+            plan_sampling(schedule, sampler.name, n, sampler.spacing, **sampler.options)
     e = cfg.eval
     if e.batch_size < 1:
         raise ValueError(f"eval.batch_size must be ≥ 1, got {e.batch_size}")

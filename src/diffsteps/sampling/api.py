@@ -19,12 +19,19 @@ from .registry import SAMPLERS, SamplerSpec, get_sampler
 
 @dataclass
 class SampleResult:
-    """``sample``: the generated tensor; ``nfe``: model evaluations spent; ``timesteps``: the (float64) training-time
-    indices visited, noisiest first — (K,), or (B, K) for per-sample timesteps."""
+    """``sample``: the generated tensor; ``nfe``: model calls made (a batched call counts once — for a fixed-step
+    sampler the NFE of every sample; for ``adaptive`` at least the most any sample received); ``nfe_per_sample``
+    (LongTensor [B]): model evaluations each sample received, rejected attempts included (Σ = rows evaluated);
+    ``accepted`` / ``rejected`` (LongTensor [B]): steps taken and attempts thrown away per sample (fixed-step
+    samplers: every step accepted); ``timesteps``: the (float64) training-time indices visited, noisiest first —
+    (K,), or (B, K) for per-sample timesteps; for ``adaptive``, which picks its own, the range (start, end)."""
 
     sample: torch.Tensor
     nfe: int
     timesteps: torch.Tensor
+    nfe_per_sample: torch.Tensor
+    accepted: torch.Tensor
+    rejected: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,15 @@ class StepInfo:
     """What ``callback`` receives after step ``i`` (0-based) of ``steps``: the step went from level ``t`` to
     ``t_next`` (training-time indices, −1 for the data; floats, or (B,) float64 tensors for per-sample timesteps);
     ``x`` is the state after it, ``x0`` the last x̂_0 the model gave during it (Heun: its second call's, where there
-    is one), ``nfe`` the model evaluations so far."""
+    is one), ``nfe`` the model evaluations so far.
+
+    ``adaptive`` (per-sample steps, unknown in advance): ``steps`` is None and ``i`` counts the rounds in which some
+    sample took a step (accepted it, or finished); ``t``, ``t_next`` are (B,) float64 tensors, each sample's level
+    before and after the round — equal for samples that rejected their try or had finished; ``x`` is the whole
+    batch's state (finished samples: their result), ``x0`` each sample's latest x̂_0, ``nfe`` the model calls."""
 
     i: int
-    steps: int
+    steps: int | None
     t: float | torch.Tensor
     t_next: float | torch.Tensor
     x: torch.Tensor
@@ -48,7 +60,8 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
                   **options) -> tuple[SamplerSpec, Levels, torch.Tensor]:
     """Validate a sampling request without a model and return (spec, levels, timesteps): what :func:`sample` would
     do. Runners call it to reject a bad sampler, spacing, steps or option before any training. A 2-D ``spacing``
-    (B, K) gives per-sample levels (:func:`sample`)."""
+    (B, K) gives per-sample levels (:func:`sample`). For an adaptive sampler ``steps`` must be None and the
+    timesteps are its (start, end)."""
     spec = get_sampler(sampler)
     unknown = set(options) - set(spec.options)
     if unknown:
@@ -56,7 +69,12 @@ def plan_sampling(schedule: Schedule, sampler: str = "ddim", steps: int | None =
                          f"{', '.join(spec.options) or 'none'}")
     # a pass over zero steps runs the sampler's own option checks (eta range, variance name) and nothing else
     spec.fn(None, None, Levels((), ()), **options)
-    if _is_table(spacing):
+    if spec.adaptive:
+        if steps is not None:
+            raise ValueError(f"sampler {sampler!r} chooses its own steps (its cost is set by rtol, atol, max_nfe); "
+                             f"give steps=None, got steps={steps!r}")
+        timesteps = _adaptive_range(spacing, schedule)
+    elif _is_table(spacing):
         timesteps = _per_sample_timesteps(spacing, steps, schedule, spec.integer_steps)
     else:
         if steps is None and isinstance(spacing, str):
@@ -89,6 +107,10 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     returns (``epsilon``, ``x0`` or ``v``); ``denoise_final``: take the last step into the data (one model call
     that returns x̂_0); otherwise the sample is the state at the last visited timestep. Sampler-specific options
     (``eta`` for ddim, ``variance`` for ddpm) go in ``options``. Everything is validated before the first model call.
+    ``sampler="adaptive"`` (:func:`~.adaptive.sample_adaptive`) picks its own steps: ``steps`` must be None, and
+    ``spacing`` gives only the start (its first timestep: T−1 for a named spacing) and the end (its last, else t = 0)
+    of the error-controlled integration in λ; options ``rtol``, ``atol``, ``h_init``, ``pcoeff``, ``icoeff``,
+    ``dcoeff``, ``accept_safety``, ``order``, ``max_nfe``, ``control``.
     The state keeps ``noise``'s dtype (with shared timesteps; see below); schedule coefficients are float64.
 
     ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
@@ -115,14 +137,36 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     if lv.per_sample:
         lv, x = lv.like(noise), noise.to(torch.float64)
     if callback is not None:
-        options["callback"] = _step_callback(callback, lv, denoise)
+        options["callback"] = (_adaptive_callback if spec.adaptive else _step_callback)(callback, lv, denoise)
     bar = _progress_bar(progress, sampler)
+    B = noise.shape[0]
     with torch.no_grad():
-        x = spec.fn(denoise, x, lv, progress=bar, **options).to(noise.dtype)
-    visited = timesteps if denoise_final else timesteps[..., :-1]
+        if spec.adaptive:
+            x, nfe, accepted, rejected = spec.fn(denoise, x, lv, schedule=schedule, progress=bar, **options)
+        else:
+            x = spec.fn(denoise, x, lv, progress=bar, **options)
+            nfe, accepted = (torch.full((B,), v, dtype=torch.long) for v in (denoise.nfe, len(lv) - 1))
+            rejected = torch.zeros(B, dtype=torch.long)
+        x = x.to(noise.dtype)
+    visited = timesteps if denoise_final or spec.adaptive else timesteps[..., :-1]
     if return_info:
-        return SampleResult(x, denoise.nfe, visited)
+        return SampleResult(x, denoise.nfe, visited, nfe.cpu(), accepted.cpu(), rejected.cpu())
     return x
+
+
+def _adaptive_range(spacing, schedule: Schedule) -> torch.Tensor:
+    """The (start, end) timesteps of an adaptive sampler: a named spacing's (T−1, 0), or the first and last entry of
+    an explicit list (a (B, K) table: per row); a single entry ends at t = 0."""
+    if _is_table(spacing):
+        ts = _per_sample_timesteps(spacing, None, schedule, False)
+        end = ts[:, -1] if ts.shape[1] > 1 else torch.zeros_like(ts[:, 0])
+        return torch.stack([ts[:, 0], end], 1)
+    if isinstance(spacing, str):
+        make_timesteps(spacing, 1, schedule)  # a name in SPACINGS: it only says "start at T−1"
+        return torch.tensor([schedule.num_timesteps - 1.0, 0.0], dtype=torch.float64)
+    ts = make_timesteps(spacing, None, schedule)
+    ends = [ts[0].item(), ts[-1].item() if len(ts) > 1 else 0.0]
+    return torch.tensor(ends[:1] if ends[0] == ends[1] else ends, dtype=torch.float64)
 
 
 def _is_table(spacing) -> bool:
@@ -162,6 +206,15 @@ def _step_callback(callback: Callable[[StepInfo], object], lv: Levels, denoise: 
 
     def step(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         callback(StepInfo(i, steps, t[i], t[i + 1], x, x0, denoise.nfe))
+
+    return step
+
+
+def _adaptive_callback(callback: Callable[[StepInfo], object], lv: Levels, denoise: Denoiser) -> Callable:
+    """The adaptive sampler's ``callback(i, x, x0, t, t_next)`` (per-sample levels, steps unknown) → StepInfo."""
+
+    def step(i: int, x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> None:
+        callback(StepInfo(i, None, t, t_next, x, x0, denoise.nfe))
 
     return step
 

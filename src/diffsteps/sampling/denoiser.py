@@ -48,11 +48,13 @@ class Denoiser:
             self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})
         return self._cond_cast[1]
 
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma, want: str = "both"):
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, alpha, sigma, want: str = "both",
+                 rows: torch.Tensor | None = None):
         """(x̂_0, ε̂) at x, level (t, α, σ). ``want``: ``"both"``, or ``"x0"`` / ``"eps"`` to form only that one — the
         other is returned as None — so a data-prediction solver does not pay for ε̂ nor an ε-solver for x̂_0 (with
         ε-prediction ε̂ is the network output itself, no pass over the state at all). Clipping and thresholding act on
-        x̂_0, so with either the pair is formed whatever ``want`` says, and ε̂ re-derived from the clipped x̂_0."""
+        x̂_0, so with either the pair is formed whatever ``want`` says, and ε̂ re-derived from the clipped x̂_0.
+        ``rows``: which samples of the batch x holds (a sampler that evaluates only some), so ``cond`` follows."""
         if want not in WANTS:
             raise ValueError(f"want must be one of: {', '.join(WANTS)}; got {want!r}")
         dtype = self.model_dtype or x.dtype
@@ -63,7 +65,11 @@ class Denoiser:
         else:
             tt = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
         xm = x.to(dtype)
-        out = self.model(xm, tt, **self._cond_as(dtype)) if self.cond else self.model(xm, tt)
+        if self.cond:
+            cond = self._cond_as(dtype)
+            out = self.model(xm, tt, **(cond if rows is None else {k: v[rows.to(v.device)] for k, v in cond.items()}))
+        else:
+            out = self.model(xm, tt)
         out = out.to(x.dtype)
         self.nfe += 1
         if self.clip_denoised is None and self.dynamic_threshold is None:

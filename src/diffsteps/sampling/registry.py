@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .adaptive import sample_adaptive
 from .samplers import (
     sample_ddim,
     sample_ddpm,
@@ -30,11 +31,13 @@ class SamplerSpec:
     stochastic: bool  # draws fresh noise at every step, whatever its options
     finite_sigma: bool  # needs σ̃ < ∞ at the first level (not ᾱ = 0, i.e. no zero-terminal-SNR start)
     half_steps: bool = False  # also evaluates the model halfway between timesteps (the level table gets them)
+    # chooses its own steps: gets only the start and end levels and the schedule (for λ ↔ t), no ``steps``
+    adaptive: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
-        internal = ("progress", "generator", "callback")  # passed by sample() itself, not sampler options
+        internal = ("progress", "generator", "callback", "schedule")  # passed by sample() itself, not sampler options
         return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in internal)
 
     def is_deterministic(self, **options) -> bool:
@@ -55,6 +58,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ipndm": SamplerSpec(sample_ipndm, integer_steps=False, stochastic=False, finite_sigma=True),
     "plms": SamplerSpec(sample_plms, integer_steps=False, stochastic=False, finite_sigma=True),
     "pndm": SamplerSpec(sample_pndm, integer_steps=False, stochastic=False, finite_sigma=True, half_steps=True),
+    # error-controlled steps in λ, which is −∞ at ᾱ = 0
+    "adaptive": SamplerSpec(sample_adaptive, integer_steps=False, stochastic=False, finite_sigma=True,
+                            adaptive=True),
 }
 
 

@@ -1,0 +1,286 @@
+"""The ``adaptive`` sampler: an error-controlled embedded pair of data-prediction DPM-Solvers in λ = log(α/σ), with a
+PID step-size controller and per-sample control.
+
+Lu et al. 2022 (DPM-Solver, §4.2 and Alg. 5) pair a first- and a second-order singlestep solver (``order=2``) or a
+second- and a third-order one (``order=3``) that share their model evaluations; their difference is the local error
+estimate of the lower one. By default both are the data-prediction (DPM-Solver++) forms (Lu et al. 2022b);
+``form="noise"`` takes the noise-prediction forms of the paper and of k-diffusion's ``sample_dpm_adaptive`` (the
+reference users know). The controller is k-diffusion's: Söderlind's PID with the 1 + atan(f − 1) limiter.
+
+Per-sample control: each sample has its own λ, step size h, controller memory and accept/reject decisions; the
+error norm of a sample is its own RMS over its features. Each round evaluates the model only on the samples still
+running (compaction), so the cost follows the mean NFE, and a sample's path does not depend on the rest of the
+batch. ``control="batch"`` is k-diffusion's controller instead: one h, the error norm over the whole batch, and
+every sample accepts or rejects together.
+
+Beyond the anchor, x̂_0 at the start of a rejected step is kept (the state did not move), so a rejection costs
+order − 1 evaluations, not order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+from ..core.schedules import Schedule
+from .denoiser import Denoiser
+from .levels import Levels
+
+CONTROLS = ("sample", "batch")
+FORMS = ("data", "noise")
+COORDS = ("vp", "ve")
+_ARRIVED = 1e-5  # a remainder below this (in λ) is folded into the step: no sliver steps at the end
+
+
+def _quiet(i, x, x0, t, t_next) -> None:
+    pass
+
+
+def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form,
+                  coords) -> None:
+    if coords not in COORDS:
+        raise ValueError(f"adaptive coords must be one of: {', '.join(COORDS)}; got {coords!r}")
+    if form not in FORMS:
+        raise ValueError(f"adaptive form must be one of: {', '.join(FORMS)}; got {form!r}")
+    if order not in (2, 3):
+        raise ValueError(f"adaptive order must be one of: 2, 3; got {order!r}")
+    if control not in CONTROLS:
+        raise ValueError(f"adaptive control must be one of: {', '.join(CONTROLS)}; got {control!r}")
+    if not (isinstance(rtol, (int, float)) and rtol > 0 and math.isfinite(rtol)):
+        raise ValueError(f"adaptive rtol must be a finite number > 0, got {rtol!r}")
+    if not (isinstance(atol, (int, float)) and atol >= 0 and math.isfinite(atol)):
+        raise ValueError(f"adaptive atol must be a finite number ≥ 0, got {atol!r}")
+    if not (isinstance(h_init, (int, float)) and h_init > 0 and math.isfinite(h_init)):
+        raise ValueError(f"adaptive h_init (the first step in λ) must be > 0, got {h_init!r}")
+    for name, v in (("pcoeff", pcoeff), ("icoeff", icoeff), ("dcoeff", dcoeff)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise ValueError(f"adaptive {name} must be a finite number, got {v!r}")
+    if not (isinstance(accept_safety, (int, float)) and 0 < accept_safety <= 1):
+        raise ValueError(f"adaptive accept_safety must lie in (0, 1], got {accept_safety!r}")
+    least = order + 1
+    if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < least:
+        raise ValueError(f"adaptive max_nfe must be an integer ≥ {least} (one order-{order} step and the final "
+                         f"evaluation), got {max_nfe!r}")
+
+
+def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule: Schedule | None = None,
+                    order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                    pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
+                    max_nfe: int = 1000, control: str = "sample", form: str = "data", coords: str = "vp",
+                    progress: Callable = iter, callback: Callable = _quiet):
+    """Adaptive DPM-Solver in λ from the first level of ``lv`` to its second (t = 0 by default), then, when the
+    last level is the data, x̂_0 there (one evaluation). Returns (x, nfe, accepted, rejected), the counts per sample.
+
+    A step of size h from λ_s tries λ_t = min(λ_s + h, λ_end) with stages at λ_s + r_i h (order 2: r = ½; order 3:
+    r = ⅓, ⅔) and forms the lower- and higher-order solutions x_lo, x_hi (DPM-Solver++ 1 and 2, or 2 and 3; with
+    ``form="noise"`` the noise-prediction DPM-Solver 1 and 2, or 2 and 3, of Lu et al. 2022 and k-diffusion). Error:
+    E = RMS((x_hi − x_lo)/δ), δ = max(atol, rtol · max(|x_lo|, |x_lo of the last accepted step|)) (Lu et al.
+    2022, eq. 4.4; k-diffusion), in VP coordinates, or with ``coords="ve"`` in k-diffusion's x̃ = x/α (there |x̃_lo|
+    and |x̃_prev| sit at different σ̃, so the two norms are not proportional; ``form="noise", control="batch",
+    coords="ve"`` is k-diffusion's ``sample_dpm_adaptive`` step for step). PID controller (Söderlind 2003;
+    k-diffusion ``PIDStepSizeController``): f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1), ε_k = 1/E of this try and the
+    last two accepted ones, b₁ = (p + i + d)/order, b₂ = −(p + 2d)/order, b₃ = d/order; the step is accepted when
+    f ≥ ``accept_safety``, and h ← f h either way.
+    The higher-order solution is kept (local extrapolation). A sample whose next try and final evaluation would
+    exceed ``max_nfe`` finishes with one first-order step from where it is (x̂_0 there when the end is the data),
+    with a warning. λ, h and E are float64, the state too (returned in its input dtype by :func:`~.api.sample`).
+
+    ``callback(i, x, x0, t, t_next)`` is called after every round in which some sample moved: t, t_next are (B,)
+    float64 timesteps before and after it (equal for samples that did not move; −1 for samples at the data)."""
+    check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form, coords)
+    if len(lv) == 0:
+        return x
+    B, dev = x.shape[0], x.device
+    view = (-1,) + (1,) * (x.ndim - 1)
+
+    def per_sample(v) -> torch.Tensor:
+        return torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(-1).expand(B).clone()
+
+    to_data = bool(torch.all(per_sample(lv.abar[-1]) == 1))
+    lam = _half_log_snr(per_sample(lv.abar[0]))
+    lam_end = _half_log_snr(per_sample(lv.abar[-2 if to_data else -1]))
+    if not bool(torch.all(torch.isfinite(lam))):
+        raise ValueError("the adaptive sampler needs a finite log-SNR at its first level (not ᾱ = 0)")
+    t_now = per_sample(lv.t[0])
+    x = x.to(torch.float64).clone()
+    # x_lo of the last accepted step, in the coordinates of the norm, for the relative tolerance
+    x_prev = x / _alpha_sigma(lam)[0].reshape(view) if coords == "ve" else x.clone()
+    x0 = torch.zeros_like(x)
+    cached = torch.zeros(B, dtype=torch.bool, device=dev)  # x0[b] is x̂_0 at sample b's current λ
+    h = torch.full((B,), float(h_init), dtype=torch.float64, device=dev)
+    inv_err = torch.ones(B, 3, dtype=torch.float64, device=dev)  # 1/E of this try and the last two accepted
+    fresh = torch.ones(B, dtype=torch.bool, device=dev)  # the controller has seen no error yet
+    nfe = torch.zeros(B, dtype=torch.long, device=dev)
+    accepted, rejected = torch.zeros_like(nfe), torch.zeros_like(nfe)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    b = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64) / order
+    r = (0.5,) if order == 2 else (1 / 3, 2 / 3)
+    capped_count = 0
+
+    def evaluate(rows: torch.Tensor, xs: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
+        al, sg = _alpha_sigma(lams)
+        t = _t_of(schedule, lams)
+        nfe[rows] += 1
+        return denoise(xs, t, al.reshape(view), sg.reshape(view), rows=rows)[0]
+
+    i = 0
+    for _ in progress(itertools.count()):
+        idx = active.nonzero().flatten()
+        if len(idx) == 0:
+            break
+        t_before = t_now.clone()
+        # who stops now: arrived at λ_end, or no budget left for one more try plus the final evaluation
+        arrived = lam[idx] >= lam_end[idx]
+        capped = ~arrived & (nfe[idx] + order - cached[idx].long() + 1 > max_nfe)
+        stop = arrived | capped
+        need = idx[~cached[idx]]
+        if len(need):
+            x0[need] = evaluate(need, x[need], lam[need])
+            cached[need] = True
+        fin = idx[stop]
+        if len(fin):
+            capped_count += int(capped.sum())
+            x[fin] = _final(x[fin], x0[fin], lam[fin], lam_end[fin], to_data, view)
+            t_now[fin] = -1.0 if to_data else per_sample(lv.t[-1])[fin]
+            active[fin] = False
+        run = idx[~stop]
+        moved = fin
+        if len(run):
+            lam_s, xs, m_s = lam[run], x[run], x0[run]
+            left = lam_end[run] - lam_s
+            step = torch.where(left - h[run] <= _ARRIVED, left, torch.minimum(h[run], left))
+            pair = _embedded_pair if form == "data" else _embedded_pair_noise
+            lo, hi = pair(lambda rows_x, lams: evaluate(run, rows_x, lams), xs, m_s, lam_s, step, r, view)
+            # the norm's coordinates: VP x, or k-diffusion's x̃ = x/α (relative to x̃, which shrinks with σ̃)
+            to_norm = 1 / _alpha_sigma(lam_s + step)[0].reshape(view) if coords == "ve" else 1.0
+            n_lo = lo * to_norm
+            delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(n_lo.abs(), x_prev[run].abs()))
+            err2 = ((hi - lo) * to_norm / delta).square().reshape(len(run), -1).mean(1)
+            if control == "batch":
+                err2 = err2.mean().expand(len(run))
+            err = err2.sqrt()
+            ok, h[run] = _pid(err, run, inv_err, fresh, b, accept_safety, h[run])
+            acc = run[ok]
+            x[acc], x_prev[acc] = hi[ok], n_lo[ok]
+            lam[acc] = torch.where(step[ok] == left[ok], lam_end[acc], lam_s[ok] + step[ok])
+            t_now[acc] = _t_of(schedule, lam[acc])
+            cached[acc] = False
+            accepted[acc] += 1
+            rejected[run[~ok]] += 1
+            moved = torch.cat([fin, acc])
+        if len(moved) and callback is not _quiet:  # copies: x and x0 are updated in place, row by row
+            callback(i, x.clone(), x0.clone(), t_before, t_now.clone())
+            i += 1
+    if capped_count:
+        warnings.warn(f"adaptive sampler: {capped_count} of {B} samples reached max_nfe={max_nfe} before the end; "
+                      "each finished with one first-order step from its last accepted level (raise max_nfe or "
+                      "rtol/atol)", RuntimeWarning, stacklevel=3)
+    return x, nfe, accepted, rejected
+
+
+def _embedded_pair(model: Callable, x: torch.Tensor, m_s: torch.Tensor, lam_s: torch.Tensor, h: torch.Tensor,
+                   r: tuple[float, ...], view: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lower- and higher-order DPM-Solver++ singlestep solutions from λ_s over h (Lu et al. 2022b, App. A,
+    ``singlestep_dpm_solver_second/third_update`` with data prediction): with φ(u) = e^{−u} − 1, and the stage
+    values u_i = (σ_{s_i}/σ_s) x − α_{s_i} φ(r_i h) m_s [+ (r₂/r₁) α_{s₂} (φ(r₂h)/(r₂h) + 1)(m_1 − m_s) for i = 2],
+    order 2 pairs x_1 = (σ_t/σ_s) x − α_t φ(h) m_s with x_2 = x_1 − (1/2r₁) α_t φ(h)(m_1 − m_s), r₁ = ½;
+    order 3 pairs that x_2 (r₁ = ⅓) with x_3 = x_1 + (1/r₂) α_t (φ(h)/h + 1)(m_2 − m_s), r₂ = ⅔."""
+    def v(a):
+        return a.reshape(view)
+
+    _, sg_s = _alpha_sigma(lam_s)
+    al_t, sg_t = _alpha_sigma(lam_s + h)
+    phi = torch.expm1(-h)
+    x1 = v(sg_t / sg_s) * x - v(al_t * phi) * m_s
+    al_1, sg_1 = _alpha_sigma(lam_s + r[0] * h)
+    m_1 = model(v(sg_1 / sg_s) * x - v(al_1 * torch.expm1(-r[0] * h)) * m_s, lam_s + r[0] * h)
+    x2 = x1 - v((0.5 / r[0]) * al_t * phi) * (m_1 - m_s)
+    if len(r) == 1:
+        return x1, x2
+    r1, r2 = r
+    al_2, sg_2 = _alpha_sigma(lam_s + r2 * h)
+    phi2 = torch.expm1(-r2 * h)
+    u2 = v(sg_2 / sg_s) * x - v(al_2 * phi2) * m_s + v((r2 / r1) * al_2 * (phi2 / (r2 * h) + 1)) * (m_1 - m_s)
+    m_2 = model(u2, lam_s + r2 * h)
+    x3 = x1 + v((1 / r2) * al_t * (phi / h + 1)) * (m_2 - m_s)
+    return x2, x3
+
+
+def _embedded_pair_noise(model: Callable, x: torch.Tensor, m_s: torch.Tensor, lam_s: torch.Tensor, h: torch.Tensor,
+                         r: tuple[float, ...], view: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same pair in noise prediction (Lu et al. 2022, Alg. 4–5, DPM-Solver-2/3 with ε̂; k-diffusion's
+    ``DPMSolver``): with E(u) = e^u − 1, x_1 = (α_t/α_s) x − σ_t E(h) ε_s, x_2 = x_1 − (1/2r₁) σ_t E(h)(ε_1 − ε_s),
+    x_3 = x_1 − (1/r₂) σ_t (E(h)/h − 1)(ε_2 − ε_s), stages u_i = (α_{s_i}/α_s) x − σ_{s_i} E(r_i h) ε_s
+    [− (r₂/r₁) σ_{s₂} (E(r₂h)/(r₂h) − 1)(ε_1 − ε_s) for i = 2]. The model's x̂_0 gives ε̂ = (x − α x̂_0)/σ."""
+    def v(a):
+        return a.reshape(view)
+
+    def eps(u, lam):
+        al, sg = _alpha_sigma(lam)
+        return (u - v(al) * model(u, lam)) / v(sg)
+
+    al_s, sg_s = _alpha_sigma(lam_s)
+    al_t, sg_t = _alpha_sigma(lam_s + h)
+    e_s = (x - v(al_s) * m_s) / v(sg_s)
+    E = torch.expm1(h)
+    x1 = v(al_t / al_s) * x - v(sg_t * E) * e_s
+    al_1, sg_1 = _alpha_sigma(lam_s + r[0] * h)
+    e_1 = eps(v(al_1 / al_s) * x - v(sg_1 * torch.expm1(r[0] * h)) * e_s, lam_s + r[0] * h)
+    x2 = x1 - v(sg_t * E / (2 * r[0])) * (e_1 - e_s)
+    if len(r) == 1:
+        return x1, x2
+    r1, r2 = r
+    al_2, sg_2 = _alpha_sigma(lam_s + r2 * h)
+    E2 = torch.expm1(r2 * h)
+    u2 = v(al_2 / al_s) * x - v(sg_2 * E2) * e_s - v((r2 / r1) * sg_2 * (E2 / (r2 * h) - 1)) * (e_1 - e_s)
+    e_2 = eps(u2, lam_s + r2 * h)
+    return x2, x1 - v((1 / r2) * sg_t * (E / h - 1)) * (e_2 - e_s)
+
+
+def _pid(err: torch.Tensor, rows: torch.Tensor, inv_err: torch.Tensor, fresh: torch.Tensor, b: torch.Tensor,
+         accept_safety: float, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's PIDStepSizeController.propose_step, one controller per row: (accepted, new h). The memory of a
+    fresh controller starts as three copies of the first error; a non-finite error is an infinite one (reject and
+    shrink h by the limiter's floor 1 − π/4)."""
+    inv = 1.0 / (torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf)) + 1e-8)
+    mem = inv_err[rows]
+    new = fresh[rows]
+    mem[new] = inv[new, None].expand(-1, 3)
+    fresh[rows] = False
+    mem[:, 0] = inv
+    factor = (mem.pow(b.to(mem.device))).prod(1)
+    factor = 1 + torch.atan(factor - 1)
+    ok = factor >= accept_safety
+    mem[ok, 2], mem[ok, 1] = mem[ok, 1], mem[ok, 0]
+    inv_err[rows] = mem
+    return ok, h * factor
+
+
+def _final(x, x0, lam, lam_end, to_data: bool, view) -> torch.Tensor:
+    """The last step of a sample: x̂_0 when the end is the data (the first-order step to λ = ∞), else the
+    first-order DPM-Solver++ step (DDIM) from λ to λ_end (a no-op for samples already there)."""
+    if to_data:
+        return x0
+    _, sg_s = _alpha_sigma(lam)
+    al_t, sg_t = _alpha_sigma(lam_end)
+    return (sg_t / sg_s).reshape(view) * x - (al_t * torch.expm1(lam - lam_end)).reshape(view) * x0
+
+
+def _half_log_snr(abar: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.log(abar) - torch.log1p(-abar))
+
+
+def _alpha_sigma(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # α² = sigmoid(2λ), σ² = sigmoid(−2λ): exact on both tails, no 1 − ᾱ cancellation
+    return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+
+
+def _t_of(schedule: Schedule, lam: torch.Tensor) -> torch.Tensor:
+    """The training-time t at λ (the schedule's continuous λ ↔ t map; λ here is half its log-SNR)."""
+    table = schedule.log_snr
+    finite = table[torch.isfinite(table)]
+    return schedule.t_from_log_snr((2 * lam.cpu()).clamp(finite[-1].item(), finite[0].item())).to(lam.device)

@@ -1,0 +1,248 @@
+"""The adaptive sampler: its controller against its own math on Gaussian data (closed-form flow), per-sample control
+(a hard sample does not cost the easy ones, a sample's result does not depend on its batch), NFE accounting against
+a counting model, bad input, the max_nfe cap, and ``python run.py sampler=adaptive``."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAST, CountingModel, noise, run_py
+
+import diffsteps as ds
+
+
+def rms(a, b):
+    return (a - b).square().mean().sqrt().item()
+
+
+def tweedie_flow(gauss, schedule, x_T):
+    """x̂_0 at t = 0 of the exact probability-flow solution from x_T at t = T−1 (what the sampler returns): in each
+    eigen-direction of Σ (eigenvalue e) x̃ − μ scales as √(e + σ̃²) along the flow, and x̂_0 = μ + e/(e + σ̃²)(x̃ − μ),
+    so x̂_0 − μ = U diag(e/√((e + σ̃_0²)(e + σ̃_T²))) Uᵀ (x̃_T − μ)."""
+    mu, cov = gauss.means[0], gauss.covs[0]
+    e, U = torch.linalg.eigh(cov)
+    s0, sT = schedule.sigmas[0] ** 2, schedule.sigmas[-1] ** 2
+    xt = x_T / schedule.alphas_cumprod[-1].sqrt()
+    return mu + ((xt - mu) @ U) * (e / ((e + s0) * (e + sT)).sqrt()) @ U.T
+
+
+def exact_step(gauss, schedule, x, t_s, t_t):
+    """The exact flow from x at t_s to t_t (per-sample t), in VP coordinates."""
+    mu, cov = gauss.means[0], gauss.covs[0]
+    e, U = torch.linalg.eigh(cov)
+    a_s, a_t = schedule.alpha_bar_at(t_s)[:, None], schedule.alpha_bar_at(t_t)[:, None]
+    sv_s, sv_t = (1 - a_s) / a_s, (1 - a_t) / a_t
+    xt = x / a_s.sqrt() - mu
+    return a_t.sqrt() * (mu + ((xt @ U) * ((e + sv_t) / (e + sv_s)).sqrt()) @ U.T)
+
+
+def pair23(model, schedule, x, t_s, t_t):
+    """DPM-Solver++ 2 (r₁ = ⅓) and 3 (r₂ = ⅔), written in x̃ = x/α, where a data-prediction step is
+    x̃_t = e^{−h} x̃_s + (1 − e^{−h}) D (Lu et al. 2022b): returns (x_lo, x_hi) in VP coordinates."""
+    lam = lambda t: 0.5 * schedule.alpha_bar_at(t).logit()  # noqa: E731
+    ls, h = lam(t_s), lam(t_t) - lam(t_s)
+
+    def d(xv, lv):  # x̂_0 at x̃ = xv, λ = lv
+        t = schedule.t_from_log_snr(2 * lv)
+        a = schedule.alpha_bar_at(t)[:, None]
+        return xv - ((1 - a) / a).sqrt() * model(a.sqrt() * xv, t)
+
+    a_s = schedule.alpha_bar_at(t_s)[:, None]
+    xs = x / a_s.sqrt()
+    h_, r1, r2 = h[:, None], 1 / 3, 2 / 3
+    d0 = d(xs, ls)
+    d1 = d(torch.exp(-r1 * h_) * xs + (1 - torch.exp(-r1 * h_)) * d0, ls + r1 * h)
+    u2 = (torch.exp(-r2 * h_) * xs + (1 - torch.exp(-r2 * h_)) * d0
+          + (r2 / r1) * (1 - (1 - torch.exp(-r2 * h_)) / (r2 * h_)) * (d1 - d0))
+    d2 = d(u2, ls + r2 * h)
+    base = torch.exp(-h_) * xs + (1 - torch.exp(-h_)) * d0
+    lo = base + (1 - torch.exp(-h_)) / (2 * r1) * (d1 - d0)
+    hi = base + (1 / r2) * (1 - (1 - torch.exp(-h_)) / h_) * (d2 - d0)
+    a_t = schedule.alpha_bar_at(t_t)[:, None].sqrt()
+    return a_t * lo, a_t * hi
+
+
+# -- the controller against its own math ----------------------------------------------------------------------------
+def test_accepted_steps_keep_the_error_estimate_under_tolerance(gaussian, linear):
+    model = ds.ExactEpsilon(gaussian, linear)
+    x_T = noise(8, 3, seed=1)
+    rtol, atol = 1e-3, 1e-4
+    seen = []
+    r = ds.sample(model, x_T, schedule=linear, sampler="adaptive", rtol=rtol, atol=atol, accept_safety=1.0,
+                  callback=seen.append, return_info=True)
+    assert [s.i for s in seen] == list(range(len(seen))) and {s.steps for s in seen} == {None}
+    assert torch.equal(seen[-1].x, r.sample) and torch.all(seen[-1].t_next == -1)
+    # replay every accepted step of every sample with an independent implementation of the pair
+    x_prev, x = x_T.clone(), x_T.clone()
+    checked, ratios = 0, []
+    for s in seen:
+        moved = (s.t != s.t_next) & (s.t_next >= 0)
+        if not moved.any():
+            continue
+        rows = moved.nonzero().flatten()
+        lo, hi = pair23(model, linear, x[rows], s.t[rows], s.t_next[rows])
+        torch.testing.assert_close(hi, s.x[rows], rtol=1e-9, atol=1e-11)
+        delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(lo.abs(), x_prev[rows].abs()))
+        est = ((hi - lo) / delta).square().mean(1).sqrt()
+        assert torch.all(est <= 1.0), est  # accept_safety = 1: accepted ⇔ E ≤ 1
+        # the estimate is the lower solution's true local error (exact flow over the same step) to within 2×
+        true = ((lo - exact_step(gaussian, linear, x[rows], s.t[rows], s.t_next[rows])) / delta).square().mean(1)
+        ratios.append(true.sqrt() / est)
+        x_prev[rows], x[rows] = lo, s.x[rows]
+        checked += len(rows)
+    assert checked == int(r.accepted.sum()) and checked > 8 * 5
+    ratios = torch.cat(ratios)
+    assert 0.5 < ratios.median() < 2.0, ratios.median()
+    # rejected tries exist (the start h_init = 0.05 is far below what the tolerance allows, and the growth limiter
+    # overshoots), so the controller was exercised both ways
+    assert r.rejected.sum() > 0
+
+
+@pytest.mark.parametrize("control,form,coords", [("sample", "data", "vp"), ("batch", "data", "vp"),
+                                                 ("sample", "noise", "ve")])
+def test_final_error_shrinks_with_rtol(gaussian, linear, control, form, coords):
+    model = ds.ExactEpsilon(gaussian, linear)
+    x_T = noise(64, 3, seed=2)
+    truth = tweedie_flow(gaussian, linear, x_T)
+    rtols = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]
+    errs, nfes = [], []
+    for rtol in rtols:
+        r = ds.sample(model, x_T, schedule=linear, sampler="adaptive", rtol=rtol, atol=0.156 * rtol,
+                      control=control, form=form, coords=coords, return_info=True)
+        errs.append(rms(r.sample, truth))
+        nfes.append(r.nfe_per_sample.double().mean().item())
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a < b for a, b in zip(nfes, nfes[1:])), nfes
+    assert errs[0] / errs[-1] > 30, errs  # 2.5 decades of rtol: well over one decade of error
+    slope = np.polyfit(np.log(rtols), np.log(errs), 1)[0]
+    assert 0.5 < slope < 1.5, slope  # error ∝ rtol^slope: a calibrated tolerance, not a saturated one
+
+
+# -- per-sample control ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_modes(linear):
+    """Two narrow modes at (±1, 0): a noise near the boundary x = 0 is a hard trajectory (it decides late, then
+    snaps to a mode), one deep in a basin an easy one."""
+    mix = ds.GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64), 0.05**2)
+    x = noise(256, 2, seed=3)
+    u = torch.rand(256, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[:, 0], x[:, 1] = 2.5 + u, 0.3 * x[:, 1]  # easy: deep in the right basin
+    x[0] = torch.tensor([0.01, 0.2], dtype=torch.float64)  # hard: next to the boundary
+    return ds.ExactEpsilon(mix, linear), x
+
+
+def test_a_hard_sample_does_not_cost_the_easy_ones(two_modes, linear):
+    model, x = two_modes
+    kw = dict(schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    r = ds.sample(model, x, **kw)
+    easy = r.nfe_per_sample[1:].double()
+    assert r.nfe_per_sample[0] > 1.5 * easy.max(), (r.nfe_per_sample[0], easy.max())
+    # each easy sample costs what it costs alone; the batch-wide controller makes them pay for the hard one
+    alone = [ds.sample(model, x[b:b + 1], **kw).nfe_per_sample.item() for b in (1, 2, 3)]
+    assert alone == r.nfe_per_sample[1:4].tolist()
+    # the batch-wide controller (one h, the error norm over the batch) lets the easy majority set the pace: the
+    # hard sample gets the easy ones' steps and a much larger error than its own control gives it
+    batch = ds.sample(model, x, control="batch", **kw)
+    assert torch.all(batch.nfe_per_sample == batch.nfe) and batch.nfe < r.nfe_per_sample[0]
+    ref = ds.sample(model, x[:1], schedule=linear, sampler="dpmpp_3m", steps=1000, spacing="logsnr")[0]
+    err, err_batch = rms(r.sample[0], ref), rms(batch.sample[0], ref)
+    assert err < 0.3 * err_batch, (err, err_batch)  # measured 5.2e-3 vs 2.4e-2
+
+
+def test_each_sample_independent_of_its_batch(two_modes, linear):
+    model, x = two_modes
+    kw = dict(schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    full = ds.sample(model, x, **kw)
+    for b in (0, 5, 255):
+        alone = ds.sample(model, x[b:b + 1], **kw)
+        torch.testing.assert_close(alone.sample[0], full.sample[b], rtol=1e-12, atol=1e-13)
+        assert alone.nfe_per_sample.item() == full.nfe_per_sample[b].item()
+        assert alone.accepted.item() == full.accepted[b].item() and alone.rejected.item() == full.rejected[b].item()
+    # and inside a different batch (shuffled, halved): the same again
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:128]
+    part = ds.sample(model, x[perm], **kw)
+    torch.testing.assert_close(part.sample, full.sample[perm], rtol=1e-12, atol=1e-13)
+    assert torch.equal(part.nfe_per_sample, full.nfe_per_sample[perm])
+
+
+# -- accounting, conditioning, bad input, the cap ------------------------------------------------------------------
+@pytest.mark.parametrize("order", [2, 3])
+def test_nfe_accounting_matches_a_counting_model(two_modes, linear, order):
+    model, x = two_modes
+    counted = CountingModel(model)
+    r = ds.sample(counted, x[:32], schedule=linear, sampler="adaptive", order=order, rtol=0.02, return_info=True)
+    rows = sum(len(t) for t in counted.ts)
+    # r.nfe counts calls: at least the most any sample received (a retry's call skips rows that kept their x̂_0)
+    assert rows == int(r.nfe_per_sample.sum()) and counted.calls == r.nfe >= int(r.nfe_per_sample.max())
+    # a try costs `order` calls, a retry after a rejection one fewer (x̂_0 at its start is kept), the end one
+    assert torch.equal(r.nfe_per_sample, 1 + order * r.accepted + (order - 1) * r.rejected)
+    assert r.timesteps.tolist() == [999.0, 0.0]
+    # fixed-step samplers: the same fields, every sample every call
+    f = ds.sample(counted, x[:4], schedule=linear, sampler="heun", steps=6, return_info=True)
+    assert f.nfe_per_sample.tolist() == [11] * 4 and f.accepted.tolist() == [6] * 4 and f.rejected.tolist() == [0] * 4
+
+
+def test_conditioning_follows_the_active_rows(linear):
+    """A per-sample data scale passed as cond: x_0 ~ N(0, s_b² I), ε* = σ x/(α² s² + σ²); compaction must hand
+    each call the scales of exactly the samples in it."""
+    def model(x, t, scale):
+        a = linear.alpha_bar_at(t.double())[:, None]
+        return (1 - a).sqrt() * x / (a * scale[:, None] ** 2 + 1 - a)
+
+    scale = torch.tensor([1.0, 0.02, 3.0, 0.3], dtype=torch.float64)
+    x_T = noise(4, 5, seed=4)
+    r = ds.sample(model, x_T, schedule=linear, sampler="adaptive", rtol=1e-4, atol=1e-6, cond={"scale": scale},
+                  return_info=True)
+    s0, sT = linear.sigmas[0] ** 2, linear.sigmas[-1] ** 2
+    s2 = scale[:, None] ** 2
+    truth = x_T / linear.alphas_cumprod[-1].sqrt() * s2 / ((s2 + s0) * (s2 + sT)).sqrt()
+    torch.testing.assert_close(r.sample, truth, rtol=1e-3, atol=1e-4)
+    assert len(set(r.nfe_per_sample.tolist())) > 1  # the samples did leave the batch at different rounds
+
+
+def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
+    model = CountingModel(ds.ExactEpsilon(gaussian, linear))
+    x = noise(4, 3)
+    for opts, message in [({"rtol": 0.0}, "rtol must be a finite number > 0"),
+                          ({"atol": -1e-3}, "atol must be a finite number ≥ 0"),
+                          ({"max_nfe": 3}, "max_nfe must be an integer ≥ 4"),
+                          ({"order": 2, "max_nfe": 2}, "max_nfe must be an integer ≥ 3"),
+                          ({"order": 4}, "order must be one of: 2, 3"),
+                          ({"control": "global"}, "control must be one of: sample, batch"),
+                          ({"form": "v"}, "form must be one of: data, noise"),
+                          ({"coords": "x"}, "coords must be one of: vp, ve"),
+                          ({"steps": 10}, "chooses its own steps"),
+                          ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
+        with pytest.raises(ValueError, match=message):
+            ds.sample(model, x, schedule=linear, sampler="adaptive", **opts)
+    zero_snr = ds.make_schedule("linear", 1000, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="finite noise level at the first timestep"):
+        ds.sample(model, x, schedule=zero_snr, sampler="adaptive")
+    assert model.calls == 0
+
+
+def test_max_nfe_cap_finishes_every_sample_and_says_so(two_modes, linear):
+    model, x = two_modes
+    with pytest.warns(RuntimeWarning, match=r"1 of 8 samples reached max_nfe=30"):
+        r = ds.sample(model, x[:8], schedule=linear, sampler="adaptive", rtol=0.01, max_nfe=30, return_info=True)
+    assert r.nfe_per_sample.max() <= 30 and torch.isfinite(r.sample).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        free = ds.sample(model, x[:8], schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    # the easy samples never met the cap and are untouched by it; the hard one stopped early, on its way
+    assert torch.equal(r.sample[1:], free.sample[1:]) and free.nfe_per_sample[0] > 30
+    assert 0 < rms(r.sample[0], free.sample[0]) < 1
+
+
+def test_run_py_with_the_adaptive_sampler(tmp_path):
+    """The runner: steps are ignored for an adaptive sampler (one row, and a warning), its realised mean NFE is the
+    row's nfe."""
+    proc = run_py(tmp_path, *FAST, "sampler=adaptive", "sampler.options.rtol=0.05", "steps=[10,20]",
+                  "eval.num_samples=64", "eval.batch_size=64", "eval.kid_subset_size=32")
+    assert "steps=[10, 20] ignored" in proc.stdout + proc.stderr
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["sampler"] == "adaptive" and rows[0]["num_samples"] == 64
+    assert 4 <= rows[0]["nfe"] <= 1000 and math.isfinite(rows[0]["nll"])
