@@ -14,10 +14,10 @@ import torch  # noqa: E402
 from .files import save_figure  # noqa: E402
 
 __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "plot_quality_vs_nfe", "plot_schedules",
-           "plot_sweep_metric"]
+           "plot_sweep_metric", "save_spectra", "spectra_figure"]
 
 # metrics drawn against NFE when present, lower is better for all
-CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
+CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd", "spectral_distance")
 
 
 # how each modality of diffsteps.data.DataSpec is drawn, by the rank of a batch of it
@@ -276,6 +276,38 @@ def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title
     keys): images (B, C, H, W) in [−1, 1] as a strip of images, signals (B, C, L) as a strip of line plots (channels
     stacked); vector data as one scatter panel per step count. Returns ``path``."""
     fig = steps_grid_figure(samples_by_steps, modality=modality, title=title)
+    _save(fig, path)
+    return Path(path)
+
+
+def spectra_figure(real: torch.Tensor, generated: dict[str, torch.Tensor], *, title: str | None = None):
+    """The figure :func:`save_spectra` writes (the caller closes it)."""
+    from ..evaluation.distances import log_spectral_distance, mean_power_spectrum
+
+    real = _check_samples(real, "signal")
+    p_real = mean_power_spectrum(real)
+    freqs = torch.arange(len(p_real)).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(freqs, p_real.numpy(), "k-", lw=2, label=f"real ({len(real)})")
+    for label, x in generated.items():
+        x = _check_samples(x, "signal")
+        if len(x):
+            p = mean_power_spectrum(x)
+            ax.plot(freqs, p.numpy(), "-", lw=1, label=f"{label}: {log_spectral_distance(p_real, p):.2f} dB")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency (cycles per signal)")
+    ax.set_ylabel("mean power |rfft|²")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_spectra(real: torch.Tensor, generated: dict[str, torch.Tensor], path: Path, title: str | None = None) -> Path:
+    """Mean power spectra (:func:`~diffsteps.evaluation.distances.mean_power_spectrum`, log scale) of real signals
+    (B, C, L) and of generated ones per label (e.g. step count), each labelled with its log-spectral distance to
+    the real spectrum. Returns ``path``."""
+    fig = spectra_figure(real, generated, title=title)
     _save(fig, path)
     return Path(path)
 
