@@ -22,7 +22,12 @@ import torch
 
 from diffsteps.data import MNIST1DData
 from diffsteps.reference.digits_classifier import accuracy, serialize_state_dict
-from diffsteps.reference.mnist1d_classifier import HELD_OUT_CORRECT, TRAIN_CONFIG, WEIGHTS_SHA256, default_weights_path
+from diffsteps.reference.mnist1d_classifier import (
+    HELD_OUT_CORRECT,
+    TRAIN_CONFIG,
+    WEIGHTS_SHA256,
+    default_weights_path,
+)
 from diffsteps.training.mnist1d_classifier import train_mnist1d_classifier
 
 REQUIRED_ACCURACY = 0.90

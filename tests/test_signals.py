@@ -66,7 +66,10 @@ def test_mnist1d_is_the_package_generator_scaled_and_deterministic():
 
     spec = dm.spec
     assert (spec.modality, spec.sample_shape, spec.num_classes, spec.features) == ("signal", (1, 40), 10, "mnist1d")
-    assert dm.fingerprint() is None and dm.name == "mnist1d-n200-val0.25-seed7"
+    assert dm.name == "mnist1d-n200-val0.25-seed7"
+    # the content fingerprint (checkpoint key): the same signals give the same one, other signals another
+    assert dm.fingerprint() == MNIST1DData(num_samples=200, val_fraction=0.25, seed=7).fingerprint()
+    assert dm.fingerprint() != MNIST1DData(num_samples=200, val_fraction=0.25, seed=8).fingerprint()
 
 
 def test_mnist1d_batches_are_tensors_or_labelled_tuples():
@@ -175,7 +178,9 @@ def test_spectral_distance_against_numpy_and_over_chunks():
 def test_run_py_on_mnist1d(tmp_path):
     overrides = [o for o in FAST if not o.startswith(("data", "model", "objective"))]
     run_py(tmp_path, *overrides, "data=mnist1d", "data.num_samples=400", "model=auto", "model.base_channels=8",
-           "objective=fid", "steps=[2,4]", "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "logger=csv")
+           "objective=fid", "steps=[2,4]", "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "logger=csv",
+           # dozens of line-plot panels cost seconds in matplotlib: a 4-column steps grid (with a real row) only
+           "eval.grid_size=0", "eval.grid_columns=4", "eval.save_samples=0")
     out = tmp_path / "run"
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["steps"] for r in rows] == [2, 4]

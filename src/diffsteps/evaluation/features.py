@@ -34,8 +34,8 @@ from ..reference.digits_classifier import (
     DigitsCNN,
     load_digits_classifier,
 )
-from ..reference.mnist1d_classifier import WEIGHTS_SHA256 as MNIST1D_SHA256
 from ..reference.mnist1d_classifier import MNIST1DCNN, load_mnist1d_classifier
+from ..reference.mnist1d_classifier import WEIGHTS_SHA256 as MNIST1D_SHA256
 
 # torch-fidelity's Inception-v3 weights (converted from the TensorFlow graph of the original FID code); torch-fidelity
 # downloads them into torch.hub's checkpoint folder on first use.

@@ -34,8 +34,16 @@ from torch import nn
 
 from .digits_classifier import _sha256
 
-__all__ = ["MNIST1DCNN", "load_mnist1d_classifier", "default_weights_path", "WEIGHTS_SHA256", "HELD_OUT_CORRECT",
-           "HELD_OUT_ACCURACY", "TRAIN_CONFIG", "REGENERATE_HINT"]
+__all__ = [
+    "HELD_OUT_ACCURACY",
+    "HELD_OUT_CORRECT",
+    "MNIST1DCNN",
+    "REGENERATE_HINT",
+    "TRAIN_CONFIG",
+    "WEIGHTS_SHA256",
+    "default_weights_path",
+    "load_mnist1d_classifier",
+]
 
 # sha256 of the shipped assets/mnist1d_classifier.pt; update it (and HELD_OUT_CORRECT) whenever the script rewrites
 # the file — the script prints both.

@@ -52,10 +52,10 @@ def auto_unet(image_size: int) -> dict[str, Any]:
 def auto_unet1d(length: int) -> dict[str, Any]:
     """``model=auto``'s 1-D UNet for signals of ``length`` positions: :func:`auto_unet`'s rule along one axis
     (halve while the next length is a whole number ≥ 4, at most three levels; channel_mult (1, 2, 2, …); attention
-    at the lowest length) with base_channels 32 — signals are short, so the wider net stays cheap on a CPU. For
-    MNIST-1D (length 40) this is conf/model/unet1d.yaml (lengths 40, 20, 10, attention at 10)."""
+    at the lowest length) with base_channels 16 (the CPU-sized width of the digits net). For MNIST-1D (length 40)
+    this is conf/model/unet1d.yaml (lengths 40, 20, 10, attention at 10)."""
     sizes = auto_unet(length)
-    return {"base_channels": 32, "channel_mult": sizes["channel_mult"], "num_res_blocks": 1,
+    return {"base_channels": 16, "channel_mult": sizes["channel_mult"], "num_res_blocks": 1,
             "attention_lengths": [length // 2 ** (len(sizes["channel_mult"]) - 1)], "dropout": 0.0}
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..data.signals import MNIST1DData
 from ..reference.digits_classifier import accuracy
-from ..reference.mnist1d_classifier import TRAIN_CONFIG, MNIST1DCNN
+from ..reference.mnist1d_classifier import MNIST1DCNN, TRAIN_CONFIG
 from .classifier import _deterministic_single_thread
 
 
