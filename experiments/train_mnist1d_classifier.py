@@ -1,6 +1,6 @@
 """Train the MNIST-1D classifier behind the ``mnist1d`` sample-quality features and write its weights.
 
-    python experiments/train_mnist1d_classifier.py          # writes src/diffsteps/reference/assets/mnist1d_classifier.pt
+    python experiments/train_mnist1d_classifier.py          # writes diffsteps/reference/assets/mnist1d_classifier.pt
     python experiments/train_mnist1d_classifier.py --check  # retrains, compares with the shipped file, writes nothing
 
 Training is deterministic (see ``diffsteps.reference.mnist1d_classifier``): on the same platform and torch version the

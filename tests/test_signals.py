@@ -26,6 +26,7 @@ from diffsteps.reference.mnist1d_classifier import (
     default_weights_path,
     load_mnist1d_classifier,
 )
+from diffsteps.reporting.plots import plt, spectra_figure
 from diffsteps.runner.build import build_net, check_eval_features
 
 CONF = ROOT / "conf"
@@ -35,6 +36,7 @@ CONF = ROOT / "conf"
 def test_mnist1d_is_the_package_generator_scaled_and_deterministic():
     from mnist1d.data import get_dataset_args, make_dataset
 
+    generate_mnist1d.cache_clear()  # so that this test generates, whatever ran before it
     np.random.seed(123)
     random.seed(123)
     np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
@@ -162,6 +164,15 @@ def test_spectral_distance_against_numpy_and_over_chunks():
     # a uniform power ratio r is |10 log10 r| dB at every frequency
     assert log_spectral_distance(mean_power_spectrum(real), mean_power_spectrum(2 * real)) == \
         pytest.approx(20 * math.log10(2), rel=1e-12)
+
+    # the spectra figure: the real spectrum and one line per generated set, labelled with its distance
+    fig = spectra_figure(real, {"fake": fake, "none": fake[:0]})
+    try:
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert labels == ["real (300)", f"fake: {expected:.2f} dB"]
+        np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), p_real, rtol=1e-6)
+    finally:
+        plt.close(fig)
 
     # the measure sums chunks: the same number as all samples at once
     plan = EvalPlan(sampler="ddim", steps=(5,), shape=(2, 40), num_samples=200, batch_size=64, spacing="uniform",

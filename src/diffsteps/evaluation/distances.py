@@ -126,7 +126,7 @@ def _mean_cov(f: Tensor) -> tuple[Tensor, Tensor]:
     return mu, c.T @ c / (len(f) - 1)
 
 
-# -- signals: power spectra ----------------------------------------------------------------------------------------------
+# -- signals: power spectra --------------------------------------------------------------------------------------------
 def power_spectrum_sum(x) -> Tensor:
     """Σ over samples and channels of the power spectrum |rfft(x)|² (float64, (L//2 + 1,)) of signals x (N, C, L):
     the additive statistic behind :func:`mean_power_spectrum`, so chunks and processes can be summed first."""

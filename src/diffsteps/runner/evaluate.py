@@ -178,10 +178,10 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
         path = out_dir / f"grid_steps_{plan.sampler}.png"
         best_effort(path, save_steps_grid, by_steps, path,
                     title=f"{plan.sampler}: the same noise at each step count", modality=modality)
-    if real is not None and rows:
+    generated = {f"{r['steps']} steps": evaluator.samples(r["steps"]) for r in rows} if real is not None else {}
+    if any(len(x) for x in generated.values()):
         path = out_dir / f"spectra_{plan.sampler}.png"
-        best_effort(path, save_spectra, real, {f"{r['steps']} steps": evaluator.samples(r["steps"]) for r in rows},
-                    path, title=f"{plan.sampler}: mean power spectra")
+        best_effort(path, save_spectra, real, generated, path, title=f"{plan.sampler}: mean power spectra")
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:

@@ -12,7 +12,8 @@ from .base import Chunk, Measure, Totals
 
 class ClassifierConfidence(Measure):
     """``classifier_confidence``, ``classifier_confident_fraction``, ``classifier_class_entropy`` and
-    ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1]: sums of per-chunk counts, so they equal
+    ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1] (or of MNIST-1D signals with ``classifier`` its
+    shipped classifier): sums of per-chunk counts, so they equal
     :func:`~diffsteps.evaluation.classifier.classifier_confidence` of all samples at once."""
 
     def __init__(self, plan: EvalPlan, classifier=None):
