@@ -182,11 +182,11 @@ def test_unet_attention_never_reached_names_the_resolutions_that_exist(tmp_path)
         build_net(cfg, Toy2DData().spec, Toy2DData().name)
 
 
-def test_signal_data_have_no_network_yet():
+def test_signal_data_take_the_1d_unet_and_refuse_the_others():
     dm = SineSignals()
-    for name in ("auto", "unet", "mlp"):
-        with pytest.raises(ValueError, match=r"data sines-c2-l40 is signal data of shape \(2, 40\).*no network for "
-                                             r"signal data \(C, L\) exists yet"):
+    for name in ("unet", "mlp"):
+        with pytest.raises(ValueError, match=r"data sines-c2-l40 is signal data of shape \(2, 40\): use "
+                                             r"model=unet1d or model=auto"):
             build_net(model_cfg(name), dm.spec, dm.name)
 
 

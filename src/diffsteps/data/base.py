@@ -46,7 +46,7 @@ _STREAM_DATA, _STREAM_SHUFFLE, _STREAM_GMM = 0, 1, 2
 MODALITIES = {"image": "(C, H, W)", "vector": "(D,)", "signal": "(C, L)"}
 _RANKS = {"image": 3, "vector": 1, "signal": 2}
 # feature spaces for FID/KID (the names of diffsteps.evaluation.features.FEATURES, which data may not import)
-FEATURE_SPACES = ("digits", "inception", "identity")
+FEATURE_SPACES = ("digits", "inception", "identity", "mnist1d")
 
 
 @dataclass(frozen=True)

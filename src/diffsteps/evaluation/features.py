@@ -13,6 +13,9 @@ eval mode even when a containing model calls ``.train()``, and has ``num_feature
   TensorFlow graph of Heusel et al.). Needs ``torch-fidelity`` (``pip install torch-fidelity`` or the project extra
   ``diffsteps[inception]``) and its weights file (downloaded once, or given as ``weights_path`` offline). Input
   (N, C, H, W), C ∈ {1, 3}, in [−1, 1]; converted to uint8 0…255 and resized to 299×299 inside.
+- ``mnist1d`` (:class:`MNIST1DFeatures`): the 64-d penultimate layer (pre-activations, scaled to unit mean square)
+  of a small 1-D CNN trained on MNIST-1D (:mod:`diffsteps.reference.mnist1d_classifier`; weights shipped,
+  sha256-checked). Input (N, 1, 40) as :class:`~diffsteps.data.MNIST1DData` yields.
 - ``identity`` (:class:`IdentityFeatures`): the flattened raw coordinates, for vector data. For Gaussian data the
   Fréchet distance in this space is then the exact 2-Wasserstein distance between the fitted Gaussians.
 """
@@ -31,6 +34,8 @@ from ..reference.digits_classifier import (
     DigitsCNN,
     load_digits_classifier,
 )
+from ..reference.mnist1d_classifier import MNIST1DCNN, load_mnist1d_classifier
+from ..reference.mnist1d_classifier import WEIGHTS_SHA256 as MNIST1D_SHA256
 
 # torch-fidelity's Inception-v3 weights (converted from the TensorFlow graph of the original FID code); torch-fidelity
 # downloads them into torch.hub's checkpoint folder on first use.
@@ -78,6 +83,28 @@ class DigitsFeatures(_Features):
         super().__init__()
         self.net = load_digits_classifier(weights_path, sha256)
         self._fingerprint = f"digits-cnn-{sha256 or 'unverified'}"
+        _freeze(self)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.features(x)
+
+
+class MNIST1DFeatures(_Features):
+    """Penultimate-layer features (64 pre-activations, scaled) of the shipped MNIST-1D CNN
+    (:mod:`diffsteps.reference.mnist1d_classifier`). Input: (N, 1, 40) signals in ``MNIST1DData``'s scaling.
+    ``weights_path``/``sha256`` select other weights (``sha256=None`` skips the checksum)."""
+
+    name = "mnist1d"
+    num_features = MNIST1DCNN.num_features
+
+    def __init__(self, weights_path: str | Path | None = None, sha256: str | None = MNIST1D_SHA256):
+        super().__init__()
+        self.net = load_mnist1d_classifier(weights_path, sha256)
+        self._fingerprint = f"mnist1d-cnn-{sha256 or 'unverified'}"
         _freeze(self)
 
     @property
@@ -188,6 +215,7 @@ FEATURES: dict[str, Callable[..., _Features]] = {
     "digits": DigitsFeatures,
     "inception": InceptionFeatures,
     "identity": IdentityFeatures,
+    "mnist1d": MNIST1DFeatures,
 }
 
 

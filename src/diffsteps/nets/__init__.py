@@ -1,6 +1,7 @@
 """Denoiser networks: ``net(x, t)`` → a tensor of x's shape (ε, x_0 or v — the network does not care which).
 
-``x`` is (B, D) for vector data (:class:`MLP`) or (B, C, H, W) for images (:class:`UNet`); ``t`` is a 1-D float
+``x`` is (B, D) for vector data (:class:`MLP`), (B, C, H, W) for images (:class:`UNet`) or (B, C, L) for
+signals (:class:`UNet1D`, which also takes class labels ``y``); ``t`` is a 1-D float
 tensor (B,) of training-time indices in [0, T − 1], not necessarily integers (a 0-d ``t`` is broadcast over the
 batch). A net computes in its own parameter dtype: the input is cast to it and the output is returned in it. The
 sinusoidal time features are formed in at least float32 whatever the net's dtype, because t·freq reaches ~10³ and a
@@ -18,5 +19,6 @@ guards), so the nets compile with ``fullgraph=True``.
 from .layers import SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import AttentionBlock, ResBlock, UNet
+from .unet1d import UNet1D
 
-__all__ = ["SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "ResBlock", "AttentionBlock"]
+__all__ = ["SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "UNet1D", "ResBlock", "AttentionBlock"]

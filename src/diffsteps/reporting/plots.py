@@ -14,18 +14,19 @@ import torch  # noqa: E402
 from .files import save_figure  # noqa: E402
 
 __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "plot_quality_vs_nfe", "plot_schedules",
-           "plot_sweep_metric", "quality_vs_nfe_figure", "metric_label", "plain_log_axis", "image_figure"]
+           "plot_sweep_metric", "quality_vs_nfe_figure", "metric_label", "plain_log_axis", "image_figure",
+           "save_spectra", "spectra_figure"]
 
 # metrics drawn against NFE when present, lower is better for all
-CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
+CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd", "spectral_distance")
 # what each metric is, for axis labels; the distribution distances also name the feature space they are measured in
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID standard deviation", "nll": "NLL (exact density)",
                 "mse": "trajectory MSE", "mse_median": "trajectory MSE (median)",
-                "elbo_bpd": "negative ELBO (bits/dim)"}
+                "elbo_bpd": "negative ELBO (bits/dim)", "spectral_distance": "log-spectral distance (dB)"}
 FEATURE_METRICS = ("fid", "kid_mean", "kid_std")
 # diffsteps.data.FEATURE_SPACES, as a reader would name them
 FEATURE_NAMES = {"digits": "digits-classifier features", "inception": "Inception-v3 features",
-                 "identity": "raw coordinates"}
+                 "identity": "raw coordinates", "mnist1d": "MNIST-1D-classifier features"}
 
 
 def metric_label(metric: str, features: str | None = None) -> str:
@@ -370,6 +371,38 @@ def _band(ax, xs, ys, errs, color) -> None:
         e = [v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0 for v in errs]
         ax.fill_between(xs, [y - d for y, d in zip(ys, e)], [y + d for y, d in zip(ys, e)], color=color, alpha=0.2,
                         lw=0)
+
+
+def spectra_figure(real: torch.Tensor, generated: dict[str, torch.Tensor], *, title: str | None = None):
+    """The figure :func:`save_spectra` writes (the caller closes it)."""
+    from ..evaluation.distances import log_spectral_distance, mean_power_spectrum
+
+    real = _check_samples(real, "signal")
+    p_real = mean_power_spectrum(real)
+    freqs = torch.arange(len(p_real)).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(freqs, p_real.numpy(), "k-", lw=2, label=f"real ({len(real)})")
+    for label, x in generated.items():
+        x = _check_samples(x, "signal")
+        if len(x):
+            p = mean_power_spectrum(x)
+            ax.plot(freqs, p.numpy(), "-", lw=1, label=f"{label}: {log_spectral_distance(p_real, p):.2f} dB")
+    ax.set_yscale("log")
+    ax.set_xlabel("frequency (cycles per signal)")
+    ax.set_ylabel("mean power |rfft|²")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_spectra(real: torch.Tensor, generated: dict[str, torch.Tensor], path: Path, title: str | None = None) -> Path:
+    """Mean power spectra (:func:`~diffsteps.evaluation.distances.mean_power_spectrum`, log scale) of real signals
+    (B, C, L) and of generated ones per label (e.g. step count), each labelled with its log-spectral distance to
+    the real spectrum. Returns ``path``."""
+    fig = spectra_figure(real, generated, title=title)
+    _save(fig, path)
+    return Path(path)
 
 
 def _log_y_if_wide(ax, values) -> None:

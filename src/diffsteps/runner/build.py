@@ -20,15 +20,15 @@ log = logging.getLogger("diffsteps")
 # the nets of conf/model/<name>.yaml: _target_ → (the name to choose it by, the modality it takes)
 _NETS = {"diffsteps.nets.UNet": ("unet", "image"), "diffsteps.nets.unet.UNet": ("unet", "image"),
          "diffsteps.nets.MLP": ("mlp", "vector"), "diffsteps.nets.mlp.MLP": ("mlp", "vector"),
-         "diffsteps.nets.diffusers_unet.new_unet": ("diffusers_unet", "image")}
+         "diffsteps.nets.diffusers_unet.new_unet": ("diffusers_unet", "image"),
+         "diffsteps.nets.UNet1D": ("unet1d", "signal"), "diffsteps.nets.unet1d.UNet1D": ("unet1d", "signal")}
 # conf/model/diffusers.yaml: a diffusers folder on disk, loaded rather than built (adopt_diffusers, build_net)
 DIFFUSERS_LOAD = "diffsteps.nets.diffusers_unet.load_unet"
-_FOR_MODALITY = {"image": "unet", "vector": "mlp"}
+_FOR_MODALITY = {"image": "unet", "vector": "mlp", "signal": "unet1d"}
 # conf/model/auto.yaml's knobs, per chosen net: null leaves the size to the data, a value overrides it
 _AUTO_KEYS = {"unet": ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout"),
-              "mlp": ("hidden", "depth", "time_dim", "dropout")}
-_NO_SIGNAL_NET = ("no network for signal data (C, L) exists yet: diffsteps.nets has the UNet for image data and "
-                  "the MLP for vector data; add a 1-D denoiser, or set model._target_ to your own")
+              "mlp": ("hidden", "depth", "time_dim", "dropout"),
+              "unet1d": ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")}
 
 
 def auto_unet(image_size: int) -> dict[str, Any]:
@@ -52,6 +52,16 @@ def auto_unet(image_size: int) -> dict[str, Any]:
             "dropout": 0.0}
 
 
+def auto_unet1d(length: int) -> dict[str, Any]:
+    """``model=auto``'s 1-D UNet for signals of ``length`` positions: :func:`auto_unet`'s rule along one axis
+    (halve while the next length is a whole number ≥ 4, at most three levels; channel_mult (1, 2, 2, …); attention
+    at the lowest length) with base_channels 16 (the CPU-sized width of the digits net). For MNIST-1D (length 40)
+    this is conf/model/unet1d.yaml (lengths 40, 20, 10, attention at 10)."""
+    sizes = auto_unet(length)
+    return {"base_channels": 16, "channel_mult": sizes["channel_mult"], "num_res_blocks": 1,
+            "attention_lengths": [length // 2 ** (len(sizes["channel_mult"]) - 1)], "dropout": 0.0}
+
+
 def auto_mlp() -> dict[str, Any]:
     """``model=auto``'s MLP: conf/model/mlp.yaml's sizes; its dim comes from the data."""
     return {"hidden": 256, "depth": 4, "time_dim": 128, "dropout": 0.0}
@@ -63,24 +73,29 @@ def resolve_model(model_cfg: DictConfig, spec: DataSpec, data_name: str = "") ->
     ``model=auto`` (``name: auto``) becomes the UNet for image data (:func:`auto_unet`) or the MLP for vector data
     (:func:`auto_mlp`), with auto.yaml's non-null knobs on top and the shape arguments left null (filled from the
     data when instantiated), i.e. the config ``model=unet`` / ``model=mlp`` with those values would be. Signal
-    data raise: no 1-D network exists yet. An explicit UNet or MLP config is returned as it is after checking that
-    it takes the data's modality; other ``_target_``\\ s are not checked."""
+    data get the 1-D UNet (:func:`auto_unet1d`; its attention lengths are set by ``attention_resolutions``). An
+    explicit UNet, UNet1D or MLP config is returned as it is after checking that it takes the data's modality; other
+    ``_target_``\\ s are not checked."""
     from ..data.base import MODALITIES
 
     data = f"data {data_name} is {spec.describe()}" if data_name else f"the data are {spec.describe()}"
     if model_cfg.get("name") == "auto":
-        if spec.modality == "signal":
-            raise ValueError(f"model=auto: {data}, and {_NO_SIGNAL_NET}")
         net = _FOR_MODALITY[spec.modality]
-        chosen = auto_unet(spec.sample_shape[-1]) if net == "unet" else auto_mlp()
+        chosen = {"unet": auto_unet, "unet1d": auto_unet1d}[net](spec.sample_shape[-1]) if net != "mlp" \
+            else auto_mlp()
         knobs = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
         wrong = sorted(set(knobs) - set(_AUTO_KEYS[net]))
         if wrong:
             raise ValueError(f"model=auto chose the {net.upper()} for {spec.modality} data ({data}), which has no "
                              f"{', '.join(wrong)}; its settable sizes: {', '.join(_AUTO_KEYS[net])}")
-        chosen.update(OmegaConf.to_container(OmegaConf.create(knobs), resolve=True))
+        knobs = OmegaConf.to_container(OmegaConf.create(knobs), resolve=True)
+        if net == "unet1d" and "attention_resolutions" in knobs:
+            knobs["attention_lengths"] = knobs.pop("attention_resolutions")
+        chosen.update(knobs)
         if net == "unet":
             resolved = {"_target_": "diffsteps.nets.UNet", "in_channels": None, "image_size": None, **chosen}
+        elif net == "unet1d":
+            resolved = {"_target_": "diffsteps.nets.UNet1D", "in_channels": None, "length": None, **chosen}
         else:
             resolved = {"_target_": "diffsteps.nets.MLP", "dim": None, **chosen}
         return OmegaConf.create(resolved)
@@ -89,10 +104,7 @@ def resolve_model(model_cfg: DictConfig, spec: DataSpec, data_name: str = "") ->
         return model_cfg
     name, modality = _NETS[target]
     if spec.modality != modality:
-        if spec.modality == "signal":
-            hint = _NO_SIGNAL_NET
-        else:
-            hint = f"use model={_FOR_MODALITY[spec.modality]} or model=auto"
+        hint = f"use model={_FOR_MODALITY[spec.modality]} or model=auto"
         raise ValueError(f"model={name} needs {modality} data {MODALITIES[modality]}; {data}: {hint}")
     if name == "unet" and spec.sample_shape[1] != spec.sample_shape[2]:
         raise ValueError(f"model=unet needs square images; {data}")
@@ -121,6 +133,8 @@ def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.
         fill["in_channels"] = shape[0]
     if "image_size" in model_cfg and model_cfg.image_size is None:
         fill["image_size"] = shape[-1]
+    if "length" in model_cfg and model_cfg.length is None:
+        fill["length"] = shape[-1]
     if "dim" in model_cfg and model_cfg.dim is None:
         fill["dim"] = math.prod(shape)
     try:
@@ -130,7 +144,7 @@ def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.
         cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
         if name is None or cause is None:
             raise
-        sized = name == "unet" and any(k in str(cause) for k in ("image_size", "attention_resolutions"))
+        sized = name in ("unet", "unet1d") and any(k in str(cause) for k in ("image_size", "length", "attention_"))
         hint = "; model=auto chooses levels and attention resolutions that exist at this size" if sized else ""
         data = f"data {data_name} ({spec.describe()})" if data_name else spec.describe()
         raise ValueError(f"model={name} cannot be built for {data}: {cause}{hint}") from cause
@@ -229,6 +243,9 @@ def check_eval_features(cfg: DictConfig, spec: DataSpec, data_name: str = "") ->
         raise ValueError(f"unknown eval.features {asked!r}; valid choices: auto, {', '.join(FEATURE_SPACES)}")
     if name == "digits" and spec.sample_shape != (1, 8, 8):
         raise ValueError(f"eval.features=digits needs the 8×8 digits images (1, 8, 8); {data} is not: use "
+                         "eval.features=identity or eval.features=auto")
+    if name == "mnist1d" and spec.sample_shape != (1, 40):
+        raise ValueError(f"eval.features=mnist1d needs MNIST-1D signals (1, 40); {data} is not: use "
                          "eval.features=identity or eval.features=auto")
     if name == "inception":
         if spec.modality != "image":

@@ -48,7 +48,7 @@ NON_WEIGHT_CALLBACKS = ("lightning.pytorch.callbacks.ModelCheckpoint", "diffstep
 # the sources that define the weights: the data, the nets, the schedule/process, the loss and training step, EMA
 # (and the mixture the toy data sample from); progress lines and the digits classifier change nothing trained
 WEIGHT_SOURCES = ("core", "nets", "data", "training", "reference/gaussian_mixture.py")
-NOT_WEIGHT_SOURCES = ("training/progress.py", "training/classifier.py")
+NOT_WEIGHT_SOURCES = ("training/progress.py", "training/classifier.py", "training/mnist1d_classifier.py")
 # evaluating a checkpoint (ckpt_path=): settings that may differ from the training run's without making its numbers
 # those of other weights — where the data live, how they were loaded, how the training ran (trainer, callbacks) —
 # are neither compared nor adopted; the data's content fingerprint and the code version are compared with a warning

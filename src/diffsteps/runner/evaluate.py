@@ -80,6 +80,7 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
         ClassifierConfidence,
         MixtureNLL,
         Quality,
+        SpectralDistance,
         TrajectoryError,
     )
     from ..evaluation.quality import SampleQuality
@@ -110,6 +111,8 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
         Quality(plan, quality),
         MixtureNLL(plan, mixture) if mixture is not None else None,
         ClassifierConfidence(plan) if features == "digits" else None,
+        ClassifierConfidence(plan, extractor.net) if features == "mnist1d" else None,
+        SpectralDistance(plan, real) if datamodule.spec.modality == "signal" else None,
         TrajectoryError(plan, schedule, module.prediction) if plan.mse_samples > 0 else None,
         _elbo(cfg, module, datamodule, schedule, plan) if e.elbo.num_samples > 0 else None,
     ) if m is not None]
@@ -125,7 +128,8 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
     if trainer.global_rank != 0:
         return None, trainer.global_rank
     rows = runner.rows
-    _save_samples(evaluator, rows, plan, e, out_dir, datamodule.spec.modality)
+    _save_samples(evaluator, rows, plan, e, out_dir, datamodule.spec.modality,
+                  real=real if datamodule.spec.modality == "signal" else None)
     return rows, 0
 
 
@@ -152,13 +156,16 @@ def best_effort(what: Path | str, fn: Callable, *args, **kwargs):
         return None
 
 
-def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path, modality: str) -> None:
+def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Path, modality: str,
+                  real=None) -> None:
     """Per step count samples_<sampler>_<n>.pt (``eval.save_samples``; 0: none) and grid_<sampler>_<n>.png
-    (``eval.grid_size``; 0: none), and grid_steps_<sampler>.png (``eval.grid_columns``; 0: none)."""
+    (``eval.grid_size``; 0: none), and grid_steps_<sampler>.png (``eval.grid_columns``; 0: none). With ``real``
+    reference samples (signals), the across-steps grid starts with a row of them, and spectra_<sampler>.png
+    compares the mean power spectra of real and generated signals at every step count."""
     from ..reporting.files import save_torch
-    from ..reporting.plots import save_grid, save_steps_grid
+    from ..reporting.plots import save_grid, save_spectra, save_steps_grid
 
-    by_steps = {}
+    by_steps = {} if real is None else {"real data": real[: e.grid_columns]}
     for row in rows:
         n = row["steps"]
         x = evaluator.samples(n)
@@ -175,6 +182,10 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
         path = out_dir / f"grid_steps_{plan.sampler}.png"
         best_effort(path, save_steps_grid, by_steps, path,
                     title=f"{plan.sampler}: the same noise at each step count", modality=modality)
+    generated = {f"{r['steps']} steps": evaluator.samples(r["steps"]) for r in rows} if real is not None else {}
+    if any(len(x) for x in generated.values()):
+        path = out_dir / f"spectra_{plan.sampler}.png"
+        best_effort(path, save_spectra, real, generated, path, title=f"{plan.sampler}: mean power spectra")
 
 
 def write_results(rows: list[dict], out_dir: Path) -> None:

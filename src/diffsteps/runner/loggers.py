@@ -290,7 +290,7 @@ def log_results(rows: list[dict], loggers: list, out_dir: Path) -> None:
             run.log({"eval/table": table, **curves})
             for png in sorted(out_dir.glob("grid_*.png")):
                 lg.log_image(key=f"samples/{png.stem}", images=[str(png)])
-            for png in sorted(out_dir.glob("*_vs_*.png")):
+            for png in sorted([*out_dir.glob("*_vs_*.png"), *out_dir.glob("spectra_*.png")]):
                 lg.log_image(key=f"plots/{png.stem}", images=[str(png)])
             log_artifact([lg], f"samples-{run.id}", "samples",
                          sorted(out_dir.glob("samples_*.pt")) + sorted(out_dir.glob("grid_*.png")))

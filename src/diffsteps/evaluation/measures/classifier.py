@@ -12,12 +12,14 @@ from .base import Chunk, Measure, Totals
 
 class ClassifierConfidence(Measure):
     """``classifier_confidence``, ``classifier_confident_fraction``, ``classifier_class_entropy`` and
-    ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1]: sums of per-chunk counts, so they equal
+    ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1] (or of MNIST-1D signals with ``classifier`` its
+    shipped classifier): sums of per-chunk counts, so they equal
     :func:`~diffsteps.evaluation.classifier.classifier_confidence` of all samples at once."""
 
-    def __init__(self, plan: EvalPlan):
-        # loaded once: it is read, checksummed and built from its file on every load
-        self.classifier = load_digits_classifier()
+    def __init__(self, plan: EvalPlan, classifier=None):
+        # loaded once: it is read, checksummed and built from its file on every load. Another 10-class classifier
+        # (the MNIST-1D one for signals) may be passed instead of the digits one.
+        self.classifier = classifier if classifier is not None else load_digits_classifier()
         self.totals = {n: Totals({"n": (), "pmax_sum": (), "confident": (), "class_counts": (10,)})
                        for n in plan.steps}
 
