@@ -25,6 +25,11 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
     # at t = T−1 on the linear schedule) from compounding; vector data has no such bound
     clip = cfg.eval.get("clip_denoised", "auto")
     options["clip_denoised"] = (1.0 if datamodule.spec.modality == "image" else None) if clip == "auto" else clip
+    # classifier-free guidance is the model wrapper's option, for any sampler (diffsteps.sampling.guidance)
+    for key in ("guidance_scale", "guidance_interval"):
+        value = OmegaConf.select(cfg, f"sampler.{key}")
+        if value is not None:
+            options[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return options
 
 
@@ -40,7 +45,9 @@ def make_plan(cfg: DictConfig, datamodule, steps: list[int]):
                     options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
                     mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
                     reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
-                    keep_samples=min(max(e.grid_size, e.grid_columns, e.save_samples), e.num_samples))
+                    keep_samples=min(max(e.grid_size, e.grid_columns, e.save_samples), e.num_samples),
+                    num_classes=(datamodule.spec.num_classes or 0) if getattr(datamodule, "conditional", False)
+                    else 0)
 
 
 class ResultsFile:

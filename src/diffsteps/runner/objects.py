@@ -22,11 +22,15 @@ OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
 class SamplerChoice:
     """A sampler of :data:`diffsteps.sampling.registry.SAMPLERS`, its timestep spacing (a name in ``SPACINGS`` or an
     explicit decreasing list) and its options (e.g. ``eta`` for ddim). The name, the option names and the option
-    values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner."""
+    values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner.
+    ``guidance_scale`` / ``guidance_interval``: classifier-free guidance of a class-conditional model (any
+    sampler; :mod:`diffsteps.sampling.guidance`), None for none."""
 
     name: str
     spacing: Any = "trailing"
     options: Mapping[str, Any] = field(default_factory=dict)
+    guidance_scale: float | None = None
+    guidance_interval: Any = None
 
     def __post_init__(self):
         options = OmegaConf.to_container(self.options, resolve=True) if OmegaConf.is_config(self.options) else dict(
@@ -45,6 +49,13 @@ class SamplerChoice:
         from ..sampling.levels import Levels
 
         spec.fn(None, None, Levels((), ()), **options)  # a pass over zero steps: the sampler's own value checks
+        if OmegaConf.is_config(self.guidance_interval):
+            object.__setattr__(self, "guidance_interval", OmegaConf.to_container(self.guidance_interval))
+        from ..sampling.guidance import check_guidance_options
+
+        scale, interval = check_guidance_options(self.guidance_scale, self.guidance_interval)
+        object.__setattr__(self, "guidance_scale", scale)
+        object.__setattr__(self, "guidance_interval", None if interval is None else list(interval))
 
     @property
     def deterministic(self) -> bool:
