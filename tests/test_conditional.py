@@ -214,3 +214,34 @@ def test_guidance_on_an_unconditional_model_fails_before_any_model_call(classes,
     with pytest.raises(ValueError, match="needs a class-conditional model.*is unconditional"):
         ds.sample(counting, noise(2, 2), schedule=linear, steps=4, guidance_scale=2.0)
     assert counting.calls == 0
+
+
+# -- text prompts -----------------------------------------------------------------------------------------------------
+def test_digit_prompts_read_the_embedded_datas_prompts():
+    from diffsteps.nets import DigitPrompts
+
+    enc = DigitPrompts()
+    prompts = ["a handwritten seven", "the digit 7", "7", "seven", "Seven!", "an image of the number 3", "zero",
+               "a hand-written 9", "Draw the digit eight.", "1"]
+    assert enc.labels(prompts).tolist() == [7, 7, 7, 7, 7, 3, 0, 9, 8, 1]
+    assert enc.cond(["two"])["y"].dtype == torch.int64
+    v = enc.vectors(["7", "a handwritten seven"])
+    assert v.shape == (2, 11) and torch.equal(v[:, :10], torch.nn.functional.one_hot(torch.tensor([7, 7]), 10).float())
+    assert v[:, 10].tolist() == [1.0, 3.0]  # the prompt's length in words: the step-predictor hook's complexity
+
+
+@pytest.mark.parametrize("prompt", ["a cat", "seven or eight", "the digit 12", "", "a handwritten sevn"])
+def test_unreadable_prompt_fails_before_any_model_call(cond_model, linear, prompt):
+    from diffsteps.nets import DigitPrompts
+
+    counting = CountingConditional(cond_model)
+    with pytest.raises(ValueError, match="cannot read prompt.*names exactly one digit.*zero, one, two"):
+        ds.sample(counting, noise(2, 2), schedule=linear, steps=4, cond=DigitPrompts().cond([prompt, "7"]))
+    assert counting.calls == 0
+
+
+def test_sentence_transformer_encoder_needs_a_local_folder(tmp_path):
+    from diffsteps.nets import SentenceTransformerPrompts
+
+    with pytest.raises(ValueError, match="local folder.*never downloaded"):
+        SentenceTransformerPrompts("sentence-transformers/all-MiniLM-L6-v2")  # a hub name, not a folder

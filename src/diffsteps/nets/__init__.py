@@ -3,6 +3,7 @@
 Class conditioning: a net built with ``num_classes`` = K > 0 takes labels ``y`` (B,) in 0 … K−1, embedded by a
 table of K + 1 rows (row K: the null label, used by label dropout and by classifier-free guidance's unconditional
 branch; ``y=None`` means it) and added to the time embedding. ``num_classes=0`` (the default) has no table.
+Text prompts reach those labels through a conditioning encoder (:mod:`.encoders`).
 
 ``x`` is (B, D) for vector data (:class:`MLP`) or (B, C, H, W) for images (:class:`UNet`); ``t`` is a 1-D float
 tensor (B,) of training-time indices in [0, T − 1], not necessarily integers (a 0-d ``t`` is broadcast over the
@@ -19,8 +20,10 @@ Forward passes contain no data-dependent Python control flow (only shape checks,
 guards), so the nets compile with ``fullgraph=True``.
 """
 
+from .encoders import DigitPrompts, PromptEncoder, SentenceTransformerPrompts
 from .layers import ClassEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import AttentionBlock, ResBlock, UNet
 
-__all__ = ["ClassEmbedding", "SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "ResBlock", "AttentionBlock"]
+__all__ = ["ClassEmbedding", "SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "ResBlock", "AttentionBlock",
+           "PromptEncoder", "DigitPrompts", "SentenceTransformerPrompts"]

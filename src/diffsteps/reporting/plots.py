@@ -17,7 +17,7 @@ __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "
            "plot_sweep_metric"]
 
 # metrics drawn against NFE when present, lower is better for all
-CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd")
+CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd", "classifier_agreement")
 
 
 # how each modality of diffsteps.data.DataSpec is drawn, by the rank of a batch of it
