@@ -245,3 +245,47 @@ def test_sentence_transformer_encoder_needs_a_local_folder(tmp_path):
 
     with pytest.raises(ValueError, match="local folder.*never downloaded"):
         SentenceTransformerPrompts("sentence-transformers/all-MiniLM-L6-v2")  # a hub name, not a folder
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------------
+def test_eval_labels_are_balanced_and_agreement_is_the_classifiers_accuracy():
+    from diffsteps.evaluation.classifier import class_agreement
+    from diffsteps.evaluation.measures import ClassifierConfidence
+    from diffsteps.evaluation.measures.base import Chunk
+    from diffsteps.evaluation.plan import EvalPlan, chunk_cond, eval_labels
+    from diffsteps.reference.digits_classifier import HELD_OUT_CORRECT
+
+    plan = EvalPlan(sampler="ddim", steps=(5,), shape=(1, 8, 8), num_samples=359, batch_size=100, num_classes=10)
+    y = eval_labels(plan)
+    assert torch.bincount(y, minlength=10).tolist() == [36] * 9 + [35]
+    assert torch.equal(torch.cat([chunk_cond(plan, c)["y"] for c in range(plan.num_chunks)]), y)
+    assert not torch.equal(y, eval_labels(EvalPlan(**{**plan.__dict__, "noise_seed": 7})))  # the order is seeded
+    # real held-out digits "generated for" their true class: agreement is the classifier's held-out accuracy, also
+    # when accumulated chunk by chunk as the evaluator does
+    digits = DigitsData()
+    x, truth = digits.real_samples(split="val"), digits.labels("val")
+    assert class_agreement(x, truth) == HELD_OUT_CORRECT[0] / HELD_OUT_CORRECT[1]
+    measure = ClassifierConfidence(plan)
+    for c in range(plan.num_chunks):
+        s, n = plan.chunk(c)
+        measure.update(5, x[s:s + n], Chunk(c, torch.arange(s, s + n), x[s:s + n], None, torch.device("cpu"),
+                                            {"y": truth[s:s + n]}))
+    assert measure.compute(5)["classifier_agreement"] == pytest.approx(HELD_OUT_CORRECT[0] / HELD_OUT_CORRECT[1])
+
+
+def test_run_py_trains_a_conditional_model_and_evaluates_it_guided(tmp_path):
+    import json
+
+    from helpers import run_py
+
+    run_py(tmp_path, "data.conditional=true", "sampler.guidance_scale=2", "train.max_steps=8",
+           "trainer.val_check_interval=8", "callbacks.model_checkpoint.every_n_train_steps=8",
+           "lr_scheduler.warmup_steps=2", "eval.num_samples=60", "eval.batch_size=60", "eval.kid_subset_size=20",
+           "eval.mse.num_samples=8", "eval.mse.reference_steps=4", "eval.elbo.num_samples=16", "steps=[3]",
+           "logger=csv", "encoder=digits", "prompts=[a handwritten seven,the digit 3]", "eval.grid_columns=4")
+    out = tmp_path / "run"
+    (row,) = json.loads((out / "metrics.json").read_text())
+    assert row["guidance_scale"] == 2.0 and row["nfe"] == 6  # both branches at each of the 3 steps
+    assert 0.0 <= row["classifier_agreement"] <= 1.0 and "mse" in row and "elbo_bpd" in row
+    assert "num_classes: 10" in (out / "config.yaml").read_text()  # model=auto sized the label table
+    assert (out / "prompts_ddim.png").stat().st_size > 0
