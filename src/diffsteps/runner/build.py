@@ -183,25 +183,6 @@ def check_eval_features(cfg: DictConfig, spec: DataSpec, data_name: str = "") ->
     return name
 
 
-def prompt_labels(cfg: DictConfig, spec: DataSpec, conditional: bool):
-    """``cfg.prompts`` read by the ``encoder`` (``_target_``) as class labels (B,), checked against the data; None
-    without prompts. Called before training, so a prompt the encoder cannot read fails in seconds."""
-    prompts = OmegaConf.select(cfg, "prompts")
-    if not prompts:
-        return None
-    from hydra.utils import instantiate
-
-    if OmegaConf.select(cfg, "encoder") is None:
-        raise ValueError("prompts need a conditioning encoder: add encoder=digits (the shipped digit-prompt reader) "
-                         "or encoder=sentence_transformers encoder.path=<local folder>")
-    if not conditional:
-        raise ValueError("prompts need a class-conditional model: set data.conditional=true (labelled data)")
-    encoder = instantiate(cfg.encoder)
-    if encoder.num_classes != spec.num_classes:
-        raise ValueError(f"the encoder reads {encoder.num_classes} classes, the data have {spec.num_classes}")
-    return encoder.labels([str(p) for p in prompts])
-
-
 def build(cfg: DictConfig, schedule):
     """The data module, and the Lightning module with its network, loss, optimiser and LR-scheduler partials."""
     from hydra.utils import instantiate
@@ -216,6 +197,8 @@ def build(cfg: DictConfig, schedule):
     if guidance is not None and not conditional:
         raise ValueError(f"sampler.guidance_scale={guidance} needs a class-conditional model: set data.conditional="
                          "true (labelled data), or sampler.guidance_scale=null")
+    from .objects import prompt_labels
+
     prompt_labels(cfg, datamodule.spec, conditional)
     net = build_net(cfg, datamodule.spec, datamodule.name, conditional=conditional)
     loss = instantiate(cfg.loss)

@@ -143,7 +143,7 @@ def _prompt_grid(cfg: DictConfig, module, datamodule, schedule, plan, path: Path
     from ..evaluation.plan import chunk_noise
     from ..reporting.plots import save_steps_grid
     from ..sampling.api import sample
-    from .build import prompt_labels
+    from .objects import prompt_labels
 
     prompts = [str(p) for p in cfg.prompts]
     labels = prompt_labels(cfg, datamodule.spec, True)

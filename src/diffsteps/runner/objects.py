@@ -1,5 +1,6 @@
 """The ``sampler`` and ``objective`` config groups as objects (their ``_target_``s): checked when built, so a bad
-name or option fails with the valid choices before any data is loaded."""
+name or option fails with the valid choices before any data is loaded; and the ``encoder`` group's reading of
+``prompts`` (:func:`prompt_labels`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..core.spacings import SPACINGS
 from ..sampling.registry import SAMPLERS, get_sampler
@@ -92,3 +93,23 @@ class Objective:
         the metric."""
         value = float(row.get(self.metric, math.nan))
         return value + float(self.cost_weight) * float(row[OBJECTIVE_COSTS[self.cost]]) if self.cost_weight else value
+
+
+def prompt_labels(cfg: DictConfig, spec, conditional: bool):
+    # spec: the data's DataSpec (not imported here: the data package imports Lightning)
+    """``cfg.prompts`` read by the ``encoder`` (``_target_``) as class labels (B,), checked against the data; None
+    without prompts. Called before training, so a prompt the encoder cannot read fails in seconds."""
+    prompts = OmegaConf.select(cfg, "prompts")
+    if not prompts:
+        return None
+    from hydra.utils import instantiate
+
+    if OmegaConf.select(cfg, "encoder") is None:
+        raise ValueError("prompts need a conditioning encoder: add encoder=digits (the shipped digit-prompt reader) "
+                         "or encoder=sentence_transformers encoder.path=<local folder>")
+    if not conditional:
+        raise ValueError("prompts need a class-conditional model: set data.conditional=true (labelled data)")
+    encoder = instantiate(cfg.encoder)
+    if encoder.num_classes != spec.num_classes:
+        raise ValueError(f"the encoder reads {encoder.num_classes} classes, the data have {spec.num_classes}")
+    return encoder.labels([str(p) for p in prompts])

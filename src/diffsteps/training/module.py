@@ -175,7 +175,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"timestep_bands must be an integer in [1, T={T}], got {timestep_bands!r}")
         # The objects are not hyperparameters: the runner stores the full config that built them. (A partial in the
         # checkpoint's hyper_parameters would also stop it loading with weights_only=True.)
-        self.save_hyperparameters(ignore=["net", "schedule", "loss", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "schedule", "loss", "optimizer", "lr_scheduler", "p_uncond"])
+        self.p_uncond = float(p_uncond)  # like the objects, recorded by the runner's config (train.p_uncond)
         self.net = net
         self.schedule = schedule
         self.loss_fn = loss
@@ -218,7 +219,7 @@ class DiffusionModule(L.LightningModule):
 
     def _drop_labels(self, y: torch.Tensor, seed: int) -> torch.Tensor:
         """Each label replaced by the null label (``net.num_classes``) with probability ``p_uncond``."""
-        p = float(self.hparams.p_uncond)
+        p = self.p_uncond
         if p == 0.0:
             return y
         g = torch.Generator().manual_seed(_seed(seed, 3))
