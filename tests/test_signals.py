@@ -107,7 +107,7 @@ def test_unet1d_shapes_and_class_labels():
     torch.testing.assert_close(net(x[p], t[p], y[p]), out[p], rtol=1e-5, atol=1e-6)
     plain = UNet1D(base_channels=8, channel_mult=(1, 2), attention_lengths=(20,), in_channels=2, length=40)
     assert plain(torch.randn(3, 2, 40), torch.tensor(5.0)).shape == (3, 2, 40)
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match="without classes"):
         plain(torch.randn(3, 2, 40), torch.tensor(5.0), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="attention_lengths \\[7\\] never occur.*valid values: 40, 20"):
         UNet1D(channel_mult=(1, 2), attention_lengths=(7,))

@@ -8,8 +8,10 @@ which data set it has:
   so evaluation code can use a module outside a Trainer;
 - ``train_dataloader()`` shuffles with a generator seeded from ``seed`` and drops the last partial batch; it is a
   :class:`ResumableLoader`, so a run resumed from a mid-epoch checkpoint continues with the batch after the last one
-  trained; ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — no labels.
-  Under DDP Lightning swaps in a DistributedSampler itself;
+  trained; ``val_dataloader()`` keeps order. Batches are the data tensor alone, (B, *sample_shape) float32 — unless
+  the module was built with ``conditional=True``: then each batch is a tuple ``(x, y)``, y an int64 (B,) tensor of
+  class indices in 0 … ``spec.num_classes`` − 1 (only labelled data sets accept it; an unlabelled one raises at
+  construction, naming the labelled ones). Under DDP Lightning swaps in a DistributedSampler itself;
 - ``spec``, a :class:`DataSpec` saying what the data are (modality, sample shape, levels, classes, exact density,
   default feature space), and ``sample_shape``: both known before setup, so models can be chosen and built first;
   code that must treat images, vectors and signals differently reads ``spec``, never the tensor shapes;
@@ -213,17 +215,19 @@ def _uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class _TensorDataset(Dataset):
-    """Rows of one tensor, decoded on access; yields the bare tensor so a batch is a tensor, not a 1-tuple."""
+    """Rows of one tensor, decoded on access; yields the bare tensor so a batch is a tensor, not a 1-tuple — or
+    ``(x, label)`` when given ``labels``, so a batch is ``(x, y)``."""
 
-    def __init__(self, data: torch.Tensor, decode=None):
-        self.data, self.decode = data, decode
+    def __init__(self, data: torch.Tensor, decode=None, labels: torch.Tensor | None = None):
+        self.data, self.decode, self.labels = data, decode, labels
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i):
         x = self.data[i]
-        return x if self.decode is None else self.decode(x)
+        x = x if self.decode is None else self.decode(x)
+        return x if self.labels is None else (x, self.labels[i])
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -245,13 +249,22 @@ def _fmt(x: float) -> str:
 
 class _InMemoryData(LightningDataModule, abc.ABC):
     """Shared machinery; subclasses implement ``_load`` (returning per-split data and optional labels),
-    ``sample_shape``, ``spec`` and ``name``, and set ``_decode`` when they store raw uint8."""
+    ``sample_shape``, ``spec`` and ``name``, and set ``_decode`` when they store raw uint8.
+
+    ``conditional=True`` makes the loaders yield ``(x, y)`` batches (class-conditional training); it needs labels,
+    i.e. ``spec.num_classes`` set and ``_load`` returning them. Subclasses call :meth:`_check_conditional` at the
+    end of their ``__init__`` (once ``spec`` can be read), so a request for labels an unlabelled set lacks fails
+    before anything is loaded."""
 
     mixture = None  # the exact density where one is known (spec.has_density)
     _decode = None
+    labelled = False  # True where the data come with class labels (so conditional=True is possible)
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, conditional: bool = False):
         super().__init__()
+        if not isinstance(conditional, bool):
+            raise ValueError(f"conditional must be true or false, got {conditional!r}")
+        self.conditional = conditional
         self.batch_size = _check_positive_int("batch_size", batch_size)
         if int(num_workers) != num_workers or num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
@@ -285,10 +298,21 @@ class _InMemoryData(LightningDataModule, abc.ABC):
         arguments, which identify it."""
         return None
 
+    def _check_conditional(self) -> None:
+        """Raise if ``conditional=True`` was asked of data without class labels (``spec.num_classes`` None)."""
+        if self.conditional and self.spec.num_classes is None:
+            from . import DATAMODULES  # the registry, for the message only (imported late: it imports this module)
+
+            labelled = [k for k, cls in DATAMODULES.items() if cls.labelled]
+            raise ValueError(f"{type(self).__name__} has no class labels, so conditional=true is impossible; "
+                             f"labelled data sets: {', '.join(labelled)}")
+
     # -- common interface ----------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self._data is None:
             data, labels = self._load()
+            if self.conditional and labels is None:
+                raise ValueError(f"{type(self).__name__}(conditional=True) loaded no labels")
             self._data, self._labels = data, labels
 
     def _split(self, split: str) -> torch.Tensor:
@@ -298,7 +322,8 @@ class _InMemoryData(LightningDataModule, abc.ABC):
         return self._data[split]
 
     def _dataset(self, split: str) -> _TensorDataset:
-        return _TensorDataset(self._split(split), self._decode)
+        data = self._split(split)
+        return _TensorDataset(data, self._decode, self._labels[split] if self.conditional else None)
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset("train")

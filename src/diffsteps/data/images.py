@@ -32,13 +32,18 @@ class DigitsData(_InMemoryData):
 
     Pixels (integers 0…16) map linearly to [−1, 1] (0 → −1, 16 → 1), shape (N, 1, 8, 8) float32. The held-out
     split is stratified by class with a permutation drawn from ``seed``. ``labels(split)`` gives the digit classes;
-    ``split_indices[split]`` the positions in ``load_digits()`` order.
+    ``split_indices[split]`` the positions in ``load_digits()`` order. ``conditional=True``: batches ``(x, y)``
+    with the digit y.
     """
 
-    def __init__(self, val_fraction: float = 0.2, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
+    labelled = True
+
+    def __init__(self, val_fraction: float = 0.2, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
+                 conditional: bool = False):
+        super().__init__(batch_size, num_workers, seed, conditional)
         self.val_fraction = _check_fraction(val_fraction)
         self._split_indices: dict[str, torch.Tensor] | None = None
+        self._check_conditional()
         self.save_hyperparameters()
 
     @property
@@ -117,8 +122,9 @@ class ImageFolderData(_InMemoryData):
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3,
                  extensions: Sequence[str] = ("png", "jpg", "jpeg"), val_fraction: float = 0.1,
-                 center_crop: bool = True, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
+                 center_crop: bool = True, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
+                 conditional: bool = False):
+        super().__init__(batch_size, num_workers, seed, conditional)
         self.root = Path(os.path.expanduser(str(root)))
         self.image_size = _check_positive_int("image_size", image_size)
         if channels not in (1, 3):
@@ -135,6 +141,7 @@ class ImageFolderData(_InMemoryData):
         self.center_crop = bool(center_crop)
         self._files: dict[str, list[Path]] | None = None
         self._fingerprint: str | None = None
+        self._check_conditional()
         self.save_hyperparameters()
 
     def fingerprint(self) -> str:
@@ -248,16 +255,18 @@ class CIFAR10Data(_InMemoryData):
     Images are (N, 3, 32, 32) in [−1, 1] (stored as uint8, 150 MB, decoded per batch). ``labels(split)`` gives the
     classes. If the folder is missing, ``download=True`` fetches it with ``torchvision.datasets.CIFAR10`` (imported
     only then; torchvision is otherwise not needed) in ``prepare_data``; ``download=False`` raises, saying how to
-    provide the files.
+    provide the files. ``conditional=True``: batches ``(x, y)`` with the class y.
     """
 
     _decode = staticmethod(_uint8_to_unit)
+    labelled = True
 
     def __init__(self, root: str = "data", download: bool = False, batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
+                 seed: int = 0, conditional: bool = False):
+        super().__init__(batch_size, num_workers, seed, conditional)
         self.root = Path(os.path.expanduser(str(root)))
         self.download = bool(download)
+        self._check_conditional()
         self.save_hyperparameters()
 
     @property

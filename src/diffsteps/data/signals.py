@@ -14,7 +14,6 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .base import (
     DataSpec,
@@ -22,7 +21,6 @@ from .base import (
     _check_positive_int,
     _fmt,
     _InMemoryData,
-    _TensorDataset,
 )
 
 # The generator standardises the whole set (all splits) to mean 0, std 1; dividing by 3 then gives std 1/3 with
@@ -62,19 +60,6 @@ def generate_mnist1d(num_samples: int, train_split: float, seed: int) -> tuple[n
     return out
 
 
-class _LabelledDataset(Dataset):
-    """(x, y) pairs: the conditional batches ``(x (B, 1, L), y (B,) int64)``."""
-
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor):
-        self.data, self.labels = data, labels
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i], self.labels[i]
-
-
 class MNIST1DData(_InMemoryData):
     """MNIST-1D (Greydanus 2020, "Scaling down deep learning"): ``num_samples`` signals of length 40 in ten
     balanced digit classes, samples (1, 40) (modality ``signal``), labels 0…9.
@@ -90,15 +75,17 @@ class MNIST1DData(_InMemoryData):
     MNIST-1D classifier's features (``eval.features=auto`` → ``mnist1d``).
     """
 
+    labelled = True
+
     def __init__(self, num_samples: int = 5000, val_fraction: float = 0.2, conditional: bool = False,
                  batch_size: int = 128, num_workers: int = 0, seed: int = 42):
-        super().__init__(batch_size, num_workers, seed)
+        super().__init__(batch_size, num_workers, seed, conditional)
         self.num_samples = _check_positive_int("num_samples", num_samples)
         if self.num_samples < 2 * NUM_CLASSES:
             # make_dataset draws num_samples // 10 signals per class; fewer than two each leaves a split empty
             raise ValueError(f"num_samples must be at least {2 * NUM_CLASSES} (two per class), got {num_samples}")
         self.val_fraction = _check_fraction(val_fraction)
-        self.conditional = bool(conditional)
+        self._check_conditional()
         self.save_hyperparameters()
 
     @property
@@ -131,7 +118,3 @@ class MNIST1DData(_InMemoryData):
         labels = {"train": torch.from_numpy(y_tr.copy()), "val": torch.from_numpy(y_te.copy())}
         return data, labels
 
-    def _dataset(self, split: str) -> Dataset:
-        if self.conditional:
-            return _LabelledDataset(self._split(split), self.labels(split))
-        return _TensorDataset(self._split(split), self._decode)

@@ -65,8 +65,9 @@ class Toy2DData(_InMemoryData):
     """
 
     def __init__(self, kind: str = "8gaussians", n_train: int = 20_000, n_val: int = 10_000,
-                 noise: float | None = None, batch_size: int = 128, num_workers: int = 0, seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
+                 noise: float | None = None, batch_size: int = 128, num_workers: int = 0, seed: int = 0,
+                 conditional: bool = False):
+        super().__init__(batch_size, num_workers, seed, conditional)
         if kind not in TOY_KINDS:
             raise ValueError(f"unknown toy kind {kind!r}; choose one of {TOY_KINDS}")
         self.kind = kind
@@ -77,6 +78,7 @@ class Toy2DData(_InMemoryData):
             raise ValueError(f"noise must be non-negative (positive for 8gaussians), got {self.noise}")
         # Built eagerly: it is cheap, and callers may want the exact density before any data exist.
         self.mixture = self._make_mixture() if kind == "8gaussians" else None
+        self._check_conditional()
         self.save_hyperparameters()
 
     @property
@@ -121,13 +123,18 @@ class Toy2DData(_InMemoryData):
 class GMMData(_InMemoryData):
     """Samples of an n-D Gaussian mixture generated from ``seed`` (no files): ``components`` equally weighted,
     isotropic components of std ``component_std`` whose means are drawn i.i.d. from N(0, spread² I).
-    ``.mixture`` is the exact density (a :class:`GaussianMixture`), available before setup.
+    ``.mixture`` is the exact density (a :class:`GaussianMixture`), available before setup. ``conditional=True``
+    labels each point with the component it was drawn from (``spec.num_classes`` = ``components``; unlabelled
+    otherwise, the data identical either way): a class-conditional mixture whose exact conditional ε is
+    ``ExactEpsilon(mixture, schedule, conditional=True)``.
     """
+
+    labelled = True
 
     def __init__(self, dim: int = 8, components: int = 4, spread: float = 1.0, component_std: float = 0.25,
                  n_train: int = 20_000, n_val: int = 10_000, batch_size: int = 128, num_workers: int = 0,
-                 seed: int = 0):
-        super().__init__(batch_size, num_workers, seed)
+                 seed: int = 0, conditional: bool = False):
+        super().__init__(batch_size, num_workers, seed, conditional)
         self.dim = _check_positive_int("dim", dim)
         self.components = _check_positive_int("components", components)
         self.n_train = _check_positive_int("n_train", n_train)
@@ -139,6 +146,7 @@ class GMMData(_InMemoryData):
         means = self.spread * torch.randn(self.components, self.dim, generator=_generator(self.seed, _STREAM_GMM),
                                           dtype=torch.float64)
         self.mixture = GaussianMixture(means, self.component_std**2)
+        self._check_conditional()
         self.save_hyperparameters()
 
     @property
@@ -147,7 +155,8 @@ class GMMData(_InMemoryData):
 
     @property
     def spec(self) -> DataSpec:
-        return DataSpec("vector", self.sample_shape, has_density=True)
+        return DataSpec("vector", self.sample_shape, num_classes=self.components if self.conditional else None,
+                        has_density=True)
 
     @property
     def name(self) -> str:
@@ -155,6 +164,8 @@ class GMMData(_InMemoryData):
                 f"-n{self.n_train}-{self.n_val}-seed{self.seed}")
 
     def _load(self):
-        x = self.mixture.sample(self.n_train + self.n_val, generator=_generator(self.seed, _STREAM_DATA))
+        x, y = self.mixture.sample(self.n_train + self.n_val, generator=_generator(self.seed, _STREAM_DATA),
+                                   return_labels=True)
         x = x.to(torch.float32)
-        return {"train": x[: self.n_train], "val": x[self.n_train:]}, None
+        labels = {"train": y[: self.n_train], "val": y[self.n_train:]} if self.conditional else None
+        return {"train": x[: self.n_train], "val": x[self.n_train:]}, labels

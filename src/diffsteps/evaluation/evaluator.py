@@ -30,22 +30,24 @@ from ..core.schedules import Schedule
 from ..sampling.api import sample
 from ..sampling.registry import get_sampler
 from .measures.base import Chunk, Measure, Totals
-from .plan import EvalPlan, _sampler_generator, chunk_noise
+from .plan import EvalPlan, _sampler_generator, chunk_cond, chunk_noise
 
 __all__ = ["EvaluationModule", "Evaluator", "Totals"]
 
 
 class _TimedNet(nn.Module):
-    """The network with a stopwatch: seconds spent in ``forward`` (synchronised on CUDA, so it is device time)."""
+    """The network with a stopwatch: seconds spent in ``forward`` (synchronised on CUDA, so it is device time).
+    Passes conditioning through and shows the net's ``num_classes``, so the sampler sees a conditional net."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net, self.seconds = net, 0.0
+        self.num_classes = int(getattr(net, "num_classes", 0) or 0)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         _sync(x.device)
         t0 = time.perf_counter()
-        out = self.net(x, t)
+        out = self.net(x, t, **cond) if cond else self.net(x, t)
         _sync(x.device)
         self.seconds += time.perf_counter() - t0
         return out
@@ -115,7 +117,8 @@ class Evaluator:
         device = device or _device_of(net)
         start, size = plan.chunk(c)
         timed = _TimedNet(net)
-        chunk = Chunk(c, torch.arange(start, start + size), chunk_noise(plan, c, device), timed, device)
+        chunk = Chunk(c, torch.arange(start, start + size), chunk_noise(plan, c, device), timed, device,
+                      chunk_cond(plan, c, device))
         for m in self.measures:
             m.begin_chunk(chunk)
         for n in self._steps(steps):
@@ -126,8 +129,8 @@ class Evaluator:
             t0 = time.perf_counter()
             res = sample(timed, chunk.noise, schedule=self.schedule, prediction=self.prediction,
                          sampler=plan.sampler, steps=None if get_sampler(plan.sampler).adaptive else n,
-                         spacing=plan.spacing,
-                         generator=_sampler_generator(plan, c, device), return_info=True, **plan.options)
+                         spacing=plan.spacing, generator=_sampler_generator(plan, c, device), return_info=True,
+                         cond=chunk.cond or None, **plan.options)
             _sync(device)
             seconds = time.perf_counter() - t0
             x = res.sample
@@ -163,6 +166,8 @@ class Evaluator:
                "nfe": round(float(t["nfe_sum"]) / count), "num_samples": int(count),
                "sample_seconds": float(t["sample_seconds"]), "model_seconds": float(t["model_seconds"]),
                "seconds_per_sample": float(t["sample_seconds"]) / count}
+        if self.plan.options.get("guidance_scale") is not None:  # a guided conditional evaluation: say how guided
+            row["guidance_scale"] = float(self.plan.options["guidance_scale"])
         if math.isfinite(float(t["peak_memory"])):
             row["peak_memory_mb"] = float(t["peak_memory"])
         for m in self.measures:

@@ -1,4 +1,9 @@
-"""Denoiser networks: ``net(x, t)`` → a tensor of x's shape (ε, x_0 or v — the network does not care which).
+"""Denoiser networks: ``net(x, t, y=None)`` → a tensor of x's shape (ε, x_0 or v — the network does not care which).
+
+Class conditioning: a net built with ``num_classes`` = K > 0 takes labels ``y`` (B,) in 0 … K−1, embedded by a
+table of K + 1 rows (row K: the null label, used by label dropout and by classifier-free guidance's unconditional
+branch; ``y=None`` means it) and added to the time embedding. ``num_classes=0`` (the default) has no table.
+Text prompts reach those labels through a conditioning encoder (:mod:`.encoders`).
 
 ``x`` is (B, D) for vector data (:class:`MLP`), (B, C, H, W) for images (:class:`UNet`) or (B, C, L) for
 signals (:class:`UNet1D`, which also takes class labels ``y``); ``t`` is a 1-D float
@@ -16,9 +21,11 @@ Forward passes contain no data-dependent Python control flow (only shape checks,
 guards), so the nets compile with ``fullgraph=True``.
 """
 
-from .layers import SinusoidalEmbedding, TimeEmbedding
+from .encoders import DigitPrompts, PromptEncoder, SentenceTransformerPrompts
+from .layers import ClassEmbedding, SinusoidalEmbedding, TimeEmbedding
 from .mlp import MLP
 from .unet import AttentionBlock, ResBlock, UNet
 from .unet1d import UNet1D
 
-__all__ = ["SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "UNet1D", "ResBlock", "AttentionBlock"]
+__all__ = ["ClassEmbedding", "SinusoidalEmbedding", "TimeEmbedding", "MLP", "UNet", "UNet1D", "ResBlock",
+           "AttentionBlock", "PromptEncoder", "DigitPrompts", "SentenceTransformerPrompts"]

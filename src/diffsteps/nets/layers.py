@@ -1,4 +1,5 @@
-"""Building blocks shared by the nets: argument checks, sinusoidal and learned time embeddings."""
+"""Building blocks shared by the nets: argument checks, sinusoidal and learned time embeddings, the class-label
+embedding."""
 
 from __future__ import annotations
 
@@ -84,3 +85,49 @@ class TimeEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = self.sinusoid(t).to(self.fc1.weight.dtype)
         return self.fc2(F.silu(self.fc1(emb)))
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+    return int(num_classes)
+
+
+class ClassEmbedding(nn.Module):
+    """A learned embedding of class labels, added to the time embedding (ADM's ``label_emb``, Dhariwal & Nichol
+    2021; EDM's ``map_label``, Karras et al. 2022).
+
+    The table has ``num_classes + 1`` rows: row ``num_classes`` is the null label, the "no condition" input that
+    label dropout trains (Ho & Salimans 2022, §3.2) and that classifier-free guidance's unconditional branch uses.
+    ``y=None`` means the null label for the whole batch. Labels are (B,) integers in [0, num_classes]; range checks
+    live in the sampling API (before any model call), not here, so the forward pass stays free of data-dependent
+    control flow."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = _check_num_classes(num_classes)
+        if self.num_classes < 1:
+            raise ValueError("ClassEmbedding needs num_classes >= 1")
+        self.table = nn.Embedding(self.num_classes + 1, dim)
+
+    @property
+    def null(self) -> int:
+        return self.num_classes
+
+    def forward(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(torch.as_tensor(y, device=device).reshape(-1).long().expand(batch))
+
+
+def _embed(time_embed: nn.Module, class_embed: ClassEmbedding | None, t, x: torch.Tensor,
+           y: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(time embedding + class embedding): the conditioning every block reads. A net built without classes
+    (``class_embed`` None) ignores ``y`` only when it is None, and says so otherwise."""
+    emb = time_embed(_as_batch_t(t, x))
+    if class_embed is not None:
+        emb = emb + class_embed(y, x.shape[0], x.device).to(emb.dtype)
+    elif y is not None:
+        raise ValueError("this net was built without classes (num_classes=0) and cannot take labels y; build it "
+                         "with num_classes > 0, or pass y=None")
+    return F.silu(emb)

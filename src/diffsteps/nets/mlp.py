@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import TimeEmbedding, _as_batch_t, _check_dropout
+from .layers import ClassEmbedding, TimeEmbedding, _check_dropout, _check_num_classes, _embed
 
 
 class _MLPBlock(nn.Module):
@@ -26,7 +26,7 @@ class _MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP denoiser for vector data, ``net(x: (B, dim), t: (B,)) -> (B, dim)``.
+    """Residual MLP denoiser for vector data, ``net(x: (B, dim), t: (B,), y: (B,) | None) -> (B, dim)``.
 
     Architecture: the residual MLP block of Gorishniy et al. 2021 ("Revisiting Deep Learning Models for Tabular
     Data", ResNet: x + Linear(Dropout(act(Linear(Norm(x)))))) with LayerNorm, i.e. a pre-norm residual stack as in
@@ -34,9 +34,12 @@ class MLP(nn.Module):
     Linear → SiLU → Linear (width ``hidden``); input Linear(dim → hidden); ``depth`` blocks
     h ← h + Linear(Dropout(SiLU(Linear(LN(h))) + Linear(SiLU(emb)))); output LayerNorm → SiLU → Linear(hidden → dim),
     zero-initialised (see the module docstring for why). No batch statistics anywhere, so samples never interact.
+    ``num_classes`` > 0 adds a :class:`ClassEmbedding` (class labels ``y``, row ``num_classes`` the null label)
+    to the time embedding; 0 builds an unconditional net.
     """
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 128, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, time_dim: int = 128, dropout: float = 0.0,
+                 num_classes: int = 0):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden)):
             if int(v) != v or v < 1:
@@ -48,6 +51,8 @@ class MLP(nn.Module):
         dropout = _check_dropout(dropout)
         self.dim = dim
         self.time_embed = TimeEmbedding(time_dim, hidden)
+        self.num_classes = _check_num_classes(num_classes)
+        self.class_embed = ClassEmbedding(self.num_classes, hidden) if self.num_classes else None
         self.proj_in = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(_MLPBlock(hidden, hidden, dropout) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden)
@@ -55,11 +60,11 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP(dim={self.dim}) expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
         h = self.proj_in(x.to(self.proj_in.weight.dtype))
-        emb = F.silu(self.time_embed(_as_batch_t(t, x)))
+        emb = _embed(self.time_embed, self.class_embed, t, x, y)
         for block in self.blocks:
             h = block(h, emb)
         return self.proj_out(F.silu(self.norm_out(h)))

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import TimeEmbedding, _as_batch_t, _check_dropout, _divisors, _int_tuple
+from .layers import (
+    ClassEmbedding,
+    TimeEmbedding,
+    _check_dropout,
+    _check_num_classes,
+    _divisors,
+    _embed,
+    _int_tuple,
+)
 
 
 class ResBlock(nn.Module):
@@ -84,7 +92,7 @@ class _Stage(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    """DDPM/ADM-style UNet denoiser, ``net(x: (B, C, H, W), t: (B,)) -> (B, out_channels, H, W)``.
+    """DDPM/ADM-style UNet denoiser, ``net(x: (B, C, H, W), t: (B,), y: (B,) | None) -> (B, out_channels, H, W)``.
 
     Follows Dhariwal & Nichol 2021 (ADM, "Diffusion Models Beat GANs", App. A), itself built on Ho et al. 2020:
     t → sinusoidal(base_channels) → Linear → SiLU → Linear (width 4·base_channels); conv3×3 in; per level
@@ -106,11 +114,15 @@ class UNet(nn.Module):
     at batch 128 — while 0.19 M parameters are already far more than 1 797 digit images can use. For CIFAR-10
     (3×32×32) use e.g. ``in_channels=3, image_size=32, base_channels=64 (or more), channel_mult=(1, 2, 2),
     attention_resolutions=(16,)``. ``channel_mult``/``attention_resolutions`` accept lists (Hydra/YAML).
+
+    ``num_classes`` > 0 makes it class-conditional as ADM's class-conditional nets are: a :class:`ClassEmbedding`
+    of the labels ``y`` (row ``num_classes``: the null label, also what ``y=None`` means) added to the time
+    embedding; 0 builds an unconditional net.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 16,
                  channel_mult=(1, 2), num_res_blocks: int = 1, attention_resolutions=(4,), dropout: float = 0.0,
-                 image_size: int = 8, num_groups: int = 8, num_heads: int = 1):
+                 image_size: int = 8, num_groups: int = 8, num_heads: int = 1, num_classes: int = 0):
         super().__init__()
         channel_mult = _int_tuple("channel_mult", channel_mult)
         attention_resolutions = _int_tuple("attention_resolutions", attention_resolutions)
@@ -124,6 +136,8 @@ class UNet(nn.Module):
 
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
+        self.num_classes = _check_num_classes(num_classes)
+        self.class_embed = ClassEmbedding(self.num_classes, emb_dim) if self.num_classes else None
 
         def res(ci, co):
             return ResBlock(ci, co, emb_dim, dropout, num_groups)
@@ -215,7 +229,7 @@ class UNet(nn.Module):
                 f"num_heads={num_heads} does not divide the channel count at every attention level "
                 f"{sorted(set(attn_widths))}; valid num_heads: {', '.join(map(str, _divisors(ga)))}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \
                 or x.shape[3] != self.image_size:
             # The attention placement is tied to image_size, so a different size would silently move it.
@@ -223,7 +237,7 @@ class UNet(nn.Module):
                              f"{self.image_size}), got {tuple(x.shape)}")
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         # SiLU once here instead of inside each block's projection (ADM's emb_layers = SiLU → Linear): same function.
-        emb = F.silu(self.time_embed(_as_batch_t(t, x)))
+        emb = _embed(self.time_embed, self.class_embed, t, x, y)
         hs = [h]
         for stage in self.down:
             h = stage(h, emb)

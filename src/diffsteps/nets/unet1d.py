@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import TimeEmbedding, _as_batch_t, _check_dropout, _divisors, _int_tuple
+from .layers import ClassEmbedding, TimeEmbedding, _check_dropout, _check_num_classes, _divisors, _embed, _int_tuple
 
 
 class ResBlock1D(nn.Module):
@@ -107,12 +107,12 @@ class UNet1D(nn.Module):
         dropout = _check_dropout(dropout)
         self.in_channels, self.out_channels, self.length = int(in_channels), int(out_channels), int(length)
         self.channel_mult, self.attention_lengths = channel_mult, attention_lengths
-        self.num_classes = int(num_classes)
+        self.num_classes = _check_num_classes(num_classes)
         attn = set(attention_lengths)
 
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
-        self.class_embed = nn.Embedding(self.num_classes + 1, emb_dim) if self.num_classes else None
+        self.class_embed = ClassEmbedding(self.num_classes, emb_dim) if self.num_classes else None
 
         def res(ci, co):
             return ResBlock1D(ci, co, emb_dim, dropout, num_groups)
@@ -164,8 +164,6 @@ class UNet1D(nn.Module):
                         ("num_groups", num_groups), ("num_heads", num_heads)):
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
         if isinstance(base_channels, bool) or int(base_channels) != base_channels or base_channels < 2 \
                 or base_channels % 2:
             raise ValueError(f"base_channels must be an even int >= 2 (it is also the time-sinusoid width), "
@@ -199,15 +197,7 @@ class UNet1D(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != self.in_channels or x.shape[2] != self.length:
             raise ValueError(f"UNet1D expects x of shape (B, {self.in_channels}, {self.length}), got {tuple(x.shape)}")
-        emb = self.time_embed(_as_batch_t(t, x))
-        if self.class_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.class_embed(torch.as_tensor(y, device=x.device).reshape(-1).expand(x.shape[0]))
-        elif y is not None:
-            raise ValueError("this UNet1D is unconditional (num_classes=0) and takes no class labels y; build it "
-                             "with num_classes > 0 to condition on them")
-        emb = F.silu(emb)
+        emb = _embed(self.time_embed, self.class_embed, t, x, y)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         hs = [h]
         for stage in self.down:

@@ -6,6 +6,11 @@ p_t = Σ_k w_k N(α μ_k, α² Σ_k + σ² I), whose score is known in closed fo
 and the optimal ε-predictor (the minimiser of the denoising loss) is ε*(x, t) = −σ ∇log p_t(x)
 (Vincent 2011; Song et al. 2021b). Researchers use :class:`ExactEpsilon` to study samplers free of model error;
 the tests and benchmarks use it as ground truth.
+
+Class-conditional: taking the component as the class, p(x | y = k) = N(μ_k, Σ_k), whose noised score is the k-th
+term above alone, −(α²Σ_k + σ²I)^{-1}(x − α μ_k); ``ExactEpsilon(..., conditional=True)`` is the exact
+class-conditional ε with the null label (``num_classes`` = K) meaning the unconditional ε — that of the mixture
+itself, or of another density given as ``unconditional`` — i.e. a perfectly trained label-dropout model.
 """
 
 from __future__ import annotations
@@ -101,14 +106,23 @@ class GaussianMixture:
         logp, _, _ = self._components(x, torch.as_tensor(abar, dtype=_F64))
         return torch.softmax(logp, dim=1)
 
-    def score(self, x: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
-        """∇_x log p_t(x) = −Σ_k r_k (α²Σ_k + σ²I)^{-1}(x − α μ_k), evaluated in each component's eigenbasis."""
+    def _scores(self, x: torch.Tensor, abar: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-component log-densities (B, K) and scores ∇log N(x; α μ_k, α²Σ_k + σ²I) (B, K, D)."""
         logp, resid, var = self._components(x, torch.as_tensor(abar, dtype=_F64))
-        r = torch.softmax(logp, dim=1)
         g = resid / var  # (B, K, D) in the eigenbasis
         if self.eigvecs is not None:
             g = torch.einsum("bke,kde->bkd", g, self.eigvecs.to(x.device, x.dtype))
-        return -(r[:, :, None] * g).sum(1)
+        return logp, -g
+
+    def score(self, x: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
+        """∇_x log p_t(x) = −Σ_k r_k (α²Σ_k + σ²I)^{-1}(x − α μ_k), evaluated in each component's eigenbasis."""
+        logp, g = self._scores(x, abar)
+        return (torch.softmax(logp, dim=1)[:, :, None] * g).sum(1)
+
+    def component_score(self, x: torch.Tensor, abar: torch.Tensor | float, k: torch.Tensor) -> torch.Tensor:
+        """∇_x log p_t(x | component k_b) = −(α²Σ_k + σ²I)^{-1}(x − α μ_k) for each row b, ``k`` (B,) int."""
+        _, g = self._scores(x, abar)
+        return g[torch.arange(len(x), device=x.device), k.to(x.device)]
 
     def eps(self, x: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
         """The exact noise predictor ε*(x) = −σ ∇log p_t(x) = E[ε | x_t = x]."""
@@ -120,16 +134,45 @@ class GaussianMixture:
 class ExactEpsilon(torch.nn.Module):
     """``model(x, t)`` for a :class:`GaussianMixture` under ``schedule``: the exact ε-prediction at real-valued
     training time t (ᾱ(t) from the schedule's continuous extension). Accepts x of any shape (B, ...) whose trailing
-    dimensions flatten to the mixture's D; computes in x's dtype."""
+    dimensions flatten to the mixture's D; computes in x's dtype.
 
-    def __init__(self, mixture: GaussianMixture, schedule: Schedule):
+    ``conditional=True``: ``model(x, t, y)`` with class = component, as a class-conditional net: ``num_classes`` = K,
+    ``y`` (B,) in 0 … K (K, or y=None, the null label) gives ε of N(μ_y, Σ_y), the null label the unconditional ε:
+    that of ``unconditional`` (any :class:`GaussianMixture` of the same dimension) when given, else of the mixture
+    itself (the true marginal p(x) = Σ_k w_k p(x | k))."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: Schedule, conditional: bool = False,
+                 unconditional: GaussianMixture | None = None):
         super().__init__()
         self.mixture, self.schedule = mixture, schedule
+        if unconditional is not None and not conditional:
+            raise ValueError("unconditional= is the null label's density: it needs conditional=True")
+        if unconditional is not None and unconditional.dim != mixture.dim:
+            raise ValueError(f"the unconditional density has dimension {unconditional.dim}, the mixture "
+                             f"{mixture.dim}")
+        self.conditional = bool(conditional)
+        self.unconditional = unconditional if unconditional is not None else mixture
+        self.num_classes = len(mixture.means) if conditional else 0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is not None and not self.conditional:
+            raise ValueError("this ExactEpsilon is unconditional (conditional=False) and takes no labels y")
         t = t.detach().to("cpu", _F64)
-        abar = self.schedule.alpha_bar_at(t[:1] if bool(torch.all(t == t[0])) else t)
+        abar = self.schedule.alpha_bar_at(t[:1] if bool(torch.all(t == t[0])) else t).to(x.device)
         flat = x.reshape(len(x), -1)
         if flat.shape[1] != self.mixture.dim:
             raise ValueError(f"x flattens to {flat.shape[1]} features, the mixture has {self.mixture.dim}")
-        return self.mixture.eps(flat, abar.to(x.device)).reshape(x.shape)
+        if not self.conditional:
+            return self.mixture.eps(flat, abar).reshape(x.shape)
+        K = self.num_classes
+        y = torch.full((len(x),), K, dtype=torch.long) if y is None else torch.as_tensor(y).reshape(-1).long()
+        if bool(((y < 0) | (y > K)).any()):
+            raise ValueError(f"labels must lie in 0 … {K} ({K}: the null label), got {y.tolist()}")
+        y = y.to(x.device)
+        out = self.unconditional.eps(flat, abar)
+        has = y < K
+        if bool(has.any()):
+            sigma = (1 - abar).sqrt().to(x.dtype).reshape(-1, 1)
+            cond = -sigma * self.mixture.component_score(flat, abar, y.clamp(max=K - 1))
+            out = torch.where(has[:, None], cond, out)
+        return out.reshape(x.shape)

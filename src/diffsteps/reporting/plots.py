@@ -18,11 +18,13 @@ __all__ = ["save_grid", "save_steps_grid", "grid_figure", "steps_grid_figure", "
            "save_spectra", "spectra_figure"]
 
 # metrics drawn against NFE when present, lower is better for all
-CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd", "spectral_distance")
+CURVE_METRICS = ("fid", "kid_mean", "nll", "mse", "mse_median", "elbo_bpd", "spectral_distance",
+                 "classifier_agreement")
 # what each metric is, for axis labels; the distribution distances also name the feature space they are measured in
 METRIC_NAMES = {"fid": "FID", "kid_mean": "KID", "kid_std": "KID standard deviation", "nll": "NLL (exact density)",
                 "mse": "trajectory MSE", "mse_median": "trajectory MSE (median)",
-                "elbo_bpd": "negative ELBO (bits/dim)", "spectral_distance": "log-spectral distance (dB)"}
+                "elbo_bpd": "negative ELBO (bits/dim)", "spectral_distance": "log-spectral distance (dB)",
+                "classifier_agreement": "agreement with the requested class"}
 FEATURE_METRICS = ("fid", "kid_mean", "kid_std")
 # diffsteps.data.FEATURE_SPACES, as a reader would name them
 FEATURE_NAMES = {"digits": "digits-classifier features", "inception": "Inception-v3 features",

@@ -111,24 +111,36 @@ def resolve_model(model_cfg: DictConfig, spec: DataSpec, data_name: str = "") ->
     return model_cfg
 
 
-def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "") -> torch.nn.Module:
+def build_net(cfg: DictConfig, spec: DataSpec, data_name: str = "", conditional: bool = False) -> torch.nn.Module:
     """Instantiate ``cfg.model`` for data described by ``spec`` (:func:`resolve_model`), filling the shape arguments
     left null from the data's sample shape. With ``model=auto``, ``cfg.model`` is replaced by the chosen net's
     config, so config.yaml and the checkpoint key record the network actually trained (on digits that is exactly
     ``model=unet``'s config, so the two share checkpoints). A config the data's size rules out (e.g. a UNet
-    attention resolution that is never reached) fails here, before training, saying what fits."""
+    attention resolution that is never reached) fails here, before training, saying what fits. ``conditional``
+    (the data module's ``conditional``): the net gets ``num_classes`` = ``spec.num_classes``."""
     from hydra.utils import instantiate
 
     if cfg.model.get("_target_") == DIFFUSERS_LOAD:
         return _load_diffusers(cfg.model.path, spec, data_name)
     model_cfg = resolve_model(cfg.model, spec, data_name)
     if model_cfg is not cfg.model:
+        if conditional:
+            model_cfg.num_classes = spec.num_classes
         log.info("model=auto for %s: %s", spec.describe(), OmegaConf.to_container(model_cfg))
         with open_dict(cfg):
             cfg.model = model_cfg
         model_cfg = cfg.model
     shape = spec.sample_shape
     fill: dict[str, Any] = {}
+    if conditional:
+        # a class-conditional net for (x, y) batches: the label table sized from the data (its null row added by
+        # the net); an explicit num_classes must agree
+        given = model_cfg.get("num_classes")
+        if given is None:
+            fill["num_classes"] = spec.num_classes
+        elif given != spec.num_classes:
+            raise ValueError(f"model.num_classes={given} but the conditional data have {spec.num_classes} classes; "
+                             "leave model.num_classes unset to take it from the data")
     if "in_channels" in model_cfg and model_cfg.in_channels is None:
         fill["in_channels"] = shape[0]
     if "image_size" in model_cfg and model_cfg.image_size is None:
@@ -271,8 +283,17 @@ def build(cfg: DictConfig, schedule):
 
     datamodule = instantiate(cfg.data)
     check_eval_features(cfg, datamodule.spec, datamodule.name)
-    net = build_net(cfg, datamodule.spec, datamodule.name)
+    conditional = bool(getattr(datamodule, "conditional", False))
+    guidance = OmegaConf.select(cfg, "sampler.guidance_scale")
+    if guidance is not None and not conditional:
+        raise ValueError(f"sampler.guidance_scale={guidance} needs a class-conditional model: set data.conditional="
+                         "true (labelled data), or sampler.guidance_scale=null")
+    from .objects import prompt_labels
+
+    prompt_labels(cfg, datamodule.spec, conditional)
+    net = build_net(cfg, datamodule.spec, datamodule.name, conditional=conditional)
     loss = instantiate(cfg.loss)
     module = DiffusionModule(net, schedule, loss, optimizer=instantiate_checked(cfg.optimizer),
-                             lr_scheduler=instantiate_checked(cfg.lr_scheduler), compile=cfg.train.compile)
+                             lr_scheduler=instantiate_checked(cfg.lr_scheduler), compile=cfg.train.compile,
+                             p_uncond=float(cfg.train.get("p_uncond", 0.1)))
     return datamodule, module

@@ -29,6 +29,11 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
     for key in ("dynamic_threshold", "threshold_max"):
         if cfg.eval.get(key) is not None:
             options[key] = cfg.eval[key]
+    # classifier-free guidance is the model wrapper's option, for any sampler (diffsteps.sampling.guidance)
+    for key in ("guidance_scale", "guidance_interval"):
+        value = OmegaConf.select(cfg, f"sampler.{key}")
+        if value is not None:
+            options[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return options
 
 
@@ -44,7 +49,9 @@ def make_plan(cfg: DictConfig, datamodule, steps: list[int]):
                     options=sampler_options(cfg, datamodule), noise_seed=e.noise_seed,
                     mse_samples=e.mse.num_samples, reference_sampler=e.mse.reference_sampler,
                     reference_steps=e.mse.reference_steps, reference_spacing=e.mse.reference_spacing,
-                    keep_samples=min(max(e.grid_size, e.grid_columns, e.save_samples), e.num_samples))
+                    keep_samples=min(max(e.grid_size, e.grid_columns, e.save_samples), e.num_samples),
+                    num_classes=(datamodule.spec.num_classes or 0) if getattr(datamodule, "conditional", False)
+                    else 0)
 
 
 class ResultsFile:
@@ -130,7 +137,35 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
     rows = runner.rows
     _save_samples(evaluator, rows, plan, e, out_dir, datamodule.spec.modality,
                   real=real if datamodule.spec.modality == "signal" else None)
+    if OmegaConf.select(cfg, "prompts"):
+        path = out_dir / f"prompts_{plan.sampler}.png"
+        best_effort(path, _prompt_grid, cfg, module, datamodule, schedule, plan, path)
     return rows, 0
+
+
+def _prompt_grid(cfg: DictConfig, module, datamodule, schedule, plan, path: Path) -> None:
+    """``eval.grid_columns`` samples per prompt of ``cfg.prompts`` (read by ``cfg.encoder``) at the largest step
+    count, one row per prompt, from the evaluation's first noise (so every prompt row starts from the same noise)."""
+    import torch
+
+    from ..evaluation.plan import chunk_noise
+    from ..reporting.plots import save_steps_grid
+    from ..sampling.api import sample
+    from .objects import prompt_labels
+
+    prompts = [str(p) for p in cfg.prompts]
+    labels = prompt_labels(cfg, datamodule.spec, True)
+    n = max(1, min(cfg.eval.grid_columns, plan.num_samples))
+    device = next(module.net.parameters()).device
+    x_T = chunk_noise(plan, 0, device)[:n]
+    rows = {}
+    for prompt, y in zip(prompts, labels.tolist()):
+        rows[prompt] = sample(module.net.eval(), x_T, schedule=schedule, prediction=module.prediction,
+                              sampler=plan.sampler, steps=max(plan.steps), spacing=plan.spacing,
+                              cond={"y": torch.full((len(x_T),), y, device=device)}, **plan.options).float().cpu()
+    w = plan.options.get("guidance_scale")
+    save_steps_grid(rows, path, title=f"{plan.sampler}, {max(plan.steps)} steps, guidance scale "
+                    f"{1.0 if w is None else w:g}: one row per prompt", modality=datamodule.spec.modality)
 
 
 def _elbo(cfg: DictConfig, module, datamodule, schedule, plan):

@@ -1,5 +1,6 @@
 """The ``sampler`` and ``objective`` config groups as objects (their ``_target_``s): checked when built, so a bad
-name or option fails with the valid choices before any data is loaded."""
+name or option fails with the valid choices before any data is loaded; and the ``encoder`` group's reading of
+``prompts`` (:func:`prompt_labels`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..core.spacings import SPACINGS
 from ..sampling.registry import SAMPLERS, get_sampler
@@ -22,11 +23,15 @@ OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
 class SamplerChoice:
     """A sampler of :data:`diffsteps.sampling.registry.SAMPLERS`, its timestep spacing (a name in ``SPACINGS`` or an
     explicit decreasing list) and its options (e.g. ``eta`` for ddim). The name, the option names and the option
-    values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner."""
+    values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner.
+    ``guidance_scale`` / ``guidance_interval``: classifier-free guidance of a class-conditional model (any
+    sampler; :mod:`diffsteps.sampling.guidance`), None for none."""
 
     name: str
     spacing: Any = "trailing"
     options: Mapping[str, Any] = field(default_factory=dict)
+    guidance_scale: float | None = None
+    guidance_interval: Any = None
 
     def __post_init__(self):
         options = OmegaConf.to_container(self.options, resolve=True) if OmegaConf.is_config(self.options) else dict(
@@ -45,6 +50,13 @@ class SamplerChoice:
         from ..sampling.levels import Levels
 
         spec.fn(None, None, Levels((), ()), **options)  # a pass over zero steps: the sampler's own value checks
+        if OmegaConf.is_config(self.guidance_interval):
+            object.__setattr__(self, "guidance_interval", OmegaConf.to_container(self.guidance_interval))
+        from ..sampling.guidance import check_guidance_options
+
+        scale, interval = check_guidance_options(self.guidance_scale, self.guidance_interval)
+        object.__setattr__(self, "guidance_scale", scale)
+        object.__setattr__(self, "guidance_interval", None if interval is None else list(interval))
 
     @property
     def deterministic(self) -> bool:
@@ -81,3 +93,23 @@ class Objective:
         the metric."""
         value = float(row.get(self.metric, math.nan))
         return value + float(self.cost_weight) * float(row[OBJECTIVE_COSTS[self.cost]]) if self.cost_weight else value
+
+
+def prompt_labels(cfg: DictConfig, spec, conditional: bool):
+    # spec: the data's DataSpec (not imported here: the data package imports Lightning)
+    """``cfg.prompts`` read by the ``encoder`` (``_target_``) as class labels (B,), checked against the data; None
+    without prompts. Called before training, so a prompt the encoder cannot read fails in seconds."""
+    prompts = OmegaConf.select(cfg, "prompts")
+    if not prompts:
+        return None
+    from hydra.utils import instantiate
+
+    if OmegaConf.select(cfg, "encoder") is None:
+        raise ValueError("prompts need a conditioning encoder: add encoder=digits (the shipped digit-prompt reader) "
+                         "or encoder=sentence_transformers encoder.path=<local folder>")
+    if not conditional:
+        raise ValueError("prompts need a class-conditional model: set data.conditional=true (labelled data)")
+    encoder = instantiate(cfg.encoder)
+    if encoder.num_classes != spec.num_classes:
+        raise ValueError(f"the encoder reads {encoder.num_classes} classes, the data have {spec.num_classes}")
+    return encoder.labels([str(p) for p in prompts])

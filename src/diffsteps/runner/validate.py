@@ -99,6 +99,10 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     else:
         for n in steps:
             plan_sampling(schedule, sampler.name, n, sampler.spacing, **sampler.options)
+    if sampler.guidance_interval is not None:  # the interval in the schedule's training-time range
+        from ..sampling.guidance import check_guidance_options
+
+        check_guidance_options(sampler.guidance_scale, sampler.guidance_interval, schedule.num_timesteps)
     e = cfg.eval
     if e.batch_size < 1:
         raise ValueError(f"eval.batch_size must be ≥ 1, got {e.batch_size}")

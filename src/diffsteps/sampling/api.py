@@ -99,6 +99,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
            callback: Callable[[StepInfo], object] | None = None, clip_denoised: float | None = None,
            dynamic_threshold: float | None = None, threshold_max: float | None = None, denoise_final: bool = True,
            generator: torch.Generator | None = None, return_info: bool = False, progress: bool = False,
+           guidance_scale: float | None = None, guidance_interval: Sequence[float] | None = None,
            **options) -> torch.Tensor | SampleResult:
     """Generate samples from ``noise`` (x at the first visited timestep, i.e. N(0, I) when that is T−1).
 
@@ -116,6 +117,9 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
     the batch as its first dimension; floating ones are cast to the model's dtype like x, integer ones passed as
     they are. ``callback(info)`` is called after every step with a :class:`StepInfo`; its return value is ignored.
+    A class-conditional model (``num_classes`` > 0) needs ``cond={"y": labels}``; ``guidance_scale`` w applies
+    classifier-free guidance (1: conditional, 0: unconditional), only at t_lo ≤ t ≤ t_hi with
+    ``guidance_interval=(t_lo, t_hi)`` (:mod:`diffsteps.sampling.guidance`; NFE counts both branches).
 
     Per-sample timesteps: ``spacing`` may be a 2-D (B, K) float tensor, row b the strictly decreasing timesteps of
     sample b (rows may start at different t — sample b's ``noise`` is then x at its own first timestep, as in
@@ -132,7 +136,9 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     if "generator" in inspect.signature(spec.fn).parameters:
         options["generator"] = generator
     denoise = Denoiser(model, prediction, cond=cond, clip_denoised=clip_denoised,
-                       dynamic_threshold=dynamic_threshold, threshold_max=threshold_max)
+                       dynamic_threshold=dynamic_threshold, threshold_max=threshold_max,
+                       guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                       num_timesteps=schedule.num_timesteps)
     x = noise
     if lv.per_sample:
         lv, x = lv.like(noise), noise.to(torch.float64)

@@ -1,5 +1,5 @@
-"""The one model wrapper every sampler calls: network output → (x̂_0, ε̂), conditioning, clipping, thresholding, NFE
-count."""
+"""The one model wrapper every sampler calls: network output → (x̂_0, ε̂), conditioning, classifier-free guidance,
+clipping, thresholding, NFE count."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..core.parameterizations import check_prediction
+from .guidance import check_guidance, guided_call
 from .levels import every, lincomb
 
 
@@ -25,11 +26,17 @@ class Denoiser:
     thresholding (Saharia et al. 2022, §2.3): s = max(quantile_p |x̂_0|, 1) per sample, optionally capped at
     ``threshold_max``, x̂_0 ← clamp(x̂_0, −s, s)/s. After either, ε̂ is re-derived from the new x̂_0 so the pair stays
     consistent with x_t (as diffusers does).
+
+    A class-conditional model (``num_classes`` > 0) must get its labels as ``cond={"y": labels}``;
+    ``guidance_scale=w`` applies classifier-free guidance, optionally only inside ``guidance_interval`` (both in
+    :mod:`diffsteps.sampling.guidance`, which validates them here, before any model call). ``nfe`` counts network
+    evaluations per sample: 2 for a step where both guidance branches run.
     """
 
     def __init__(self, model: Callable, prediction: str = "epsilon", *, cond: Mapping | None = None,
                  clip_denoised: float | None = None, dynamic_threshold: float | None = None,
-                 threshold_max: float | None = None):
+                 threshold_max: float | None = None, guidance_scale: float | None = None,
+                 guidance_interval=None, num_timesteps: int | None = None):
         self.model = model
         self.prediction = check_prediction(prediction)
         if clip_denoised is not None and not clip_denoised > 0:
@@ -40,6 +47,8 @@ class Denoiser:
         params = model.parameters() if isinstance(model, torch.nn.Module) else ()
         self.model_dtype = next((p.dtype for p in params if p.is_floating_point()), None)
         self.cond = check_cond(cond, model)
+        self.guidance_scale, self.guidance_interval = check_guidance(model, self.cond, guidance_scale,
+                                                                     guidance_interval, num_timesteps)
         self._cond_cast: tuple[torch.dtype | None, dict] = (None, {})
         self.nfe = 0
 
@@ -65,13 +74,15 @@ class Denoiser:
         else:
             tt = torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device)
         xm = x.to(dtype)
-        if self.cond:
-            cond = self._cond_as(dtype)
-            out = self.model(xm, tt, **(cond if rows is None else {k: v[rows.to(v.device)] for k, v in cond.items()}))
+        cond = self._cond_as(dtype) if self.cond else {}
+        if rows is not None:  # only these samples are in x: their conditions follow them
+            cond = {k: v[rows.to(v.device)] for k, v in cond.items()}
+        if self.guidance_scale is not None:
+            out, cost = guided_call(self.model, xm, tt, cond, self.guidance_scale, self.guidance_interval)
         else:
-            out = self.model(xm, tt)
+            out, cost = (self.model(xm, tt, **cond) if cond else self.model(xm, tt)), 1
         out = out.to(x.dtype)
-        self.nfe += 1
+        self.nfe += cost
         if self.clip_denoised is None and self.dynamic_threshold is None:
             return _convert(out, x, alpha, sigma, self.prediction, want)
         x0 = _convert(out, x, alpha, sigma, self.prediction, "x0")[0]

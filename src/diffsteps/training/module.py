@@ -132,6 +132,11 @@ class DiffusionModule(L.LightningModule):
     Training step: Ho et al. 2020, Algorithm 1 — t ~ U{0, …, T−1}, ε ~ N(0, I), x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε,
     gradient step on the loss of ``net(x_t, t)`` (whose target — ε, x_0 or v — and weighting are the loss's).
 
+    Class-conditional training: a batch ``(x, y)`` (a conditional data module's) trains ``net(x_t, t, y=y)``, each
+    label replaced by the null label ``net.num_classes`` with probability ``p_uncond`` (label dropout, Ho &
+    Salimans 2022, Algorithm 1), so one net learns both p(x | y) and p(x) — what classifier-free guidance needs. The
+    dropout mask is drawn from the step's seeded generator like t and ε. A bare-tensor batch trains ``net(x_t, t)``.
+
     Optimiser: ``optimizer(net.parameters())`` and ``lr_scheduler(optimizer, total_steps=…)``, stepped every
     optimiser step, with ``total_steps`` = ``trainer.estimated_stepping_batches`` (∞ without a horizon) for factories
     that take it; both are partials (the ``optimizer`` and ``lr_scheduler`` config groups, ``_partial_: true``).
@@ -154,8 +159,10 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, net: nn.Module, schedule: Schedule, loss: DiffusionLoss, *,
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
                  lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 timestep_bands: int = 4, compile: bool = False):
+                 timestep_bands: int = 4, compile: bool = False, p_uncond: float = 0.1):
         super().__init__()
+        if isinstance(p_uncond, bool) or not 0.0 <= float(p_uncond) <= 1.0:
+            raise ValueError(f"p_uncond (label dropout) must lie in [0, 1], got {p_uncond!r}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a diffsteps Schedule, got {type(schedule).__name__}")
         if not isinstance(loss, DiffusionLoss):
@@ -168,7 +175,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"timestep_bands must be an integer in [1, T={T}], got {timestep_bands!r}")
         # The objects are not hyperparameters: the runner stores the full config that built them. (A partial in the
         # checkpoint's hyper_parameters would also stop it loading with weights_only=True.)
-        self.save_hyperparameters(ignore=["net", "schedule", "loss", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["net", "schedule", "loss", "optimizer", "lr_scheduler", "p_uncond"])
+        self.p_uncond = float(p_uncond)  # like the objects, recorded by the runner's config (train.p_uncond)
         self.net = net
         self.schedule = schedule
         self.loss_fn = loss
@@ -188,8 +196,8 @@ class DiffusionModule(L.LightningModule):
         self.provenance: dict | None = None
 
     # -- model ---------------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, t) if y is None else self.net(x, t, y=y)
 
     def configure_model(self) -> None:
         # Idempotent: EMAWeightAveraging.setup calls this hook itself before the Trainer does. nn.Module.compile
@@ -209,10 +217,32 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn(x0.shape, generator=g_dev, device=x0.device, dtype=x0.dtype)
         return t, noise
 
-    def _losses(self, x0: torch.Tensor, seed: int):
+    def _drop_labels(self, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """Each label replaced by the null label (``net.num_classes``) with probability ``p_uncond``."""
+        p = self.p_uncond
+        if p == 0.0:
+            return y
+        g = torch.Generator().manual_seed(_seed(seed, 3))
+        drop = (torch.rand(y.shape[0], generator=g) < p).to(y.device)
+        return torch.where(drop, torch.full_like(y, self._null_label()), y)
+
+    def _null_label(self) -> int:
+        k = int(getattr(self.net, "num_classes", 0) or 0)
+        if k < 1:
+            raise ValueError(f"the batches carry class labels but the net ({type(self.net).__name__}) was built "
+                             "without classes; build it with num_classes = the data's spec.num_classes (model=auto "
+                             "does this for conditional data)")
+        return k
+
+    def _losses(self, x0: torch.Tensor, seed: int, y: torch.Tensor | None = None, drop: bool = True):
         t, noise = self._draw(x0, seed)
         x_t = q_sample(self.schedule, x0, t, noise)
-        out = self.net(x_t, t.to(x0.device, torch.float32))
+        tt = t.to(x0.device, torch.float32)
+        if y is None:
+            out = self.net(x_t, tt)
+        else:
+            self._null_label()  # a clear error for labels fed to an unconditional net
+            out = self.net(x_t, tt, y=self._drop_labels(y, seed) if drop else y)
         # float32 for the mean: under bf16 autocast the per-sample losses come back in bf16
         return self.loss_fn(out, x0, noise, t, self.schedule).float(), t, out
 
@@ -222,14 +252,17 @@ class DiffusionModule(L.LightningModule):
             metric.update(losses[band == b])  # an empty selection leaves the metric unchanged
 
     @staticmethod
-    def _batch(batch) -> torch.Tensor:
-        # data.py yields bare tensors; accept an (x, ...) tuple too (labelled data sets, TensorDataset)
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+    def _batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, labels or None): a conditional data module yields ``(x, y)``, an unconditional one the bare tensor
+        (a 1-tuple, e.g. from a TensorDataset of x alone, is unconditional too)."""
+        if isinstance(batch, (tuple, list)):
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        return batch, None
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Ho et al. 2020, Algorithm 1 (class docstring), with the per-sample loss of ``loss``."""
-        x0 = self._batch(batch)
+        x0, y = self._batch(batch)
         # (global step, micro-batch within the step) names a training batch uniquely, also under gradient
         # accumulation and across a resume (checkpoints are written after optimiser steps, i.e. at micro-batch 0).
         # batch_idx would not do: Lightning restarts it at the resumed position, not at 0, after an epoch-end resume.
@@ -238,7 +271,7 @@ class DiffusionModule(L.LightningModule):
         seed = _seed(_TRAIN_STREAM, self._noise_seed, self.global_rank, self.global_step, self._micro_batch)
         self._micro_batch += 1
         with _seeded_global_rng(x0.device, _seed(seed, 2)):  # dropout masks: a function of the step too
-            losses, t, out = self._losses(x0, seed)
+            losses, t, out = self._losses(x0, seed, y)
         loss = losses.mean()
         local_bad = not bool(torch.isfinite(loss))
         bad = local_bad
@@ -282,10 +315,11 @@ class DiffusionModule(L.LightningModule):
             f"this step are intact. Lower the learning rate, add warm-up, or check the data.")
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        x0 = self._batch(batch)
+        x0, y = self._batch(batch)
         # Seeded by position only: the same (t, ε) for the same validation batch in every epoch and run, so val/loss
         # differences are differences of the model, not of the Monte-Carlo draw.
-        losses, t, _ = self._losses(x0, _seed(_VAL_STREAM, _VAL_SEED, dataloader_idx, batch_idx))
+        # conditional validation loss: the labels as given (no dropout), the quantity conditional sampling uses
+        losses, t, _ = self._losses(x0, _seed(_VAL_STREAM, _VAL_SEED, dataloader_idx, batch_idx), y, drop=False)
         loss = losses.mean()
         # batch_size: the last validation batch may be short; Lightning's epoch mean is weighted by it
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x0.shape[0],
@@ -343,8 +377,9 @@ class DiffusionModule(L.LightningModule):
                  callback=None, generator: torch.Generator | None = None,
                  return_info: bool = False, progress: bool = False, **options):
         """Samples from ``noise`` with :func:`diffsteps.sample` (same arguments: ``cond`` for ``net(x, t, **cond)``,
-        ``callback`` per step, a (B, K) ``spacing`` for per-sample timesteps; ``options`` are the sampler's, e.g.
-        ``eta``, ``clip_denoised``), the net in eval mode and restored to its previous mode afterwards."""
+        e.g. ``{"y": labels}``, ``callback`` per step, a (B, K) ``spacing`` for per-sample timesteps; ``options``
+        are the sampler's, e.g. ``eta``, ``clip_denoised``, and the wrapper's ``guidance_scale`` /
+        ``guidance_interval``), the net in eval mode and restored to its previous mode afterwards."""
         was_training = self.net.training
         self.net.eval()
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -15,13 +15,15 @@ from torchmetrics import Metric
 class Chunk:
     """One chunk of an evaluation as the measures see it: chunk ``c``, the global indices of its samples
     (``indices``, int64 on the CPU), its initial noise x_T (the same at every step count), the network wrapped in
-    the evaluator's stopwatch (``net``: its forwards count as model time) and the device it runs on."""
+    the evaluator's stopwatch (``net``: its forwards count as model time) and the device it runs on; ``cond``: what
+    the samples were conditioned on (``{"y": requested classes}`` in a conditional evaluation, else empty)."""
 
     c: int
     indices: Tensor
     noise: Tensor
     net: nn.Module
     device: torch.device
+    cond: dict = field(default_factory=dict)
 
     @property
     def start(self) -> int:

@@ -1,4 +1,4 @@
-"""The digits classifier's confidence on each step count's samples (:mod:`diffsteps.evaluation.classifier`)."""
+"""The shipped classifier's confidence on each step count's samples (:mod:`diffsteps.evaluation.classifier`)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,24 @@ class ClassifierConfidence(Measure):
     """``classifier_confidence``, ``classifier_confident_fraction``, ``classifier_class_entropy`` and
     ``classifier_class_entropy_normalized`` of 8×8 digits in [−1, 1] (or of MNIST-1D signals with ``classifier`` its
     shipped classifier): sums of per-chunk counts, so they equal
-    :func:`~diffsteps.evaluation.classifier.classifier_confidence` of all samples at once."""
+    :func:`~diffsteps.evaluation.classifier.classifier_confidence` of all samples at once. In a class-conditional
+    evaluation (``plan.num_classes`` > 0) also ``classifier_agreement``: the fraction classified as the class each
+    sample was generated for."""
 
     def __init__(self, plan: EvalPlan, classifier=None):
         # loaded once: it is read, checksummed and built from its file on every load. Another 10-class classifier
         # (the MNIST-1D one for signals) may be passed instead of the digits one.
         self.classifier = classifier if classifier is not None else load_digits_classifier()
-        self.totals = {n: Totals({"n": (), "pmax_sum": (), "confident": (), "class_counts": (10,)})
-                       for n in plan.steps}
+        self.conditional = plan.num_classes > 0
+        sums = {"n": (), "pmax_sum": (), "confident": (), "class_counts": (10,)}
+        if self.conditional:
+            sums["agree"] = ()
+        self.totals = {n: Totals(sums) for n in plan.steps}
 
     def update(self, steps: int, x: Tensor, chunk: Chunk) -> None:
-        cc = confidence_counts(x.float(), classifier=self.classifier.to(chunk.device))
-        self.totals[steps].update(n=cc["n"], pmax_sum=cc["pmax_sum"], confident=cc["confident"],
-                                  class_counts=cc["class_counts"])
+        labels = chunk.cond.get("y") if self.conditional else None
+        cc = confidence_counts(x.float(), classifier=self.classifier.to(chunk.device), labels=labels)
+        self.totals[steps].update(**cc)
 
     def compute(self, steps: int) -> dict:
         t = self.totals[steps].compute()

@@ -45,10 +45,11 @@ class TrajectoryError(Measure):
         if n_ref > 0:
             p = self.plan
             t0 = time.perf_counter()
+            cond = {k: v[:n_ref] for k, v in chunk.cond.items()} or None  # the same classes (and guidance)
             self._refs[chunk.c], gap = trajectory_reference(chunk.net, chunk.noise[:n_ref], schedule=self.schedule,
                                                             prediction=self.prediction, sampler=p.reference_sampler,
                                                             steps=p.reference_steps, spacing=p.reference_spacing,
-                                                            **p.denoiser_options)
+                                                            cond=cond, **p.denoiser_options)
             self.reference.update(gap_sum=gap.sum(), n=n_ref, seconds=time.perf_counter() - t0)
 
     def update(self, steps: int, x: Tensor, chunk: Chunk) -> None:
