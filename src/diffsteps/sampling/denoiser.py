@@ -52,6 +52,11 @@ class Denoiser:
         self._cond_cast: tuple[torch.dtype | None, dict] = (None, {})
         self.nfe = 0
 
+    @property
+    def transforms_x0(self) -> bool:
+        """Whether x̂_0 is clipped or thresholded after the network (so ε̂ is re-derived from it)."""
+        return self.clip_denoised is not None or self.dynamic_threshold is not None
+
     def _cond_as(self, dtype: torch.dtype) -> dict:
         if self._cond_cast[0] is not dtype:
             self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})

@@ -80,7 +80,8 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, eta: float = 
     steps = []
     for i in range(len(lv) - 1):
         c = eta * sqrt((1 - a[i + 1]) / (1 - a[i]) * (1 - a[i] / a[i + 1]))
-        steps.append(_step_eps(al[i], sg[i], 0.0, al[i + 1], sqrt(relu(1 - a[i + 1] - c * c)), callback) + (c,))
+        steps.append(_step_eps(al[i], sg[i], 0.0, al[i + 1], sqrt(relu(1 - a[i + 1] - c * c)), callback,
+                               denoise) + (c,))
     for i in progress(range(len(lv) - 1)):
         want, cx, terms, c = steps[i]
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
@@ -103,7 +104,8 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, variance: str
     steps = []
     for i in range(len(lv) - 1):
         c0, cs, var, beta = posterior_coefficients(a[i], a[i + 1])
-        steps.append(_step_eps(al[i], sg[i], cs, c0, 0.0, callback) + (sqrt(var if variance == "small" else beta),))
+        steps.append(_step_eps(al[i], sg[i], cs, c0, 0.0, callback, denoise)
+                     + (sqrt(var if variance == "small" else beta),))
     for i in progress(range(len(lv) - 1)):
         want, cx, terms, c = steps[i]
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
@@ -404,12 +406,15 @@ def _want_eps(callback: Callable) -> str:
     return "eps" if callback is _quiet else "both"
 
 
-def _step_eps(al, sg, cx, c0, ce, callback: Callable):
+def _step_eps(al, sg, cx, c0, ce, callback: Callable, denoise: Denoiser):
     """A step's update c_x x + c_0 x̂_0 + c_e ε̂ for an ε-solver, from the level (α, σ) it starts at, as
     (want, c_x', terms(x̂_0, ε̂)). Where α > 0, x̂_0 = (x − σ ε̂)/α is folded into the coefficients — c_x' = c_x + c_0/α
     on x, c_e − c_0 σ/α on ε̂ — so the Denoiser forms ε̂ only (for an ε-network, nothing) and the step is one scaling
     and one multiply-add. At α = 0 (a zero-terminal-SNR start, where x̂_0 is no function of x and ε̂) the three-term
-    form."""
+    form — and also when the Denoiser clips or thresholds x̂_0: ε̂ is then re-derived from the changed x̂_0, and folding
+    it back costs float32 round-off of order 1e-3 against diffusers' explicit x̂_0 (tests/test_diffusers_interop)."""
+    if denoise.transforms_x0:
+        return "both", cx, lambda x0, eps: [(c0, x0), (ce, eps)]
     if bool((al > 0).all()) if isinstance(al, torch.Tensor) else al > 0:
         cx, ce = cx + c0 / al, ce - c0 * sg / al
         return _want_eps(callback), cx, lambda x0, eps: [(ce, eps)]
