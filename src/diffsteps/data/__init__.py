@@ -1,11 +1,12 @@
 """Lightning data modules, one module per family: :mod:`.base` (the interface they share), :mod:`.images`,
-:mod:`.toy`."""
+:mod:`.photos`, :mod:`.toy`."""
 
 from .base import FEATURE_SPACES, MODALITIES, DataSpec, EpochShuffle
 from .images import CIFAR10Data, DigitsData, ImageFolderData
+from .photos import PhotoPatches
 from .toy import TOY_KINDS, GMMData, Toy2DData
 
-__all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "DATAMODULES", "TOY_KINDS",
+__all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "PhotoPatches", "DATAMODULES", "TOY_KINDS",
            "EpochShuffle", "DataSpec", "MODALITIES", "FEATURE_SPACES"]
 
 DATAMODULES = {
@@ -14,4 +15,5 @@ DATAMODULES = {
     "gmm": GMMData,
     "imagefolder": ImageFolderData,
     "cifar10": CIFAR10Data,
+    "photo_patches": PhotoPatches,
 }
