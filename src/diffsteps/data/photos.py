@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import DataSpec, _check_fraction, _check_positive_int, _fmt, _InMemoryData, _uint8_to_unit
+from .base import (
+    DataSpec,
+    _check_fraction,
+    _check_positive_int,
+    _fmt,
+    _InMemoryData,
+    _uint8_to_unit,
+)
 
 
 class PhotoPatches(_InMemoryData):

@@ -3,7 +3,7 @@ low-resolution image, upsampled to the target size, is concatenated to x_t as ex
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ Synthetic anomalies to evaluate on (:func:`corrupt`): a bright or dark Gaussian 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, plan_sampling, sample
 from .inpaint import _OPTIONS
 
-__all__ = ["ANOMALIES", "check_t_star", "reconstruct", "corrupt", "pixel_score"]
+__all__ = ["ANOMALIES", "check_t_star", "corrupt", "pixel_score", "reconstruct"]
 
 ANOMALIES = ("blob", "flip", "swap")
 
@@ -55,12 +55,12 @@ def reconstruct(model: Callable, x: torch.Tensor, t_star: int, *, schedule: Sche
 def corrupt(x: torch.Tensor, kind: str, *, size: float = 0.375, strength: float = 1.5,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A synthetic anomaly in every image of ``x`` (B, C, H, W) in [−1, 1]: ``blob`` adds ±``strength`` × a
-    Gaussian bump of width ``size`` × H/2 at a random place (clamped to the range); ``flip`` mirrors a random
+    Gaussian bump of width ``size`` × H/2 at a random place, cut at 0.1 of its peak, (clamped to the range); ``flip`` mirrors a random
     square patch of side ``size`` × H in both axes; ``swap`` exchanges two such patches. Returns (corrupted images,
     (B, 1, H, W) masks of the changed region)."""
     if kind not in ANOMALIES:
         raise ValueError(f"unknown anomaly {kind!r}; valid choices: {', '.join(ANOMALIES)}")
-    B, C, H, W = x.shape
+    B, _, H, W = x.shape
     out, region = x.clone(), torch.zeros(B, 1, H, W, dtype=x.dtype)
     k = max(2, round(size * H))
     yy, xx = torch.meshgrid(torch.arange(H, dtype=x.dtype), torch.arange(W, dtype=x.dtype), indexing="ij")
@@ -73,8 +73,9 @@ def corrupt(x: torch.Tensor, kind: str, *, size: float = 0.375, strength: float 
             c = torch.rand(2, generator=generator) * torch.tensor([H - 1, W - 1])
             sign = 1.0 if torch.rand(1, generator=generator).item() < 0.5 else -1.0
             bump = torch.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / (2 * (size * H / 2) ** 2))
+            bump = torch.where(bump > 0.1, bump, torch.zeros_like(bump))  # a bounded region
             out[b] = (x[b] + sign * strength * bump).clamp(-1, 1)
-            region[b, 0] = (bump > 0.1).to(x.dtype)
+            region[b, 0] = (bump > 0).to(x.dtype)
         else:
             i, j = corner()
             if kind == "flip":

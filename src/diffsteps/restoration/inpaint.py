@@ -16,7 +16,7 @@ the conditional variance comes out about twice the true one, tests/test_restorat
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +24,7 @@ from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, StepInfo, plan_sampling, sample
 from .masks import check_mask
 
-__all__ = ["replacement_hook", "inpaint", "repaint", "repaint_path"]
+__all__ = ["inpaint", "repaint", "repaint_path", "replacement_hook"]
 
 
 def _abar(schedule: Schedule, t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MASKS", "make_mask", "check_mask", "box_mask", "half_mask", "stroke_mask", "load_mask"]
+__all__ = ["MASKS", "box_mask", "check_mask", "half_mask", "load_mask", "make_mask", "stroke_mask"]
 
 
 def check_mask(mask: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def check_mask(mask: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     bool), shaped like one sample, like the batch, or broadcastable over channels ((H, W), (1, H, W), (B, 1, H, W)).
     Returns it as a float tensor broadcastable to ``known``; raises before any model call otherwise."""
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a tensor of 0/1 (1 = known), got {type(mask).__name__}")
+        raise TypeError(f"mask must be a tensor of 0/1 (1 = known), got {type(mask).__name__}")
     m = mask.to(torch.float64)
     if not bool(((m == 0) | (m == 1)).all()):
         bad = m[(m != 0) & (m != 1)]

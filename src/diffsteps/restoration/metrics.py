@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..evaluation.distances import _mean_cov, frechet_distance
 
-__all__ = ["mse", "psnr", "ssim", "auroc", "fid", "class_consistency"]
+__all__ = ["auroc", "class_consistency", "fid", "mse", "psnr", "ssim"]
 
 DATA_RANGE = 2.0  # images live in [−1, 1]
 

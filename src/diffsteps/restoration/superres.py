@@ -9,7 +9,7 @@ on f × f blocks, and down(up_nearest(y)) = y. ILVR's filter φ_N is this projec
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,18 @@ from ..sampling.api import SampleResult, StepInfo, plan_sampling, sample
 from ..training.losses import DiffusionLoss, sample_timesteps
 from .inpaint import _OPTIONS, _abar
 
-__all__ = ["check_factor", "down", "up_nearest", "bicubic", "low_pass", "consistency", "ilvr_hook", "ilvr",
-           "sr3", "train_sr3"]
+__all__ = [
+    "bicubic",
+    "check_factor",
+    "consistency",
+    "down",
+    "ilvr",
+    "ilvr_hook",
+    "low_pass",
+    "sr3",
+    "train_sr3",
+    "up_nearest",
+]
 
 
 def check_factor(size: int, low_res: torch.Tensor | int) -> int:
