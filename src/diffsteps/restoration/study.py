@@ -90,7 +90,7 @@ def superres_study(truth: torch.Tensor, factor: int, *, schedule: Schedule, step
             res = out.sample.clamp(-1, 1)
             rows.append({"method": name, "steps": k, "nfe": out.nfe,
                          **_quality(res, truth, None, features, classifier),
-                         "consistency": float(consistency(res, lr).mean()),
+                         "consistency": float(consistency(out.sample, lr).mean()),  # before the clamp
                          **{f"baseline_{n}": v for n, v in b.items()}, "seconds": time.perf_counter() - t0})
             pics[f"{name}_{k}"] = res
     return rows, pics

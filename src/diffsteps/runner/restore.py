@@ -120,6 +120,7 @@ def restore_task(cfg: DictConfig) -> float:
     best_effort("the restoration curves", _curves, rows, r.task, out_dir)
     best_effort("the restoration grid", _grid, pics, datamodule.spec.modality, r.grid_size, out_dir)
     _print_table(rows, r.task)
+    _print_steps_needed(rows, headline)
     log_results([{k: v for k, v in row.items() if k not in ("method", "axis", "task")} for row in rows],
                 loggers, out_dir)
     for lg in loggers:
@@ -237,6 +238,18 @@ def _print_table(rows: list[dict], task: str) -> None:
     print("|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |")
+
+
+def _print_steps_needed(rows: list[dict], metric: str) -> None:
+    """How few steps reach 95 % of the best gain over the baseline (PSNR) or over chance (AUROC 0.5)."""
+    from ..restoration.study import steps_for_fraction
+
+    for method in dict.fromkeys(r.get("method", "") for r in rows):
+        sub = [r for r in rows if r.get("method", "") == method and r.get("axis", "steps") == "steps"]
+        ref = 0.5 if metric == "auroc" else sub[0].get(f"baseline_{metric}")
+        k = steps_for_fraction(sub, metric, 0.95, baseline=ref)
+        print(f"{method or 'result'}: {k} steps reach 95 % of the best {metric} gain over "
+              f"{'chance' if metric == 'auroc' else 'the baseline'} ({ref:.4g})")
 
 
 def _fmt(v) -> str:
