@@ -4,7 +4,7 @@ numbers and a picture set, for the runner (``task=restore``) and ``experiments/r
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +16,7 @@ from .masks import check_mask
 from .metrics import auroc, class_consistency, fid, mse, psnr, ssim
 from .superres import bicubic, consistency, down, ilvr, sr3
 
-__all__ = ["inpaint_study", "superres_study", "anomaly_study", "steps_for_fraction"]
+__all__ = ["anomaly_study", "inpaint_study", "steps_for_fraction", "superres_study"]
 
 
 def _g(seed: int) -> torch.Generator:
