@@ -12,7 +12,12 @@ import itertools
 
 import numpy as np
 import torch
-from test_restoration import KNOWN, chain_law, exact_conditional, gauss_kl  # the tests' closed form
+from test_restoration import (  # the tests' closed form
+    KNOWN,
+    chain_law,
+    exact_conditional,
+    gauss_kl,
+)
 
 import diffsteps as ds
 from diffsteps.restoration.inpaint import repaint_path
