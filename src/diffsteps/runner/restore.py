@@ -36,6 +36,8 @@ def check_restore_config(cfg: DictConfig, schedule, steps: list[int], spec) -> N
             raise ValueError(f"unknown restore.mask {r.mask!r}; valid choices: {', '.join(MASKS)}")
         if r.method not in ("replacement", "repaint"):
             raise ValueError(f"unknown restore.method {r.method!r}; valid choices: replacement, repaint")
+        if isinstance(r.draws, bool) or not isinstance(r.draws, int) or r.draws < 1:
+            raise ValueError(f"restore.draws must be a positive integer (completions per image), got {r.draws!r}")
         if r.mask == "file" and not (r.mask_path and Path(r.mask_path).is_file()):
             raise ValueError(f"restore.mask=file needs restore.mask_path=<an existing file>, got {r.mask_path!r}")
     elif r.task == "superres":
@@ -148,7 +150,8 @@ def _inpaint(cfg, net, truth, train_x, features, classifier, common):
     r = cfg.restore
     mask = make_mask(r.mask, truth.shape[-1], n=len(truth), box=r.box, side=r.side, path=r.mask_path, seed=cfg.seed)
     return inpaint_study(net, truth, mask, train_x, method=r.method, jump_length=r.jump_length,
-                         jump_n_sample=r.jump_n_sample, features=features, classifier=classifier, **common)
+                         jump_n_sample=r.jump_n_sample, draws=r.draws, features=features, classifier=classifier,
+                         **common)
 
 
 def _superres(cfg, net, truth, train_x, schedule, prediction, features, classifier, common):
@@ -231,8 +234,8 @@ def _grid(pics: dict, modality: str, n: int, out_dir: Path) -> None:
 
 
 def _print_table(rows: list[dict], task: str) -> None:
-    keys = [k for k in ("method", "axis", "t_star", "steps", "nfe", "psnr", "ssim", "fid", "class_consistency",
-                        "consistency", "auroc", "repaired_psnr", "baseline_psnr", "baseline_ssim", "baseline_fid",
+    keys = [k for k in ("method", "axis", "t_star", "steps", "nfe", "psnr", "psnr_mean_of_draws", "ssim", "fid",
+                        "class_consistency", "consistency", "auroc", "repaired_psnr", "baseline_psnr", "baseline_ssim", "baseline_fid",
                         "baseline_consistency", "baseline_auroc") if any(k in r for r in rows)]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
