@@ -355,3 +355,11 @@ def test_superres_preset_end_to_end(tmp_path, monkeypatch):
     want = psnr(bicubic(down(x, 2), 8), x).mean().item()
     assert rows[0]["baseline_psnr"] == pytest.approx(want, rel=1e-9)
     assert (out / "grid_restore.png").is_file() and (out / "superres_psnr_vs_steps.png").is_file()
+
+
+def test_steps_for_fraction_of_the_best_gain():
+    from diffsteps.restoration.study import steps_for_fraction
+
+    rows = [{"steps": 5, "psnr": 12.0}, {"steps": 10, "psnr": 13.9}, {"steps": 20, "psnr": 14.0}]
+    assert steps_for_fraction(rows, "psnr", 0.95, baseline=10.0) == 10   # gains 2, 3.9, 4: 3.9 ≥ 0.95 · 4
+    assert steps_for_fraction(rows, "psnr", 0.95, baseline=14.5) is None  # never above the baseline

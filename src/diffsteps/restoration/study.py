@@ -149,12 +149,15 @@ def anomaly_study(net: Callable, clean: torch.Tensor, train: torch.Tensor, *, sc
 def steps_for_fraction(rows: list[dict], metric: str, fraction: float = 0.95, higher_better: bool = True,
                        baseline: float | None = None) -> int | None:
     """The fewest steps whose ``metric`` reaches ``fraction`` of the best score over the rows: of the gain over
-    ``baseline`` when given (for PSNR-like scores whose zero is arbitrary), else of the value itself."""
+    ``baseline`` when given (for PSNR-like scores whose zero is arbitrary), else of the value itself. None when no
+    row beats the baseline."""
     vals = [(r["steps"], r[metric]) for r in rows if metric in r]
     if not vals:
         return None
     best = max(v for _, v in vals) if higher_better else min(v for _, v in vals)
     ref = 0.0 if baseline is None else baseline
+    if baseline is not None and (best <= ref if higher_better else best >= ref):
+        return None
     for k, v in sorted(vals):
         gain, best_gain = v - ref, best - ref
         if (higher_better and gain >= fraction * best_gain) or (not higher_better and v <= best / fraction):

@@ -251,8 +251,9 @@ def _print_steps_needed(rows: list[dict], metric: str) -> None:
         sub = [r for r in rows if r.get("method", "") == method and r.get("axis", "steps") == "steps"]
         ref = 0.5 if metric == "auroc" else sub[0].get(f"baseline_{metric}")
         k = steps_for_fraction(sub, metric, 0.95, baseline=ref)
-        print(f"{method or 'result'}: {k} steps reach 95 % of the best {metric} gain over "
-              f"{'chance' if metric == 'auroc' else 'the baseline'} ({ref:.4g})")
+        than = "chance" if metric == "auroc" else "the baseline"
+        print(f"{method or 'result'}: " + (f"{k} steps reach 95 % of the best {metric} gain over {than} ({ref:.4g})"
+                                           if k is not None else f"no step count beats {than} ({ref:.4g}) in {metric}"))
 
 
 def _fmt(v) -> str:
