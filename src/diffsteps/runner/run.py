@@ -48,6 +48,10 @@ def run(cfg: DictConfig) -> float:
         return export_task(cfg)
     pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
+    if cfg.task == "restore":
+        from .restore import restore_task
+
+        return restore_task(cfg)
     checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training
