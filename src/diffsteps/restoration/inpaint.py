@@ -22,6 +22,7 @@ import torch
 
 from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, StepInfo, plan_sampling, sample
+from ..sampling.registry import SAMPLERS, get_sampler
 from .masks import check_mask
 
 __all__ = ["inpaint", "repaint", "repaint_path", "replacement_hook"]
@@ -64,12 +65,21 @@ def inpaint(model: Callable, known: torch.Tensor, mask: torch.Tensor, *, schedul
     the first level (default N(0, I) from ``generator``); the remaining keywords go to :func:`sample`. Returns the
     :class:`SampleResult` (sample, NFE, timesteps). Mask and request are checked before any model call."""
     m = check_mask(mask, known)
+    _check_fixed_steps(sampler)
     plan_sampling(schedule, sampler, steps, spacing, **{k: v for k, v in sample_kwargs.items() if k in _OPTIONS})
     if noise is None:
         noise = torch.randn(known.shape, generator=generator, dtype=known.dtype, device=known.device)
     hook = replacement_hook(known, m, schedule, generator=generator, then=callback)
     return sample(model, noise, schedule=schedule, sampler=sampler, steps=steps, spacing=spacing, callback=hook,
                   generator=generator, return_info=True, **sample_kwargs)
+
+
+def _check_fixed_steps(sampler: str) -> None:
+    # the hook rewrites the state between steps; an adaptive sampler's state and levels are per-sample and
+    # compacted, so the noised ground truth would not line up with them
+    if get_sampler(sampler).adaptive:
+        raise ValueError(f"inpainting needs a fixed-step sampler; {sampler!r} picks its own steps. Choose one of: "
+                         f"{', '.join(n for n, s in SAMPLERS.items() if not s.adaptive)}")
 
 
 # sampler options a request may carry (the rest of sample()'s keywords are not plan_sampling's)
@@ -107,24 +117,26 @@ def repaint(model: Callable, known: torch.Tensor, mask: torch.Tensor, *, schedul
     (1 − ᾱ_t'/ᾱ_t) I). NFE in the result = every model call of every descent: steps + (jump_n_sample − 1) ×
     jump_length × (number of jump points) for one-call-per-step samplers."""
     m = check_mask(mask, known)
+    _check_fixed_steps(sampler)
     opts = {k: v for k, v in sample_kwargs.items() if k in _OPTIONS}
     _, _, levels = plan_sampling(schedule, sampler, steps, spacing, **opts)  # rounded as the sampler rounds
     n = len(levels)
     x = noise if noise is not None else torch.randn(known.shape, generator=generator, dtype=known.dtype,
                                                     device=known.device)
     hook = replacement_hook(known, m, schedule, generator=generator)
-    nfe = 0
+    nfe, per_sample, accepted = 0, 0, 0
     for a, b in _runs(repaint_path(n, jump_length, jump_n_sample)):
         if b > a:  # descend from level a to level b (b = n: into the data)
             ts = levels[a:] if b == n else levels[a:b + 1]
             out = sample(model, x, schedule=schedule, sampler=sampler, spacing=ts, denoise_final=b == n,
                          callback=hook, generator=generator, return_info=True, **sample_kwargs)
             x, nfe = out.sample, nfe + out.nfe
+            per_sample, accepted = per_sample + out.nfe_per_sample, accepted + out.accepted
         else:  # climb from level a up to level b
             ratio = (schedule.alpha_bar_at(levels[b]) / schedule.alpha_bar_at(levels[a])).item()
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = ratio ** 0.5 * x + (1 - ratio) ** 0.5 * z
-    return SampleResult(x, nfe, levels)
+    return SampleResult(x, nfe, levels, per_sample, accepted, torch.zeros_like(accepted))
 
 
 def _runs(path: list[int]) -> list[tuple[int, int]]:
