@@ -41,6 +41,14 @@ def run(cfg: DictConfig) -> float:
 
     if cfg.task == "optimize_steps":
         return optimize_task(cfg)
+    if cfg.task == "min_steps":
+        from .min_steps import min_steps_task
+
+        return min_steps_task(cfg)
+    if cfg.task == "policies":
+        from .policies import policies_task
+
+        return policies_task(cfg)
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
