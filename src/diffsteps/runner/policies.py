@@ -191,7 +191,13 @@ def policies_task(cfg: DictConfig) -> float:
         spearman,
         train_predictor,
     )
-    from ..steps.stopping import calibrate_stopping, sample_with_stopping, stop_outcome, stopping_trace
+    from ..steps.search import Target, TargetUnreachable, find_min_steps
+    from ..steps.stopping import (
+        calibrate_stopping,
+        sample_with_stopping,
+        stop_outcome,
+        stopping_trace,
+    )
     from ..steps.teacher import CountingModel
     from .loggers import make_loggers, print_sync_hint
     from .validate import instantiate_checked
@@ -202,7 +208,7 @@ def policies_task(cfg: DictConfig) -> float:
         raise ValueError(f"task=policies compares trajectories with the converged ODE solution: it needs a "
                          f"deterministic sampler, not {sampler.name!r} with {sampler.options}")
     if not isinstance(sampler.spacing, str):
-        raise ValueError("task=policies varies the step count: give sampler.spacing as a name (the optimised "
+        raise ValueError("task=policies varies the step count: give sampler.spacing as a name (the optimised "  # noqa: TRY004
                          "schedules get their own row)")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +220,7 @@ def policies_task(cfg: DictConfig) -> float:
     if M.datamodule.spec.modality == "image" and "clip_denoised" not in denoiser:
         denoiser["clip_denoised"] = 1.0  # as the evaluation does for images
         opts["clip_denoised"] = 1.0
-    kw = dict(schedule=M.schedule, prediction=M.prediction)
+    kw = {"schedule": M.schedule, "prediction": M.prediction}
     g = torch.Generator().manual_seed(s.noise_seed)
     dtype = _F64 if M.exact else torch.float32
     cal = torch.randn((s.calibration_noises, *shape), generator=g, dtype=dtype)
@@ -244,28 +250,35 @@ def policies_task(cfg: DictConfig) -> float:
     def plus(*costs):
         return {"evals": sum(c["evals"] for c in costs), "seconds": sum(c["seconds"] for c in costs)}
 
-    def fixed(n, spacing=sampler.spacing):
+    def fixed(n, spacing=sampler.spacing, net=counted):
         def run(noise):
-            res = sample(M.net, noise, sampler=sampler.name, steps=None if not isinstance(spacing, str) else n,
+            res = sample(net, noise, sampler=sampler.name, steps=None if not isinstance(spacing, str) else n,
                          spacing=spacing, return_info=True, **kw, **opts)
             return res.sample, res.nfe
         return run
 
     rows, curves = [], {}
-    # fixed N*
-    cov_cal = [(_coverage(err_cal[r], s.error_target)) for r in range(len(ladder))]
+    # fixed N*: the fewest steps whose calibration coverage is ≥ 1 − α, by the quality-threshold search
     curves["fixed"] = [(float(ladder_nfe[r]), float(err_test[r].mean()), _coverage(err_test[r], s.error_target))
                        for r in range(len(ladder))]
-    meets = [r for r, c in enumerate(cov_cal) if c >= level]
-    if not meets:
-        raise ValueError(f"no step count of policies.ladder up to {ladder[-1]} brings {100 * level:g} % of the "
-                         f"calibration samples within error_target={s.error_target:g} (best: {max(cov_cal):.3f} at "
-                         f"{ladder[max(range(len(ladder)), key=cov_cal.__getitem__)]} steps): raise the target or the "
-                         "ladder")
-    r_star = meets[0]
-    n_star = ladder[r_star]
-    rows.append(_measure("fixed N*", f"N = {n_star}", fixed(n_star), test, ref_test, s, M.mixture,
-                         plus(teacher_cost, ladder_cost)))
+    counted.rows = 0
+    t0 = time.perf_counter()
+
+    def shortfall(n):  # the fraction of calibration samples missing the target at n steps
+        x = torch.cat([fixed(n)(cal[i:i + s.batch_size])[0] for i in range(0, len(cal), s.batch_size)])
+        return 1 - _coverage((x.to(_F64) - ref_cal.to(_F64)).pow(2).flatten(1).mean(1), s.error_target)
+
+    try:
+        search = find_min_steps(shortfall, Target(absolute=s.alpha), max_steps=ladder[-1])
+    except TargetUnreachable as err:
+        raise ValueError(f"no step count up to {ladder[-1]} (the largest of policies.ladder) brings "
+                         f"{100 * level:g} % of the calibration samples within error_target={s.error_target:g}: the "
+                         f"best is {100 * (1 - err.best[1]):.1f} % at {err.best[0]} steps; raise error_target or the "
+                         "ladder") from None
+    n_star = search.steps
+    fixed_cost = plus(teacher_cost, {"evals": counted.rows, "seconds": time.perf_counter() - t0})
+    rows.append(_measure("fixed N*", f"N = {n_star} ({search.evaluations} step counts searched)", fixed(n_star, net=M.net),
+                         test, ref_test, s, M.mixture, fixed_cost))
 
     # optimised schedule: the smallest cached one for this model and sampler meeting the target on calibration noise
     optimised = _optimised_schedules(cfg, M, sampler.name)
@@ -279,7 +292,7 @@ def policies_task(cfg: DictConfig) -> float:
             break
     if best is not None:
         cost = best[2].get("cost", {})
-        rows.append(_measure("optimised schedule", f"{best[2].get('method')}, {best[0]} steps", fixed(best[0], best[1]),
+        rows.append(_measure("optimised schedule", f"{best[2].get('method')}, {best[0]} steps", fixed(best[0], best[1], M.net),
                              test, ref_test, s, M.mixture,
                              {"evals": cost.get("model_calls", 0), "seconds": cost.get("seconds", 0.0)}))
     elif optimised:
@@ -298,7 +311,8 @@ def policies_task(cfg: DictConfig) -> float:
 
     # per-sample stopping, on the fine grid (policies.stop_steps; auto: the ladder rungs N* … 4 N*, the one with the
     # lowest calibration mean NFE)
-    grids = [n for n in ladder if n_star <= n <= 4 * n_star] if s.stop_steps == "auto" else [int(s.stop_steps)]
+    grids = sorted({n_star} | {n for n in ladder if n_star < n <= 4 * n_star}) if s.stop_steps == "auto" else \
+        [int(s.stop_steps)]
 
     def traces(net, noise, ref, K):
         return _cat_traces([stopping_trace(net, noise[i:i + s.batch_size], ref[i:i + s.batch_size],

@@ -11,9 +11,20 @@ per-sample step budget."""
 from .dp import dp_paths
 from .elbo import elbo_chains
 from .optimize import FIXED_SPACINGS, METHODS, optimize_schedule
-from .predictor import StepPredictor, load_predictor, oracle_labels, save_predictor, train_predictor
+from .predictor import (
+           StepPredictor,
+           load_predictor,
+           oracle_labels,
+           save_predictor,
+           train_predictor,
+)
 from .search import SearchResult, Target, TargetUnreachable, find_min_steps
-from .stopping import StoppingRule, calibrate_stopping, sample_with_stopping, stopping_trace
+from .stopping import (
+           StoppingRule,
+           calibrate_stopping,
+           sample_with_stopping,
+           stopping_trace,
+)
 from .teacher import candidate_timesteps, nfe_for_steps, steps_for_nfe, teacher_solve
 
 __all__ = [

@@ -60,7 +60,7 @@ class StepPredictor(L.LightningModule):
                  weight_decay: float = 1e-4):
         super().__init__()
         self.save_hyperparameters()
-        self.ladder = list(int(n) for n in ladder)
+        self.ladder = [int(n) for n in ladder]
         self.net = nn.Sequential(nn.Linear(in_dim + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, len(self.ladder) + 1))
 

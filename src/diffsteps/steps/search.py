@@ -16,8 +16,10 @@ __all__ = ["SearchResult", "Target", "TargetUnreachable", "find_min_steps"]
 
 @dataclass(frozen=True)
 class Target:
-    """What "good enough" means: ``value ≤ absolute``, or ``|value − reference| ≤ within·|reference|`` (within a
-    fraction of the converged value, e.g. the metric at a large step count)."""
+    """What "good enough" means for a lower-is-better metric: ``value ≤ absolute``, or
+    ``value ≤ reference + within·|reference|`` (no worse than the converged value — the metric at a large step count
+    — by more than the fraction ``within``; a value below the converged one, as a finite-sample FID or NLL can be
+    at moderate N, meets it)."""
 
     absolute: float | None = None
     within: float | None = None
@@ -39,12 +41,12 @@ class Target:
             return False
         if self.absolute is not None:
             return value <= self.absolute
-        return abs(value - self.reference) <= self.within * abs(self.reference)
+        return value <= self.reference + self.within * abs(self.reference)
 
     def __str__(self) -> str:
         if self.absolute is not None:
             return f"≤ {self.absolute:.6g}"
-        return f"within {100 * self.within:g} % of {self.reference:.6g}"
+        return f"≤ {self.reference + self.within * abs(self.reference):.6g} (within {100 * self.within:g} % of {self.reference:.6g})"
 
 
 @dataclass
@@ -87,7 +89,7 @@ def find_min_steps(metric: Callable[[int], float], target: Target, *, candidates
     them that meets the target (a non-monotone dip just below is found, one further away is not).
     Raises :class:`TargetUnreachable` (with the best value reached and the whole curve) if no candidate meets it.
     """
-    grid = sorted(set(int(n) for n in candidates)) if candidates is not None else list(range(min_steps, max_steps + 1))
+    grid = sorted({int(n) for n in candidates}) if candidates is not None else list(range(min_steps, max_steps + 1))
     if not grid or grid[0] < 1:
         raise ValueError(f"the step counts to search must be positive integers, got {grid[:5]}…")
     if local_scan < 0:
