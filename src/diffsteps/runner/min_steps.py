@@ -148,6 +148,12 @@ def min_steps_task(cfg: DictConfig) -> float:
         sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         with open_dict(sub):
             sub.steps = [n]
+            # only what the objective reads: the trajectory reference (600 model calls per sample) and the ELBO
+            # would otherwise be recomputed at every step count the search visits
+            if objective.name != "mse":
+                sub.eval.mse.num_samples = 0
+            if objective.name != "elbo":
+                sub.eval.elbo.num_samples = 0
         resolve_spacing(sub)
         rows, _ = evaluate(sub, module, datamodule, schedule, [n], out_dir, on_row=results.add)
         row = rows[0]
