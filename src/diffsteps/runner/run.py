@@ -46,6 +46,14 @@ def run(cfg: DictConfig) -> float:
         from .export import export_task
 
         return export_task(cfg)
+    if cfg.task == "min_steps":
+        from .min_steps import min_steps_task
+
+        return min_steps_task(cfg)
+    if cfg.task == "policies":
+        from .policies import policies_task
+
+        return policies_task(cfg)
     pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
     if cfg.task == "restore":
