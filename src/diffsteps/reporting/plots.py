@@ -150,8 +150,9 @@ def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = Non
         if title:
             fig.suptitle(title, fontsize=9)
         # tight_layout over dozens of panels costs seconds; the panels have no tick labels to make room for
-        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9 if title else 0.98, wspace=0.08,
-                            hspace=0.35 if labels else 0.1)
+        # captions take ~0.15 in above each panel, the first row's included
+        top = (0.9 if title else 0.98) - (0.15 / fig.get_figheight() if labels else 0)
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=top, wspace=0.08, hspace=0.35 if labels else 0.1)
     else:
         flat = samples
         fig, ax = plt.subplots(figsize=(4, 4))

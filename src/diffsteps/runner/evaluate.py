@@ -218,7 +218,7 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
     from ..reporting.plots import save_grid, save_spectra, save_steps_grid
 
     # the requested class of sample i is the same at every step count (and scale): one caption per column / panel
-    labels = ([f"class {y}" for y in eval_labels(plan).tolist()] if plan.num_classes > 0 and modality == "signal"
+    labels = ([f"requested {y}" for y in eval_labels(plan).tolist()] if plan.num_classes > 0 and modality == "signal"
               else None)
 
     by_steps = {} if real is None else {"real data": real[: e.grid_columns]}
