@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from diffsteps.reporting.plots import plain_log_axis
 from diffsteps.reporting.report import collect
 
 
@@ -67,7 +68,7 @@ def figures(rows: list[dict], out_dir: Path) -> list[Path]:
         for w in scales:
             pts = [(r["steps"], r[key]) for r in rows if r["scale"] == w]
             ax.plot(*zip(*pts), "o-", label=f"w = {w:g}")
-        ax.set_xscale("log")
+        plain_log_axis(ax, steps)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(label)
         if key == "agreement":
