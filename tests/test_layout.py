@@ -8,7 +8,7 @@ import diffsteps
 
 ROOT = Path(diffsteps.__file__).parent
 # lowest first; a module may import its own package and any package before it
-LAYERS = ["core", "reference", "sampling", "nets", "data", "training", "evaluation", "steps", "reporting", "runner"]
+LAYERS = ["core", "reference", "sampling", "nets", "data", "training", "evaluation", "restoration", "steps", "reporting", "runner"]
 # same rank: neither may import the other
 PEERS = {"nets": 3, "data": 3}
 

@@ -254,7 +254,8 @@ def test_a_run_killed_during_evaluation_keeps_its_finished_step_counts(tmp_path)
 # -- bad input fails before training -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("override,message", [
     ("+foo=1", (r"unknown top-level key\(s\) foo \(from \+foo=1\); the valid top-level keys: callbacks, ckpt_path, "
-               r"data, eval, logger, loss, lr_scheduler, model, objective, optimizer, paths, report_dir, sampler, "
+               r"data, eval, export_dir, logger, loss, lr_scheduler, min_steps, model, objective, optimizer, paths, "
+               r"policies, prompts, report_dir, restore, sampler, "
                r"schedule, seed, steps, task, train, trainer\.")),
     ("++num_samples=500", r"unknown top-level key\(s\) num_samples \(from \+\+num_samples=500\)"),
     ("steps=[5,10,5]", r"steps=\[5, 10, 5\] repeats 5: each step count is one row of the results, list each once"),

@@ -186,20 +186,53 @@ def test_spectral_distance_against_numpy_and_over_chunks():
 
 
 # -- a run ---------------------------------------------------------------------------------------------------------
-def test_run_py_on_mnist1d(tmp_path):
+def test_run_py_on_mnist1d_conditional_guided(tmp_path):
+    """The end-to-end path of conditional MNIST-1D: model=auto sizes the UNet1D's label table, the evaluation asks
+    for balanced classes and guides both branches, and classifier_agreement is the MNIST-1D classifier's (recomputed
+    here from the saved samples and the plan's requested labels)."""
+    from diffsteps.evaluation.classifier import class_agreement
+    from diffsteps.evaluation.plan import eval_labels
+
     overrides = [o for o in FAST if not o.startswith(("data", "model", "objective"))]
-    run_py(tmp_path, *overrides, "data=mnist1d", "data.num_samples=400", "model=auto", "model.base_channels=8",
-           "objective=fid", "steps=[2,4]", "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "logger=csv",
+    run_py(tmp_path, *overrides, "data=mnist1d", "data.num_samples=400", "data.conditional=true", "model=auto",
+           "model.base_channels=8", "objective=fid", "steps=[2,4]", "sampler.guidance_scale=2",
+           "eval.mse.num_samples=0", "eval.elbo.num_samples=0", "logger=csv",
            # dozens of line-plot panels cost seconds in matplotlib: a 4-column steps grid (with a real row) only
-           "eval.grid_size=0", "eval.grid_columns=4", "eval.save_samples=0")
+           "eval.grid_size=0", "eval.grid_columns=4", "eval.save_samples=256")
     out = tmp_path / "run"
     rows = json.loads((out / "metrics.json").read_text())
+    config = OmegaConf.load(out / "config.yaml")
+    assert config.model._target_ == "diffsteps.nets.UNet1D" and config.model.num_classes == 10
     assert [r["steps"] for r in rows] == [2, 4]
+    plan = EvalPlan(sampler="ddim", steps=(2, 4), shape=(1, 40), num_samples=256, batch_size=128, num_classes=10,
+                    noise_seed=config.eval.noise_seed)
+    labels = eval_labels(plan)
+    classifier = load_mnist1d_classifier()
     for r in rows:
         for k in ("fid", "kid_mean", "spectral_distance", "classifier_confidence"):
             assert math.isfinite(r[k]), (k, r)
         assert r["spectral_distance"] > 0 and 0.1 <= r["classifier_confidence"] <= 1
-    config = OmegaConf.load(out / "config.yaml")
-    assert config.model._target_ == "diffsteps.nets.UNet1D"
-    for png in ("grid_steps_ddim.png", "spectra_ddim.png", "spectral_distance_vs_nfe.png", "fid_vs_nfe.png"):
+        assert r["guidance_scale"] == 2.0 and r["nfe"] == 2 * r["steps"]  # both branches in every call
+        x = torch.load(out / f"samples_ddim_{r['steps']}.pt")
+        assert x.shape == (256, 1, 40)
+        # chunked (128) vs one batch: allow one borderline argmax to flip
+        assert r["classifier_agreement"] == pytest.approx(class_agreement(x, labels, classifier), abs=1.01 / 256)
+    for png in ("grid_steps_ddim.png", "spectra_ddim.png", "spectral_distance_vs_nfe.png", "fid_vs_nfe.png",
+                "classifier_agreement_vs_nfe.png"):
         assert (out / png).is_file(), png
+
+
+def test_signal_grids_caption_each_sample_with_its_class():
+    from diffsteps.reporting.plots import grid_figure, steps_grid_figure
+
+    x = torch.randn(3, 1, 40)
+    fig = steps_grid_figure({"real data": x, "5 steps": x}, modality="signal", column_labels=["a", "b", "c"])
+    assert [ax.get_xlabel() for ax in fig.axes[-3:]] == ["a", "b", "c"]  # under the bottom row
+    plt.close(fig)
+    fig = grid_figure(x, modality="signal", labels=["class 0", "class 1", "class 2"])
+    assert [ax.get_title() for ax in fig.axes] == ["class 0", "class 1", "class 2"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="signal data only"):
+        grid_figure(torch.zeros(3, 1, 8, 8), modality="image", labels=["0", "1", "2"])
+    with pytest.raises(ValueError, match="2 labels for 3 samples"):
+        grid_figure(x, modality="signal", labels=["0", "1"])

@@ -1,12 +1,14 @@
 """Lightning data modules, one module per family: :mod:`.base` (the interface they share), :mod:`.images`,
-:mod:`.toy`, :mod:`.signals`."""
+:mod:`.photos`, :mod:`.signals`, :mod:`.toy`."""
 
 from .base import FEATURE_SPACES, MODALITIES, DataSpec, EpochShuffle
 from .images import CIFAR10Data, DigitsData, ImageFolderData
+from .photos import PhotoPatches
 from .signals import MNIST1DData
 from .toy import TOY_KINDS, GMMData, Toy2DData
 
-__all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "MNIST1DData", "DATAMODULES", "TOY_KINDS",
+__all__ = ["DigitsData", "Toy2DData", "GMMData", "ImageFolderData", "CIFAR10Data", "PhotoPatches", "MNIST1DData",
+           "DATAMODULES", "TOY_KINDS",
            "EpochShuffle", "DataSpec", "MODALITIES", "FEATURE_SPACES"]
 
 DATAMODULES = {
@@ -16,4 +18,5 @@ DATAMODULES = {
     "imagefolder": ImageFolderData,
     "cifar10": CIFAR10Data,
     "mnist1d": MNIST1DData,
+    "photo_patches": PhotoPatches,
 }

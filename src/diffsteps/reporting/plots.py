@@ -107,9 +107,23 @@ def _draw_signal(ax, x: torch.Tensor, spacing: float) -> None:
     ax.set_yticks([])
 
 
-def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = None):
+def _check_labels(labels, n: int, modality: str) -> list[str] | None:
+    """Per-sample captions (a conditional run's requested classes): line-plot panels have room for them, image
+    strips and scatters do not."""
+    if labels is None:
+        return None
+    if modality != "signal":
+        raise ValueError(f"per-sample labels are drawn for signal data only, not {modality!r}")
+    labels = [str(label) for label in labels]
+    if len(labels) < n:
+        raise ValueError(f"{len(labels)} labels for {n} samples")
+    return labels
+
+
+def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = None, labels=None):
     """The figure :func:`save_grid` writes (the caller closes it)."""
     samples = _check_samples(samples, modality)
+    labels = _check_labels(labels, len(samples), modality)
     if modality == "image":
         b, c, h, w = samples.shape
         cols = math.ceil(math.sqrt(b))
@@ -129,12 +143,16 @@ def grid_figure(samples: torch.Tensor, *, modality: str, title: str | None = Non
         for i, ax in enumerate(axes.flat):
             if i < b:
                 _draw_signal(ax, samples[i], spacing)
+                if labels:
+                    ax.set_title(labels[i], fontsize=7, pad=1.5)
             else:
                 fig.delaxes(ax)  # one axes per sample, no empty frames
         if title:
             fig.suptitle(title, fontsize=9)
         # tight_layout over dozens of panels costs seconds; the panels have no tick labels to make room for
-        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9 if title else 0.98, wspace=0.08, hspace=0.1)
+        # captions take ~0.15 in above each panel, the first row's included
+        top = (0.9 if title else 0.98) - (0.15 / fig.get_figheight() if labels else 0)
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=top, wspace=0.08, hspace=0.35 if labels else 0.1)
     else:
         flat = samples
         fig, ax = plt.subplots(figsize=(4, 4))
@@ -177,11 +195,12 @@ def image_figure(img, *, title: str | None = None, row_labels: dict[float, str] 
     return fig
 
 
-def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, modality: str) -> None:
+def save_grid(samples: torch.Tensor, path: Path, title: str | None = None, *, modality: str, labels=None) -> None:
     """Samples of a data ``modality`` (``DataSpec.modality``) as one figure: images (B, C, H, W) in [−1, 1] as a
-    square grid; signals (B, C, L) as one line plot per sample, its channels stacked; vectors (B, D) as a scatter
-    of the first two coordinates."""
-    fig = grid_figure(samples, modality=modality, title=title)
+    square grid; signals (B, C, L) as one line plot per sample, its channels stacked, captioned with ``labels``
+    (one string per sample, e.g. its requested class) if given; vectors (B, D) as a scatter of the first two
+    coordinates."""
+    fig = grid_figure(samples, modality=modality, title=title, labels=labels)
     _save(fig, path)
 
 
@@ -300,11 +319,13 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
     return path
 
 
-def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: str, title: str | None = None):
+def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: str, title: str | None = None,
+                      column_labels=None):
     """The figure :func:`save_steps_grid` writes (the caller closes it)."""
     items = [(label, _check_samples(x, modality)) for label, x in samples_by_steps.items() if len(x)]
     if not items:
         raise ValueError("no samples to draw")
+    column_labels = _check_labels(column_labels, max(len(x) for _, x in items), modality)
     if modality == "image":
         _, c, h, w = items[0][1].shape
         cols = max(len(x) for _, x in items)
@@ -340,10 +361,14 @@ def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: st
                 else:
                     fig.delaxes(ax)
             axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        for k, text in enumerate(column_labels or ()):
+            if k < cols:
+                axes[-1, k].set_xlabel(text, fontsize=7, labelpad=2)
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.subplots_adjust(left=0.16, right=0.99, bottom=0.03, top=0.88 if title else 0.97, wspace=0.08,
-                            hspace=0.12)
+        height = fig.get_figheight()
+        fig.subplots_adjust(left=0.16, right=0.99, bottom=0.03 + (0.2 / height if column_labels else 0),
+                            top=0.88 if title else 0.97, wspace=0.08, hspace=0.12)
     else:
         fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 2.9), squeeze=False, sharex=True,
                                  sharey=True)
@@ -358,11 +383,12 @@ def steps_grid_figure(samples_by_steps: dict[str, torch.Tensor], *, modality: st
 
 
 def save_steps_grid(samples_by_steps: dict[str, torch.Tensor], path: Path, title: str | None = None, *,
-                    modality: str) -> Path:
+                    modality: str, column_labels=None) -> Path:
     """The same noise carried to the data at several step counts, one row per step count (labelled with the dict's
     keys): images (B, C, H, W) in [−1, 1] as a strip of images, signals (B, C, L) as a strip of line plots (channels
-    stacked); vector data as one scatter panel per step count. Returns ``path``."""
-    fig = steps_grid_figure(samples_by_steps, modality=modality, title=title)
+    stacked; ``column_labels``, one string per column, e.g. its requested class, go under the bottom row); vector
+    data as one scatter panel per step count. Returns ``path``."""
+    fig = steps_grid_figure(samples_by_steps, modality=modality, title=title, column_labels=column_labels)
     _save(fig, path)
     return Path(path)
 

@@ -84,7 +84,6 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
     from ..evaluation.evaluator import EvaluationModule, Evaluator
     from ..evaluation.features import make_features
     from ..evaluation.measures import (
-        ClassifierConfidence,
         MixtureNLL,
         Quality,
         SpectralDistance,
@@ -117,8 +116,7 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
     measures = [m for m in (
         Quality(plan, quality),
         MixtureNLL(plan, mixture) if mixture is not None else None,
-        ClassifierConfidence(plan) if features == "digits" else None,
-        ClassifierConfidence(plan, extractor.net) if features == "mnist1d" else None,
+        _classifier_measure(plan, datamodule.spec.features, extractor),
         SpectralDistance(plan, real) if datamodule.spec.modality == "signal" else None,
         TrajectoryError(plan, schedule, module.prediction) if plan.mse_samples > 0 else None,
         _elbo(cfg, module, datamodule, schedule, plan) if e.elbo.num_samples > 0 else None,
@@ -141,6 +139,23 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
         path = out_dir / f"prompts_{plan.sampler}.png"
         best_effort(path, _prompt_grid, cfg, module, datamodule, schedule, plan, path)
     return rows, 0
+
+
+def _classifier_measure(plan, data_features: str, extractor):
+    """The shipped classifier's confidence (and, conditional, agreement) for data that have one — chosen by the
+    data's own feature space, not by ``eval.features``, so that the digits classifier never sees signals (nor the
+    MNIST-1D one images) whatever space FID is computed in; None for other data."""
+    from ..evaluation.features import MNIST1DFeatures
+    from ..evaluation.measures import ClassifierConfidence
+    from ..reference.mnist1d_classifier import load_mnist1d_classifier
+
+    if data_features == "digits":
+        return ClassifierConfidence(plan)
+    if data_features == "mnist1d":
+        # the FID extractor already holds the checksummed classifier when FID is in its features
+        net = extractor.net if isinstance(extractor, MNIST1DFeatures) else load_mnist1d_classifier()
+        return ClassifierConfidence(plan, net)
+    return None
 
 
 def _prompt_grid(cfg: DictConfig, module, datamodule, schedule, plan, path: Path) -> None:
@@ -196,9 +211,15 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
     """Per step count samples_<sampler>_<n>.pt (``eval.save_samples``; 0: none) and grid_<sampler>_<n>.png
     (``eval.grid_size``; 0: none), and grid_steps_<sampler>.png (``eval.grid_columns``; 0: none). With ``real``
     reference samples (signals), the across-steps grid starts with a row of them, and spectra_<sampler>.png
-    compares the mean power spectra of real and generated signals at every step count."""
+    compares the mean power spectra of real and generated signals at every step count. In a conditional evaluation
+    each signal panel is captioned with the class it was generated for."""
+    from ..evaluation.plan import eval_labels
     from ..reporting.files import save_torch
     from ..reporting.plots import save_grid, save_spectra, save_steps_grid
+
+    # the requested class of sample i is the same at every step count (and scale): one caption per column / panel
+    labels = ([f"requested {y}" for y in eval_labels(plan).tolist()] if plan.num_classes > 0 and modality == "signal"
+              else None)
 
     by_steps = {} if real is None else {"real data": real[: e.grid_columns]}
     for row in rows:
@@ -210,13 +231,14 @@ def _save_samples(evaluator, rows: list[dict], plan, e: DictConfig, out_dir: Pat
         if e.grid_size > 0:
             path = out_dir / f"grid_{plan.sampler}_{n}.png"
             best_effort(path, save_grid, x[: e.grid_size], path, title=f"{plan.sampler}, {n} steps (NFE {row['nfe']})",
-                        modality=modality)
+                        modality=modality, labels=labels)
         # images and signals: one row of samples per step count; vectors: one scatter of the whole grid per count
         by_steps[f"{n} steps (NFE {row['nfe']})"] = x[: e.grid_size if modality == "vector" else e.grid_columns]
     if e.grid_columns > 0 and any(len(x) for x in by_steps.values()):
         path = out_dir / f"grid_steps_{plan.sampler}.png"
         best_effort(path, save_steps_grid, by_steps, path,
-                    title=f"{plan.sampler}: the same noise at each step count", modality=modality)
+                    title=f"{plan.sampler}: the same noise at each step count", modality=modality,
+                    column_labels=labels)
     generated = {f"{r['steps']} steps": evaluator.samples(r["steps"]) for r in rows} if real is not None else {}
     if any(len(x) for x in generated.values()):
         path = out_dir / f"spectra_{plan.sampler}.png"

@@ -46,8 +46,20 @@ def run(cfg: DictConfig) -> float:
         from .export import export_task
 
         return export_task(cfg)
+    if cfg.task == "min_steps":
+        from .min_steps import min_steps_task
+
+        return min_steps_task(cfg)
+    if cfg.task == "policies":
+        from .policies import policies_task
+
+        return policies_task(cfg)
     pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
+    if cfg.task == "restore":
+        from .restore import restore_task
+
+        return restore_task(cfg)
     checkpoint = open_checkpoint(cfg)  # ckpt_path: read now; its training config becomes the run's unless overridden
     schedule = instantiate(cfg.schedule)
     steps = validate(cfg, schedule)  # seconds, before any training

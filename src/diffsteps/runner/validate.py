@@ -14,7 +14,8 @@ from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 __all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "check_training",
            "instantiate_checked", "steps_list", "validate"]
 
-TASKS = ("train_eval", "train", "eval", "schedules", "report", "optimize_steps", "export")
+TASKS = ("train_eval", "train", "eval", "schedules", "report", "optimize_steps", "export", "restore", "min_steps",
+         "policies")
 # keys that the checkpoint cache must see: they live in `train` (part of the training key) and these interpolate them;
 # a different value set on the derived key would train something the cache files under another config
 FOLLOWS_TRAIN = {"trainer.max_steps": "train.max_steps", "trainer.gradient_clip_val": "train.gradient_clip_val",

@@ -1,0 +1,539 @@
+"""``task=policies`` (``python run.py experiment=step_policies``): every way of choosing how many steps a sample gets,
+measured on one model, one error target and the same fresh noise, in one table, one figure and a W&B table.
+
+Quality is the per-sample trajectory MSE to the converged probability-flow solution from the same noise (the
+evaluation's reference solver, ``eval.mse.reference_*``); a policy meets the target when a fraction ≥ 1 − α of
+fresh samples ends within ``policies.error_target``. Each policy's knob is set on calibration noise, never on the
+test noise the row reports. Rows:
+
+- **fixed N\\***: the smallest step count of the ladder whose calibration coverage is ≥ 1 − α;
+- **optimised schedule**: the smallest cached ``task=optimize_steps`` schedule for this model and sampler meeting it
+  (omitted, with a logged line, when there is none);
+- **adaptive**: ``sample(..., sampler="adaptive", rtol=...)`` at the loosest rtol meeting it — only when the
+  registry has that sampler, else omitted with the logged line "adaptive sampler not available";
+- **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
+- **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
+  quantile knob chosen on the other third.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("diffsteps")
+
+__all__ = ["PolicySettings", "policies_task"]
+
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """conf/policies/default.yaml's keys (documented there)."""
+
+    model: str = "auto"
+    error_target: float = 3e-3
+    alpha: float = 0.1
+    calibration_noises: int = 1536
+    test_noises: int = 1024
+    noise_seed: int = 777
+    ladder: tuple = (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
+    stop_steps: int | str = "auto"
+    stop_alphas: tuple = (0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
+    predictor_quantiles: tuple = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    predictor_hidden: int = 64
+    predictor_epochs: int = 150
+    adaptive_rtols: tuple = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+    adaptive_max_nfe: int = 500
+    batch_size: int = 256
+    single_samples: int = 16
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> PolicySettings:
+        node = cfg.get("policies") or {}
+        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        names = {f.name for f in fields(cls)} - {"extra"}
+        unknown = set(given) - names
+        if unknown:
+            raise ValueError(f"policies has no key(s) {sorted(unknown)}; its keys: {', '.join(sorted(names))}")
+        s = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        if s.model not in ("auto", "exact", "trained"):
+            raise ValueError(f"policies.model must be one of: auto, exact, trained; got {s.model!r}")
+        if not 0 < s.alpha < 1 or not s.error_target > 0:
+            raise ValueError(f"policies.alpha must be in (0, 1) and policies.error_target > 0, got {s.alpha!r} and "
+                             f"{s.error_target!r}")
+        if list(s.ladder) != sorted(set(s.ladder)) or not s.ladder or s.ladder[0] < 1:
+            raise ValueError(f"policies.ladder must be increasing positive step counts, got {list(s.ladder)}")
+        if s.calibration_noises < 3 * math.ceil(1 / s.alpha) or s.test_noises < 2:
+            raise ValueError(f"policies.calibration_noises={s.calibration_noises} is too few for alpha={s.alpha}: "
+                             f"need ≥ {3 * math.ceil(1 / s.alpha)} (a third of them choose the predictor's knob)")
+        if s.stop_steps != "auto" and (isinstance(s.stop_steps, bool) or not isinstance(s.stop_steps, int)
+                                       or s.stop_steps < 3):
+            raise ValueError(f"policies.stop_steps must be auto or an integer ≥ 3, got {s.stop_steps!r}")
+        return s
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Model:
+    net: Callable
+    prediction: str
+    key: str
+    schedule: object
+    datamodule: object
+    mixture: object | None
+    exact: bool
+
+
+def _model(cfg: DictConfig, s: PolicySettings, out_dir: Path, loggers) -> _Model:
+    """The exact mixture model (``policies.model=exact``, or ``auto`` on data with a known mixture) — no training; its
+    key is a hash of the data and schedule configs — or the trained / reused network with its training key."""
+    from hydra.utils import instantiate
+
+    from ..reference.gaussian_mixture import ExactEpsilon
+    from ..reporting.files import save_config
+    from .checkpoints import training_key
+    from .min_steps import prepare_model
+    from .validate import instantiate_checked
+
+    data = instantiate_checked(cfg.data)
+    mixture = getattr(data, "mixture", None)
+    exact = s.model == "exact" or (s.model == "auto" and mixture is not None)
+    if exact:
+        if mixture is None:
+            raise ValueError(f"policies.model=exact needs data with a known mixture density (gmm, toy2d with "
+                             f"kind=8gaussians); {data.name} has none: use policies.model=trained")
+        schedule = instantiate(cfg.schedule)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        blob = json.dumps(OmegaConf.to_container(cfg.data, resolve=True) | {
+            "schedule": OmegaConf.to_container(cfg.schedule, resolve=True)}, sort_keys=True, default=str)
+        key = "exact-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return _Model(ExactEpsilon(mixture, schedule), "epsilon", key, schedule, data, mixture, True)
+    schedule, datamodule, module = prepare_model(cfg, [max(s.ladder)], out_dir, loggers)
+    net = module.net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return _Model(net, module.prediction, training_key(cfg, datamodule), schedule, datamodule,
+                  getattr(datamodule, "mixture", None), False)
+
+
+# -- measuring a policy ------------------------------------------------------------------------------------------
+def _mean_ci(v: torch.Tensor) -> tuple[float, float, float]:
+    m = float(v.mean())
+    half = 1.96 * float(v.std()) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return m, m - half, m + half
+
+
+def _measure(name: str, knob: str, run: Callable, noise: torch.Tensor, teacher: torch.Tensor, s: PolicySettings,
+             mixture, one_off: dict) -> dict:
+    """Run ``run(noise) -> (x, nfe per sample)`` on the test noise in batches (timed: the large-batch time) and on
+    ``single_samples`` noises one at a time (batch 1); every cost of the policy (its predictor, its bookkeeping)
+    is inside ``run``."""
+    from ..steps.stopping import binomial_interval
+
+    xs, nfes, batch_seconds = [], [], []
+    for i in range(0, len(noise), s.batch_size):
+        t0 = time.perf_counter()
+        x, nfe = run(noise[i:i + s.batch_size])
+        batch_seconds.append((time.perf_counter() - t0, len(x)))
+        xs.append(x)
+        nfes.append(torch.as_tensor(nfe).reshape(-1).expand(len(x)))
+    full = [sec for sec, n in batch_seconds if n == s.batch_size] or [batch_seconds[0][0]]
+    t0 = time.perf_counter()
+    for i in range(min(s.single_samples, len(noise))):
+        run(noise[i:i + 1])
+    single = (time.perf_counter() - t0) / min(s.single_samples, len(noise))
+    x, nfe = torch.cat(xs), torch.cat(nfes).double()
+    err = (x.to(_F64) - teacher.to(_F64)).pow(2).flatten(1).mean(1)
+    met = int((err <= s.error_target).sum())
+    m, lo, hi = _mean_ci(err)
+    clo, chi = binomial_interval(met, len(err))
+    row = {"policy": name, "knob": knob, "mse": m, "mse_ci_lo": lo, "mse_ci_hi": hi, "coverage": met / len(err),
+           "coverage_ci_lo": clo, "coverage_ci_hi": chi}
+    if mixture is not None:
+        flat = x.to(_F64).flatten(1).cpu()
+        row["nll"] = float(-(mixture.log_prob(flat) / flat.shape[1]).mean())
+    row.update({"nfe_mean": float(nfe.mean()), "nfe_p95": float(torch.quantile(nfe, 0.95)),
+                "nfe_max": float(nfe.max()), "seconds_batch1": single,
+                "seconds_batch": sum(full) / len(full), "oneoff_model_evals": int(one_off.get("evals", 0)),
+                "oneoff_seconds": float(one_off.get("seconds", 0.0))})
+    log.info("%s (%s): mse %.3g, coverage %.3f, mean NFE %.1f", name, knob, m, met / len(err), row["nfe_mean"])
+    return row
+
+
+def _coverage(err: torch.Tensor, target: float) -> float:
+    return float((err <= target).double().mean())
+
+
+def policies_task(cfg: DictConfig) -> float:
+    """Build every policy on calibration noise, measure each on the same fresh noise, write
+    ``policies.md``/``.csv``/``.json``, ``policies_quality_vs_nfe.png`` and the W&B table; return fixed N*'s NFE."""
+    from ..evaluation.trajectory import trajectory_reference
+    from ..sampling.api import sample
+    from ..sampling.registry import SAMPLERS
+    from ..steps.predictor import (
+        ladder_errors,
+        load_predictor,
+        oracle_labels,
+        save_predictor,
+        spearman,
+        train_predictor,
+    )
+    from ..steps.search import Target, TargetUnreachable, find_min_steps
+    from ..steps.stopping import (
+        calibrate_stopping,
+        sample_with_stopping,
+        stop_outcome,
+        stopping_trace,
+    )
+    from ..steps.teacher import CountingModel
+    from .loggers import make_loggers, print_sync_hint
+    from .validate import instantiate_checked
+
+    s = PolicySettings.from_cfg(cfg)
+    sampler = instantiate_checked(cfg.sampler)
+    if not sampler.deterministic:
+        raise ValueError(f"task=policies compares trajectories with the converged ODE solution: it needs a "
+                         f"deterministic sampler, not {sampler.name!r} with {sampler.options}")
+    if not isinstance(sampler.spacing, str):
+        raise ValueError("task=policies varies the step count: give sampler.spacing as a name (the optimised "  # noqa: TRY004
+                         "schedules get their own row)")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loggers = make_loggers(cfg, out_dir)
+    M = _model(cfg, s, out_dir, loggers)
+    shape = tuple(M.datamodule.sample_shape)
+    opts = dict(sampler.options)
+    denoiser = {k: v for k, v in opts.items() if k in ("clip_denoised", "dynamic_threshold", "threshold_max")}
+    if M.datamodule.spec.modality == "image" and "clip_denoised" not in denoiser:
+        denoiser["clip_denoised"] = 1.0  # as the evaluation does for images
+        opts["clip_denoised"] = 1.0
+    kw = {"schedule": M.schedule, "prediction": M.prediction}
+    g = torch.Generator().manual_seed(s.noise_seed)
+    dtype = _F64 if M.exact else torch.float32
+    cal = torch.randn((s.calibration_noises, *shape), generator=g, dtype=dtype)
+    test = torch.randn((s.test_noises, *shape), generator=g, dtype=dtype)
+    e = cfg.eval.mse
+
+    def teacher(noise, counter):
+        return torch.cat([trajectory_reference(counter, noise[i:i + s.batch_size], sampler=e.reference_sampler,
+                                               steps=e.reference_steps, spacing=e.reference_spacing, **kw,
+                                               **denoiser)[0] for i in range(0, len(noise), s.batch_size)])
+
+    counted = CountingModel(M.net)
+    t0 = time.perf_counter()
+    ref_cal = teacher(cal, counted)
+    teacher_cost = {"evals": counted.rows, "seconds": time.perf_counter() - t0}
+    ref_test = teacher(test, M.net)
+    ladder = list(s.ladder)
+    counted.rows = 0
+    t0 = time.perf_counter()
+    err_cal, ladder_nfe = ladder_errors(counted, cal, ref_cal, ladder, sampler=sampler.name, spacing=sampler.spacing,
+                                        batch_size=s.batch_size, **kw, **opts)
+    ladder_cost = {"evals": counted.rows, "seconds": time.perf_counter() - t0}
+    err_test, _ = ladder_errors(M.net, test, ref_test, ladder, sampler=sampler.name, spacing=sampler.spacing,
+                                batch_size=s.batch_size, **kw, **opts)
+    level = 1 - s.alpha
+
+    def plus(*costs):
+        return {"evals": sum(c["evals"] for c in costs), "seconds": sum(c["seconds"] for c in costs)}
+
+    def fixed(n, spacing=sampler.spacing, net=counted):
+        def run(noise):
+            res = sample(net, noise, sampler=sampler.name, steps=None if not isinstance(spacing, str) else n,
+                         spacing=spacing, return_info=True, **kw, **opts)
+            return res.sample, res.nfe
+        return run
+
+    rows, curves = [], {}
+    # fixed N*: the fewest steps whose calibration coverage is ≥ 1 − α, by the quality-threshold search
+    curves["fixed"] = [(float(ladder_nfe[r]), float(err_test[r].mean()), _coverage(err_test[r], s.error_target))
+                       for r in range(len(ladder))]
+    counted.rows = 0
+    t0 = time.perf_counter()
+
+    def shortfall(n):  # the fraction of calibration samples missing the target at n steps
+        x = torch.cat([fixed(n)(cal[i:i + s.batch_size])[0] for i in range(0, len(cal), s.batch_size)])
+        return 1 - _coverage((x.to(_F64) - ref_cal.to(_F64)).pow(2).flatten(1).mean(1), s.error_target)
+
+    try:
+        search = find_min_steps(shortfall, Target(absolute=s.alpha), max_steps=ladder[-1])
+    except TargetUnreachable as err:
+        raise ValueError(f"no step count up to {ladder[-1]} (the largest of policies.ladder) brings "
+                         f"{100 * level:g} % of the calibration samples within error_target={s.error_target:g}: the "
+                         f"best is {100 * (1 - err.best[1]):.1f} % at {err.best[0]} steps; raise error_target or the "
+                         "ladder") from None
+    n_star = search.steps
+    fixed_cost = plus(teacher_cost, {"evals": counted.rows, "seconds": time.perf_counter() - t0})
+    rows.append(_measure("fixed N*", f"N = {n_star} ({search.evaluations} step counts searched)", fixed(n_star, net=M.net),
+                         test, ref_test, s, M.mixture, fixed_cost))
+
+    # optimised schedule: the smallest cached one for this model and sampler meeting the target on calibration noise
+    optimised = _optimised_schedules(cfg, M, sampler.name)
+    best = None
+    for steps_, entry in optimised:
+        ts = torch.tensor(entry["timesteps"], dtype=_F64)
+        x = torch.cat([fixed(steps_, ts)(cal[i:i + s.batch_size])[0] for i in range(0, len(cal), s.batch_size)])
+        c = _coverage((x.to(_F64) - ref_cal.to(_F64)).pow(2).flatten(1).mean(1), s.error_target)
+        if c >= level:
+            best = (steps_, ts, entry)
+            break
+    if best is not None:
+        cost = best[2].get("cost", {})
+        rows.append(_measure("optimised schedule", f"{best[2].get('method')}, {best[0]} steps", fixed(best[0], best[1], M.net),
+                             test, ref_test, s, M.mixture,
+                             {"evals": cost.get("model_calls", 0), "seconds": cost.get("seconds", 0.0)}))
+    elif optimised:
+        log.info("no optimised schedule for this model meets the target on calibration noise: row omitted")
+    else:
+        log.info("no optimised %s schedule for this model (training key %s): row omitted (make them with "
+                 "task=optimize_steps)", sampler.name, M.key)
+
+    # adaptive: ROW BUILDER for the adaptive sampler (issue 12 part 1, another branch) — wired once it is registered
+    if "adaptive" in SAMPLERS:
+        rows_a, curve_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level)
+        rows += rows_a
+        curves["adaptive"] = curve_a
+    else:
+        log.info("adaptive sampler not available")
+
+    # per-sample stopping, on the fine grid (policies.stop_steps; auto: the ladder rungs N* … 4 N*, the one with the
+    # lowest calibration mean NFE)
+    grids = sorted({n_star} | {n for n in ladder if n_star < n <= 4 * n_star}) if s.stop_steps == "auto" else \
+        [int(s.stop_steps)]
+
+    def traces(net, noise, ref, K):
+        return _cat_traces([stopping_trace(net, noise[i:i + s.batch_size], ref[i:i + s.batch_size],
+                                           sampler=sampler.name, steps=K, spacing=sampler.spacing, **kw, **opts)
+                            for i in range(0, len(noise), s.batch_size)])
+
+    counted.rows = 0
+    t0 = time.perf_counter()
+    fits = []
+    for K in grids:
+        tr = traces(counted, cal, ref_cal, K)
+        rule_k = calibrate_stopping(tr, error_target=s.error_target, alpha=s.alpha, sampler=sampler.name, steps=K,
+                                    spacing=sampler.spacing, options=opts)
+        fits.append((float(stop_outcome(tr, rule_k.tau)[1].double().mean()), K, rule_k, tr))
+    _, K, rule, trace_cal = min(fits, key=lambda f: f[0])
+    stop_cost = plus(teacher_cost, {"evals": counted.rows, "seconds": time.perf_counter() - t0})
+    rows.append(_measure("stopping", f"K = {K}, τ = {rule.tau:.3g} (α = {s.alpha:g})",
+                         lambda z: sample_with_stopping(M.net, z, rule, **kw), test, ref_test, s, M.mixture,
+                         stop_cost))
+    trace_test = traces(M.net, test, ref_test, K)
+    curves["stopping"] = []
+    for a in s.stop_alphas:
+        try:
+            r_ = calibrate_stopping(trace_cal, error_target=s.error_target, alpha=a, sampler=sampler.name, steps=K)
+        except ValueError:
+            continue
+        err_, nfe_ = stop_outcome(trace_test, r_.tau)
+        curves["stopping"].append((float(nfe_.double().mean()), float(err_.mean()), _coverage(err_, s.error_target)))
+
+    # learned predictor
+    labels_cal = oracle_labels(err_cal, s.error_target)
+    n_train = 2 * len(cal) // 3
+    t0 = time.perf_counter()
+    pred = train_predictor(cal[:n_train], labels_cal[:n_train], ladder, hidden=s.predictor_hidden,
+                           epochs=s.predictor_epochs, batch_size=s.batch_size, seed=cfg.seed)
+    train_seconds = time.perf_counter() - t0
+    path = save_predictor(pred, out_dir / "step_predictor.pt", model_key=M.key,
+                          meta={"sampler": sampler.name, "spacing": sampler.spacing, "error_target": s.error_target})
+    pred = load_predictor(path, model_key=M.key)
+    val = slice(n_train, len(cal))
+
+    def predicted(noise_, q, errs):
+        idx = pred.budget_index(noise_, q)
+        return errs.gather(0, idx[None]).squeeze(0), ladder_nfe[idx]
+
+    q_star, curves["predictor"] = None, []
+    for q in s.predictor_quantiles:
+        err_v, _ = predicted(cal[val], q, err_cal[:, val])
+        if q_star is None and _coverage(err_v, s.error_target) >= level:
+            q_star = q
+        err_t, nfe_t = predicted(test, q, err_test)
+        curves["predictor"].append((float(nfe_t.double().mean()), float(err_t.mean()),
+                                    _coverage(err_t, s.error_target)))
+    q_star = q_star if q_star is not None else s.predictor_quantiles[-1]
+
+    def run_predictor(noise_):
+        idx = pred.budget_index(noise_, q_star)
+        x = torch.empty_like(noise_)
+        for r in idx.unique().tolist():
+            at = idx == r
+            x[at] = sample(M.net, noise_[at], sampler=sampler.name, steps=ladder[r], spacing=sampler.spacing,
+                           **kw, **opts).to(x.dtype)
+        return x, ladder_nfe[idx]
+
+    rows.append(_measure("predictor", f"q = {q_star:g}", run_predictor, test, ref_test, s, M.mixture,
+                         plus(teacher_cost, ladder_cost, {"evals": 0, "seconds": train_seconds})))
+    # the predictor against its oracle on the test noise
+    oracle_test = oracle_labels(err_test, s.error_target)
+    steps_of = torch.tensor(ladder + [ladder[-1]], dtype=_F64)
+    idx = pred.budget_index(test, q_star)
+    within_ladder = oracle_test < len(ladder)
+    cov_pred = _coverage(err_test.gather(0, idx[None]).squeeze(0), s.error_target)
+    const = next((r for r in range(len(ladder)) if _coverage(err_test[r], s.error_target) >= cov_pred), len(ladder) - 1)
+    diagnostics = {
+        "predictor_spearman_test": spearman(pred.expected_steps(test)[within_ladder], steps_of[oracle_test][within_ladder]),
+        "predictor_regret_steps": float((steps_of[idx] - steps_of[oracle_test]).mean()),
+        "oracle_mean_steps": float(steps_of[oracle_test].mean()),
+        "predictor_mean_steps": float(steps_of[idx].mean()),
+        "predictor_coverage_test": cov_pred,
+        "constant_budget_same_coverage": ladder[const],
+        "oracle_beyond_ladder": int((~within_ladder).sum()),
+        "label_counts": torch.bincount(labels_cal, minlength=len(ladder) + 1).tolist(),
+        "predictor_train_seconds": train_seconds,
+        "stopping_tau": rule.tau, "stopping_grid": K, "stopping_grids_tried": grids, "stopping_calibration_coverage": rule.calibration_coverage,
+        "fixed_n_star": n_star, "model_key": M.key, "exact_model": M.exact,
+        "error_target": s.error_target, "alpha": s.alpha, "sampler": sampler.name, "spacing": sampler.spacing,
+        "calibration_noises": len(cal), "test_noises": len(test),
+    }
+    log.info("predictor: held-out Spearman %.3f with the oracle, regret %.2f steps",
+             diagnostics["predictor_spearman_test"], diagnostics["predictor_regret_steps"])
+    _write(rows, curves, diagnostics, s, out_dir, loggers)
+    for lg in loggers:
+        lg.finalize("success")
+    print_sync_hint(loggers)
+    print(f"step policies ({len(rows)} rows) in {out_dir / 'policies.md'}")
+    print((out_dir / "policies.md").read_text())
+    return float(rows[0]["nfe_mean"])
+
+
+def _cat_traces(traces):
+    from ..steps.stopping import StopTrace
+
+    return StopTrace(torch.cat([t.scores for t in traces], 1), torch.cat([t.errors for t in traces], 1),
+                     traces[0].nfe)
+
+
+def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple[int, dict]]:
+    """The cached optimised schedules of this model and sampler, fewest steps first (none for the exact model)."""
+    import yaml
+
+    if M.exact:
+        return []
+    from .optimize import schedule_cache_dir
+
+    found = []
+    for p in schedule_cache_dir(cfg).glob(f"{sampler}_nfe*.yaml"):
+        entry = yaml.safe_load(p.read_text())
+        if entry.get("training_key") == M.key and entry.get("sampler") == sampler:
+            found.append((int(entry["steps"]), entry))
+    return sorted(found, key=lambda f: f[0])
+
+
+def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level):
+    """ROW BUILDER, adaptive sampler: the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is
+    ≥ 1 − α, measured on the test noise with its per-sample NFE (``SampleResult.nfe_per_sample``)."""
+    from ..sampling.api import sample
+
+    def run_at(rtol):
+        def run(noise):
+            res = sample(M.net, noise, sampler="adaptive", rtol=rtol, max_nfe=s.adaptive_max_nfe, return_info=True,
+                         **kw, **denoiser)
+            return res.sample, res.nfe_per_sample
+        return run
+
+    def errors(run, noise, ref):
+        out = [run(noise[i:i + s.batch_size]) for i in range(0, len(noise), s.batch_size)]
+        x, nfe = torch.cat([o[0] for o in out]), torch.cat([torch.as_tensor(o[1]).reshape(-1) for o in out])
+        return (x.to(_F64) - ref.to(_F64)).pow(2).flatten(1).mean(1), nfe
+
+    curve, chosen, seconds, evals = [], None, 0.0, 0
+    for rtol in s.adaptive_rtols:
+        t0 = time.perf_counter()
+        err_c, nfe_c = errors(run_at(rtol), cal, ref_cal)
+        seconds += time.perf_counter() - t0
+        evals += int(nfe_c.sum())
+        err_t, nfe_t = errors(run_at(rtol), test, ref_test)
+        curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
+        if chosen is None and _coverage(err_c, s.error_target) >= level:
+            chosen = rtol
+    if chosen is None:
+        log.info("adaptive: no rtol in policies.adaptive_rtols meets the target on calibration noise; row omitted")
+        return [], curve
+    cost = {"evals": teacher_cost["evals"] + evals, "seconds": teacher_cost["seconds"] + seconds}
+    return [_measure("adaptive", f"rtol = {chosen:g}", run_at(chosen), test, ref_test, s, M.mixture, cost)], curve
+
+
+_COLUMNS = [("policy", "policy", "{}"), ("knob", "knob", "{}"), ("mse", "MSE", "{:.3g}"),
+            ("mse_ci", "MSE 95 % CI", "{}"), ("coverage", "within target", "{:.3f}"), ("nll", "NLL", "{:.4f}"),
+            ("nfe_mean", "mean NFE", "{:.1f}"), ("nfe_p95", "p95 NFE", "{:.0f}"), ("nfe_max", "max NFE", "{:.0f}"),
+            ("seconds_batch1", "s / sample, batch 1", "{:.4f}"), ("seconds_batch", "s / batch", "{:.4f}"),
+            ("oneoff", "one-off (model evals, s)", "{}")]
+
+
+def _write(rows, curves, diagnostics, s, out_dir: Path, loggers) -> None:
+    from ..reporting.files import write_csv, write_json
+    from .evaluate import best_effort
+
+    for r in rows:
+        r["mse_ci"] = f"[{r['mse_ci_lo']:.3g}, {r['mse_ci_hi']:.3g}]"
+        r["oneoff"] = f"{r['oneoff_model_evals']}, {r['oneoff_seconds']:.1f}"
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f.format(r[k]) if k in r else "" for k, _, f in cols) + " |")
+    head = (f"target: per-sample MSE ≤ {s.error_target:g} for ≥ {100 * (1 - s.alpha):g} % of samples; "
+            f"{diagnostics['test_noises']} fresh noises, {diagnostics['calibration_noises']} calibration noises; "
+            f"sampler {diagnostics['sampler']} ({diagnostics['spacing']}); s / batch at batch {s.batch_size}\n\n")
+    (out_dir / "policies.md").write_text(head + "\n".join(lines) + "\n")
+    write_csv(out_dir / "policies.csv", [{k: v for k, v in r.items() if k not in ("mse_ci", "oneoff")} for r in rows])
+    write_json(out_dir / "policies.json", {"rows": rows, "curves": curves, "diagnostics": diagnostics})
+    png = out_dir / "policies_quality_vs_nfe.png"
+    best_effort(png, _figure, rows, curves, s, png)
+    _log_table(rows, loggers, png)
+
+
+def _figure(rows, curves, s, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in curves.items():
+        if pts:
+            pts = sorted(pts)
+            a.plot([p[0] for p in pts], [p[1] for p in pts], ".-", label=f"{name} (knob)")
+            b.plot([p[0] for p in pts], [p[2] for p in pts], ".-", label=f"{name} (knob)")
+    for r in rows:
+        a.errorbar(r["nfe_mean"], r["mse"], yerr=[[r["mse"] - r["mse_ci_lo"]], [r["mse_ci_hi"] - r["mse"]]], fmt="o",
+                   ms=8, label=f"{r['policy']}: {r['knob']}")
+        b.plot(r["nfe_mean"], r["coverage"], "o", ms=8)
+    b.axhline(1 - s.alpha, color="k", lw=0.8, ls="--")
+    a.set(xscale="log", yscale="log", xlabel="mean NFE per sample", ylabel="trajectory MSE (test noise)",
+          title="quality vs mean NFE")
+    b.set(xscale="log", xlabel="mean NFE per sample", ylabel=f"fraction with MSE ≤ {s.error_target:g}",
+          title=f"target: ≥ {1 - s.alpha:g}")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_table(rows, loggers, png: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            lg.experiment.log({"policies/table": wandb.Table(columns=keys, data=[[r.get(k) for k in keys]
+                                                                                for r in rows])})
+            if png.exists():
+                lg.log_image(key="policies/quality_vs_nfe", images=[str(png)])

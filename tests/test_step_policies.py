@@ -1,0 +1,170 @@
+"""Step policies (diffsteps.steps.search / stopping / predictor, task=min_steps): the quality-threshold search against
+a full scan of step counts on the exact mixture, the calibrated stopping rule's coverage on fresh noise, the
+predictor's labels against the oracle computed sample by sample, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import FAST, noise, run_py
+
+import diffsteps as ds
+from diffsteps.evaluation.trajectory import trajectory_reference
+from diffsteps.steps.predictor import (
+    ladder_errors,
+    load_predictor,
+    oracle_labels,
+    save_predictor,
+    train_predictor,
+)
+from diffsteps.steps.search import Target, TargetUnreachable, find_min_steps
+from diffsteps.steps.stopping import (
+    binomial_interval,
+    calibrate_stopping,
+    sample_with_stopping,
+    stop_outcome,
+    stopping_trace,
+)
+from diffsteps.steps.teacher import CountingModel
+
+
+@pytest.fixture(scope="module")
+def exact(mixture, linear):
+    """The exact 2-D mixture model, 1000 noises and their converged ODE solutions (Heun, 200 log-SNR steps)."""
+    model = ds.ExactEpsilon(mixture, linear)
+    x = noise(1000, 2, seed=3)
+    ref, gap = trajectory_reference(model, x, schedule=linear, prediction="epsilon")
+    assert gap.max() < 1e-3  # the reference converged far below the targets used here
+    return model, x, ref
+
+
+def test_search_equals_full_scan_with_fewer_evaluations(exact, linear):
+    model, x, ref = exact
+    x, ref = x[:128], ref[:128]
+    # the full scan: every step count 1 … 64 from the same noise (common random numbers)
+    outs = {n: ds.sample(model, x, schedule=linear, sampler="ddim", steps=n) for n in range(1, 65)}
+    mse = {n: float((o - ref).pow(2).mean()) for n, o in outs.items()}
+    for target in (1e-2, 3e-3, 1e-3):
+        truth = next(n for n, v in mse.items() if v <= target)
+        calls = []
+        found = find_min_steps(lambda n, calls=calls: calls.append(n) or mse[n], Target(absolute=target), max_steps=64)
+        print(f"MSE ≤ {target:g}: search {found.steps} steps in {found.evaluations} evaluations; full scan "
+              f"{truth} steps in 64 evaluations ({truth} up to the answer)")
+        assert found.steps == truth
+        assert found.evaluations == len(calls) == len(set(calls)) < truth
+        assert found.violations == [] and found.bracket == (truth - 1, truth)
+    # within 5 % of the converged value (at 64 steps) of a metric that converges to a non-zero value: the exact NLL
+    nll = {n: float(-model.mixture.log_prob(o).mean()) for n, o in outs.items()}
+    within = Target(within=0.05, reference=nll[64])
+    truth = next(n for n, v in nll.items() if within.met(v))
+    found = find_min_steps(nll.__getitem__, within, max_steps=64)
+    print(f"NLL within 5 %: search {found.steps} in {found.evaluations} evaluations; scan {truth}")
+    assert found.steps == truth and found.evaluations < truth and found.violations == []
+
+
+def test_search_reports_a_non_monotone_curve():
+    # meets the target at 5, fails at 6 and 7, meets from 8 on: galloping 1, 2, 4, 8 brackets (4, 8]
+    curve = {n: (0.0 if n == 5 or n >= 8 else 1.0) for n in range(1, 33)}
+    found = find_min_steps(curve.__getitem__, Target(absolute=0.5), max_steps=32)
+    assert found.steps in (5, 8)
+    if found.steps == 8:  # bisection landed on the right of the dip: the violation is seen once 5 was evaluated
+        assert 5 not in found.curve or (5, 6) in found.violations or (5, 7) in found.violations
+    scanned = find_min_steps(curve.__getitem__, Target(absolute=0.5), max_steps=32, local_scan=3)
+    assert scanned.steps == 5
+    assert any(a == 5 for a, _ in scanned.violations)  # 5 meets, 6 or 7 (evaluated) does not
+
+
+def test_unreachable_target_names_the_best_value(exact, linear):
+    model, x, ref = exact
+    seen = {}
+
+    def metric(n):
+        seen[n] = float((ds.sample(model, x[:64], schedule=linear, sampler="ddim", steps=n) - ref[:64]).pow(2).mean())
+        return seen[n]
+
+    with pytest.raises(TargetUnreachable, match=r"no step count up to 8 meets the target ≤ 1e-12") as err:
+        find_min_steps(metric, Target(absolute=1e-12), max_steps=8)
+    best = min(seen, key=seen.get)
+    assert err.value.best == (best, seen[best]) and best == 8
+    assert f"{seen[8]:.6g} at 8 steps" in str(err.value)
+    assert err.value.curve == seen  # everything evaluated comes back with the error
+    with pytest.raises(ValueError, match="exactly one of"):
+        Target()
+    with pytest.raises(ValueError, match="positive fraction"):
+        Target(within=-0.1, reference=1.0)
+
+
+def test_calibrated_stopping_meets_its_coverage_on_fresh_noise(exact, linear):
+    model, x, ref = exact
+    n_cal, alpha, target, K = 400, 0.1, 3e-3, 50
+    trace = stopping_trace(model, x[:n_cal], ref[:n_cal], schedule=linear, sampler="ddim", steps=K)
+    rule = calibrate_stopping(trace, error_target=target, alpha=alpha, sampler="ddim", steps=K)
+    assert rule.tau > 0  # the rule does stop samples early, so the check below is not the fixed K-step sampler's
+    counter = CountingModel(model)
+    out, nfe = sample_with_stopping(counter, x[n_cal:], rule, schedule=linear)
+    fresh = len(out)
+    err = (out - ref[n_cal:]).pow(2).mean(1)
+    met = int((err <= target).sum())
+    # split-conformal: the expected coverage lies in [1 − α, 1 − α + 1/(n + 1)]; given the calibration set it
+    # varies with sd √(α(1 − α)/n) — within 2.6 sd of that range and inside the fresh samples' 99 % interval
+    lo, hi = binomial_interval(met, fresh, 0.99)
+    slack = 2.6 * math.sqrt(alpha * (1 - alpha) / n_cal)
+    print(f"coverage {met / fresh:.3f} on {fresh} fresh noises (99 % interval {lo:.3f}…{hi:.3f}), stated "
+          f"{1 - alpha:g}; mean NFE {nfe.double().mean():.1f} of {K}")
+    assert hi >= 1 - alpha - slack and lo <= 1 - alpha + 1 / (n_cal + 1) + slack
+    assert nfe.double().mean() < K - 1  # samples do stop early
+    # the NFE counted per sample is what the model was called on: stopped samples leave every later call
+    assert counter.rows == int(nfe.sum())
+    # and the run equals the recorded trajectory of the same noise: the same stop step and output for every sample
+    err_trace, nfe_trace = stop_outcome(stopping_trace(model, x[n_cal:], ref[n_cal:], schedule=linear,
+                                                       sampler="ddim", steps=K), rule.tau)
+    assert torch.equal(nfe_trace, nfe)
+    assert torch.allclose(err_trace, err, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="cannot certify"):
+        calibrate_stopping(stop_trace_of(trace, 5), error_target=target, alpha=0.1, sampler="ddim", steps=K)
+
+
+def stop_trace_of(trace, n):
+    from diffsteps.steps.stopping import StopTrace
+
+    return StopTrace(trace.scores[:, :n], trace.errors[:, :n], trace.nfe)
+
+
+def test_predictor_labels_are_the_oracle_and_its_checkpoint_knows_its_model(exact, linear, tmp_path):
+    model, x, ref = exact
+    ladder, target = [2, 4, 8, 16, 32], 2e-3
+    errors, nfe = ladder_errors(model, x[:24], ref[:24], ladder, schedule=linear, sampler="ddim", batch_size=10)
+    labels = oracle_labels(errors, target)
+    assert nfe.tolist() == ladder  # ddim: one model call per step
+    for i in range(24):  # the oracle sample by sample, each alone, ladder rung by rung
+        direct = len(ladder)
+        for r, n in enumerate(ladder):
+            out = ds.sample(model, x[i:i + 1], schedule=linear, sampler="ddim", steps=n)
+            if float((out - ref[i:i + 1]).pow(2).mean()) <= target:
+                direct = r
+                break
+        assert labels[i] == direct
+    assert len(set(labels.tolist())) > 1  # samples differ in difficulty here
+    pred = train_predictor(x[:24], labels, ladder, hidden=8, epochs=2, batch_size=8)
+    path = save_predictor(pred, tmp_path / "p.pt", model_key="abc123")
+    again = load_predictor(path, model_key="abc123")
+    assert torch.equal(again.budget_index(x[:8], 0.5), pred.budget_index(x[:8], 0.5))
+    with pytest.raises(ValueError, match="training key 'abc123', not this model's 'zzz999'"):
+        load_predictor(path, model_key="zzz999")
+
+
+def test_min_steps_run_with_unreachable_target_keeps_what_it_evaluated(tmp_path):
+    proc = run_py(tmp_path, *FAST, "task=min_steps", "min_steps.target=-100", "min_steps.max_steps=2",
+                  "eval.grid_size=0", "eval.save_samples=0", "eval.grid_columns=0", "logger=none",
+                  "eval.mse.num_samples=0", "eval.elbo.num_samples=0", check=False)
+    assert proc.returncode != 0
+    assert "no step count up to 2 meets the target ≤ -100: the best value reached is" in proc.stderr
+    out = tmp_path / "run"
+    summary = json.loads((out / "min_steps.json").read_text())
+    assert summary["status"] == "unreachable" and sorted(summary["curve"]) == ["1", "2"]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert summary["best"]["value"] == min(r["nll"] for r in rows)
