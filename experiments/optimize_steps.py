@@ -2,7 +2,8 @@
 spacing, per sampler and budget.
 
 Model: :class:`~diffsteps.ExactEpsilon` for the 2-D three-mode mixture of tests/conftest.py (``--dim 16`` for a
-16-D eight-mode one), linear schedule, T = 1000 — no training error, so every error is the sampler's own. For each
+16-D eight-mode one, ``--dim 64`` for the 10-component 64-D one of ``sampler_accuracy.py``), linear schedule,
+T = 1000 — no training error, so every error is the sampler's own. For each
 sampler and NFE, :func:`diffsteps.optimize_schedule` fits on the first 2/3 of ``--noises`` noises and reports the
 RMS distance of the final sample from the teacher's endpoint (``teacher_substeps`` dpmpp_3m steps between 48
 log-SNR candidates) on the last 1/3, held out. Columns: the best of trailing/karras/logsnr/linspace on the held-out
@@ -28,6 +29,9 @@ import torch
 import diffsteps as ds
 from diffsteps.steps.differentiable import DIFFERENTIABLE
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampler_accuracy import make_mixture  # noqa: E402
+
 
 def mixture(dim: int) -> ds.GaussianMixture:
     if dim == 2:  # tests/conftest.py's fixture
@@ -35,6 +39,8 @@ def mixture(dim: int) -> ds.GaussianMixture:
         covs = torch.tensor([[[0.30, 0.10], [0.10, 0.20]], [[0.15, -0.05], [-0.05, 0.25]],
                              [[0.20, 0.0], [0.0, 0.10]]])
         return ds.GaussianMixture(means, covs, weights=[0.5, 0.3, 0.2])
+    if dim == 64:  # the 10-component mixture of sampler_accuracy.py and solvers_vs_diffusers.py
+        return make_mixture()
     g = torch.Generator().manual_seed(0)
     means = 2.0 * torch.randn(8, dim, generator=g, dtype=torch.float64)
     return ds.GaussianMixture(means, 0.05 + 0.2 * torch.rand(8, dim, generator=g, dtype=torch.float64))

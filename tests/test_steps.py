@@ -287,3 +287,39 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
         proc = run_py(tmp_path, *FAST, "logger=none", *args, name="bad", check=False)
         assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-2000:]
         assert "Epoch" not in proc.stderr
+
+
+def test_spacing_optimized_finds_the_schedule_of_a_model_auto_run(tmp_path, monkeypatch):
+    """With model=auto (the default) the checkpoint and its schedules are filed under the key of the *resolved*
+    model config, which training writes into the config before keying it; sampler.spacing=optimized must look
+    there, not under the key of the unresolved ``auto`` config."""
+    from pathlib import Path
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from diffsteps.runner.build import build
+    from diffsteps.runner.checkpoints import training_key
+    from diffsteps.runner.optimize import model_key, resolve_spacing
+    from diffsteps.runner.resolvers import register_resolvers
+
+    register_resolvers()
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    args = ["data=toy2d", "data.n_train=256", "data.n_val=64", "logger=none", "sampler=dpmpp_2m", "steps=3"]
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        trained = compose("config", overrides=args)
+        use = compose("config", overrides=[*args, "sampler.spacing=optimized"])
+    assert trained.model.name == "auto"
+    unresolved = training_key(trained)
+    build(trained, instantiate(trained.schedule))  # resolves model=auto in place, as training does
+    key = training_key(trained)  # what the checkpoint and task=optimize_steps file the schedules under
+    assert trained.model._target_ == "diffsteps.nets.MLP" and key != unresolved and model_key(use) == key
+    cache = tmp_path / "outputs" / "checkpoints" / key / "schedules"
+    cache.mkdir(parents=True)
+    ours = [999.0, 400.5, 50.25]
+    (cache / "dpmpp_2m_nfe3_refine.yaml").write_text(yaml.safe_dump(
+        {"training_key": key, "sampler": "dpmpp_2m", "nfe": 3, "steps": 3, "method": "refine", "timesteps": ours}))
+    resolve_spacing(use)
+    assert list(use.sampler.spacing) == ours and use.model.name == "auto"  # the caller's config is not resolved

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoints import load_weights, training_key
 
-__all__ = ["OptimizeSettings", "optimize_task", "resolve_spacing", "schedule_cache_dir"]
+__all__ = ["OptimizeSettings", "model_key", "optimize_task", "resolve_spacing", "schedule_cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,25 @@ class OptimizeSettings:
         return s
 
 
-def schedule_cache_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.checkpoint_dir) / training_key(cfg) / "schedules"
+def model_key(cfg: DictConfig) -> str:
+    """The training key the model of ``cfg`` is filed under. Training resolves ``model=auto`` for the data
+    (:func:`~.build.build_net`) before it keys the checkpoint, so the key of the unresolved ``auto`` config names
+    no model: resolve it the same way here (on a copy; ``cfg`` is left as it is)."""
+    if cfg.model.get("name") != "auto":
+        return training_key(cfg)
+    from hydra.utils import instantiate
+
+    from .build import resolve_model
+
+    datamodule = instantiate(cfg.data)
+    resolved = cfg.copy()
+    with open_dict(resolved):
+        resolved.model = resolve_model(cfg.model, datamodule.spec, datamodule.name)
+    return training_key(resolved, datamodule)
+
+
+def schedule_cache_dir(cfg: DictConfig, key: str | None = None) -> Path:
+    return Path(cfg.paths.checkpoint_dir) / (key or model_key(cfg)) / "schedules"
 
 
 def _file_name(sampler: str, nfe: int, method: str) -> str:
@@ -63,20 +80,20 @@ def resolve_spacing(cfg: DictConfig) -> None:
     spacing = cfg.sampler.get("spacing")
     if not isinstance(spacing, str) or not (spacing == "optimized" or spacing.endswith((".yaml", ".yml"))):
         return
-    key, sampler = training_key(cfg), cfg.sampler.name
+    key, sampler = model_key(cfg), cfg.sampler.name
     steps = list(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]
     if len(steps) != 1:
         raise ValueError(f"sampler.spacing={spacing} holds one schedule, so it needs one step count (steps=K), got "
                          f"steps={steps}")
     if spacing == "optimized":
-        found = sorted(schedule_cache_dir(cfg).glob(f"{sampler}_nfe*.yaml"))
+        found = sorted(schedule_cache_dir(cfg, key).glob(f"{sampler}_nfe*.yaml"))
         entries = [(p, yaml.safe_load(p.read_text())) for p in found]
         match = [(p, e) for p, e in entries if e.get("steps") == steps[0]]
         if not match:
             raise ValueError(f"no optimised {sampler} schedule with {steps[0]} steps for this model (training key "
-                             f"{key}) in {schedule_cache_dir(cfg)}; make it with: python run.py task=optimize_steps "
-                             f"sampler={sampler} steps=<the NFE> (and the same data/model/schedule/loss/train "
-                             f"overrides)")
+                             f"{key}) in {schedule_cache_dir(cfg, key)}; make it with: python run.py "
+                             f"task=optimize_steps sampler={sampler} steps=<the NFE> (and the same "
+                             f"data/model/schedule/loss/train overrides)")
         path, entry = min(match, key=lambda m: m[1].get("method") != "refine")
     else:
         path = Path(spacing)
