@@ -27,3 +27,13 @@ def gaussian():
     a = torch.tensor([[0.6, 0.2, 0.0], [0.0, 0.4, -0.3], [0.1, 0.0, 0.3]], dtype=torch.float64)
     return ds.GaussianMixture(mu[None], (a @ a.T + 0.05 * torch.eye(3, dtype=torch.float64))[None])
 
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n`` (pytest-xdist, ``--dist loadgroup``): a file's tests run on one worker, so a module fixture (a
+    trained run several tests read) is made once; files sharing a session-made run (``tests/seed_sweep.py``) set
+    one ``xdist_group`` for all of them. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -16,6 +16,8 @@ from seed_sweep import seed_sweep
 
 from diffsteps.reporting.report import run_report
 
+pytestmark = pytest.mark.xdist_group("seed_sweep")  # one worker makes the shared multirun (conftest.py)
+
 
 class Page(HTMLParser):
     """Every tag's attributes, and each table (by id) as rows of cell texts."""

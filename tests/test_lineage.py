@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 register_resolvers()
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
-              pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*:UserWarning")]
+              pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*:UserWarning"),
+              pytest.mark.xdist_group("seed_sweep")]  # one worker makes the shared multirun (conftest.py)
 
 
 def wandb_records(path: Path):

@@ -16,6 +16,8 @@ from seed_sweep import SEEDS, seed_sweep
 
 from diffsteps.runner.resolvers import register_resolvers
 
+pytestmark = pytest.mark.xdist_group("seed_sweep")  # one worker makes the shared multirun (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "sweep_app" / "app.py"
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
