@@ -159,6 +159,8 @@ def test_predictor_labels_are_the_oracle_and_its_checkpoint_knows_its_model(exac
 def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, linear):
     from types import SimpleNamespace
 
+    from omegaconf import OmegaConf
+
     from diffsteps.runner.policies import PolicySettings, _adaptive_row
 
     model, x, ref = exact
@@ -195,6 +197,10 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     # the knob curve: every rtol, on the test noise
     assert len(curve) == len(rtols) and curve[[0.1, 0.05, 0.02, 0.01].index(chosen)] == pytest.approx(
         (row["nfe_mean"], row["mse"], row["coverage"]), rel=1e-9)
+    for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
+                       ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):
+        with pytest.raises(ValueError, match=match):  # before any model call
+            PolicySettings.from_cfg(OmegaConf.create({"policies": bad}))
 
 
 def test_min_steps_run_with_unreachable_target_keeps_what_it_evaluated(tmp_path):
