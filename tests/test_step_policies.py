@@ -156,6 +156,53 @@ def test_predictor_labels_are_the_oracle_and_its_checkpoint_knows_its_model(exac
         load_predictor(path, model_key="zzz999")
 
 
+def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, linear):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from diffsteps.runner.policies import PolicySettings, _adaptive_row
+
+    model, x, ref = exact
+    cal, test, ref_cal, ref_test = x[:300], x[300:600], ref[:300], ref[300:600]
+    rtols, target = (0.01, 0.1, 0.05, 0.02), 1e-3  # not loosest-first on purpose
+    s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, batch_size=128, single_samples=2)
+
+    def direct(noise, ref_, rtol):  # the sampler called on its own, the whole set in one batch
+        counter = CountingModel(model)
+        r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol,
+                      atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe, return_info=True)
+        return (r.sample - ref_).pow(2).mean(1), r.nfe_per_sample, counter.rows
+
+    cal_runs = {rtol: direct(cal, ref_cal, rtol) for rtol in rtols}
+    cal_cov = {rtol: float((e <= target).double().mean()) for rtol, (e, _, _) in cal_runs.items()}
+    chosen = max(r for r in rtols if cal_cov[r] >= 0.9)  # the loosest meeting the target on calibration noise
+    assert chosen == 0.02 and cal_cov[0.01] >= 0.9  # a first-meeting-in-list-order choice would take 0.01
+
+    rows, curve = _adaptive_row(SimpleNamespace(net=model, mixture=model.mixture), s, cal, test, ref_cal, ref_test,
+                                {"schedule": linear, "prediction": "epsilon"}, {}, {"evals": 7, "seconds": 0.0}, 0.9)
+    [row] = rows
+    err, nfe, _ = direct(test, ref_test, chosen)
+    cov = float((err <= target).double().mean())
+    print(f"adaptive rtol {chosen}: mean NFE {row['nfe_mean']:.2f} (per sample {nfe.min()}…{nfe.max()}), "
+          f"coverage {row['coverage']:.3f} on test noise, {cal_cov[chosen]:.3f} on calibration noise")
+    assert row["knob"] == f"rtol = {chosen:g}"
+    assert nfe.min() < nfe.max()  # samples differ, so the batch's model calls are not the per-sample NFE
+    assert row["nfe_mean"] == pytest.approx(float(nfe.double().mean()), abs=1e-12)
+    assert (row["nfe_p95"], row["nfe_max"]) == (float(torch.quantile(nfe.double(), 0.95)), float(nfe.max()))
+    assert row["coverage"] == cov != cal_cov[chosen]  # on the test noise, not the calibration noise
+    assert row["mse"] == pytest.approx(float(err.mean()), rel=1e-9)
+    # one-off: the teacher's 7 plus every rtol's calibration run, as many rows as the model evaluated
+    assert row["oneoff_model_evals"] == 7 + sum(rows_ for _, _, rows_ in cal_runs.values())
+    # the knob curve: every rtol, on the test noise
+    assert len(curve) == len(rtols) and curve[[0.1, 0.05, 0.02, 0.01].index(chosen)] == pytest.approx(
+        (row["nfe_mean"], row["mse"], row["coverage"]), rel=1e-9)
+    for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
+                       ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):
+        with pytest.raises(ValueError, match=match):  # before any model call
+            PolicySettings.from_cfg(OmegaConf.create({"policies": bad}))
+
+
 def test_min_steps_run_with_unreachable_target_keeps_what_it_evaluated(tmp_path):
     proc = run_py(tmp_path, *FAST, "task=min_steps", "min_steps.target=-100", "min_steps.max_steps=2",
                   "eval.grid_size=0", "eval.save_samples=0", "eval.grid_columns=0", "logger=none",

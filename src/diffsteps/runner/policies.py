@@ -9,8 +9,8 @@ test noise the row reports. Rows:
 - **fixed N\\***: the smallest step count of the ladder whose calibration coverage is ≥ 1 − α;
 - **optimised schedule**: the smallest cached ``task=optimize_steps`` schedule for this model and sampler meeting it
   (omitted, with a logged line, when there is none);
-- **adaptive**: ``sample(..., sampler="adaptive", rtol=...)`` at the loosest rtol meeting it — only when the
-  registry has that sampler, else omitted with the logged line "adaptive sampler not available";
+- **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol)`` at the loosest
+  rtol meeting it, its NFE each sample's own (``nfe_per_sample``);
 - **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
 - **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
   quantile knob chosen on the other third.
@@ -54,6 +54,7 @@ class PolicySettings:
     predictor_hidden: int = 64
     predictor_epochs: int = 150
     adaptive_rtols: tuple = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+    adaptive_atol_per_rtol: float = 0.156
     adaptive_max_nfe: int = 500
     batch_size: int = 256
     single_samples: int = 16
@@ -81,6 +82,13 @@ class PolicySettings:
         if s.stop_steps != "auto" and (isinstance(s.stop_steps, bool) or not isinstance(s.stop_steps, int)
                                        or s.stop_steps < 3):
             raise ValueError(f"policies.stop_steps must be auto or an integer ≥ 3, got {s.stop_steps!r}")
+        if not s.adaptive_rtols or not all(isinstance(r, (int, float)) and 0 < r < math.inf for r in s.adaptive_rtols):
+            raise ValueError(f"policies.adaptive_rtols must be finite tolerances > 0, got {list(s.adaptive_rtols)}")
+        if not 0 <= s.adaptive_atol_per_rtol < math.inf:
+            raise ValueError(f"policies.adaptive_atol_per_rtol must be ≥ 0, got {s.adaptive_atol_per_rtol!r}")
+        if isinstance(s.adaptive_max_nfe, bool) or not isinstance(s.adaptive_max_nfe, int) or s.adaptive_max_nfe < 4:
+            raise ValueError(f"policies.adaptive_max_nfe must be an integer ≥ 4 (one order-3 step and the final "
+                             f"evaluation), got {s.adaptive_max_nfe!r}")
         return s
 
 
@@ -301,7 +309,8 @@ def policies_task(cfg: DictConfig) -> float:
         log.info("no optimised %s schedule for this model (training key %s): row omitted (make them with "
                  "task=optimize_steps)", sampler.name, M.key)
 
-    # adaptive: ROW BUILDER for the adaptive sampler (issue 12 part 1, another branch) — wired once it is registered
+    # adaptive: the loosest rtol meeting the target on calibration noise (kept behind the registry check so that a
+    # build without that sampler still writes the other rows)
     if "adaptive" in SAMPLERS:
         rows_a, curve_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level)
         rows += rows_a
@@ -436,14 +445,17 @@ def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple
 
 
 def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level):
-    """ROW BUILDER, adaptive sampler: the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is
-    ≥ 1 − α, measured on the test noise with its per-sample NFE (``SampleResult.nfe_per_sample``)."""
+    """The adaptive sampler's row: the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is
+    ≥ 1 − α, measured on the test noise with each sample's own NFE (``SampleResult.nfe_per_sample``; ``nfe`` would
+    be the batch's model calls). Returns ([row] or [], the (mean NFE, MSE, coverage) curve on the test noise over
+    every rtol). atol scales with rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed
+    atol the absolute floor δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing."""
     from ..sampling.api import sample
 
     def run_at(rtol):
         def run(noise):
-            res = sample(M.net, noise, sampler="adaptive", rtol=rtol, max_nfe=s.adaptive_max_nfe, return_info=True,
-                         **kw, **denoiser)
+            res = sample(M.net, noise, sampler="adaptive", rtol=rtol, atol=s.adaptive_atol_per_rtol * rtol,
+                         max_nfe=s.adaptive_max_nfe, return_info=True, **kw, **denoiser)
             return res.sample, res.nfe_per_sample
         return run
 
@@ -453,7 +465,7 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
         return (x.to(_F64) - ref.to(_F64)).pow(2).flatten(1).mean(1), nfe
 
     curve, chosen, seconds, evals = [], None, 0.0, 0
-    for rtol in s.adaptive_rtols:
+    for rtol in sorted(s.adaptive_rtols, reverse=True):  # loosest first: the first meeting the target is chosen
         t0 = time.perf_counter()
         err_c, nfe_c = errors(run_at(rtol), cal, ref_cal)
         seconds += time.perf_counter() - t0
