@@ -130,3 +130,16 @@ def test_image_trajectory_files_gif_frames_and_sampler_grid(tmp_path):
         assert png.is_file() and torch.load(pt, weights_only=True)["sample"].shape == (3, 1, 4, 4)
     grid = gather_samplers_grid(tmp_path)
     assert grid == tmp_path / "trajectory_samplers.png" and grid.is_file()
+
+
+def test_sweep_figure_reads_plainly_on_both_cost_axes(tmp_path, monkeypatch):
+    import diffsteps.reporting.plots as plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    rs = [dict(r, group=r["sampler"]) for r in rows()]
+    plots.plot_sweep_metric(rs, "fid", tmp_path / "sweep.png", {"nfe": rs[:2], "sample_seconds": rs[:2]})
+    nfe_ax, time_ax = figs[0].axes[:2]
+    assert tick_texts(nfe_ax.xaxis) == ["5", "10", "20", "50"]
+    seconds = tick_texts(time_ax.xaxis)
+    assert seconds and set(seconds) <= {"0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2", "5"}, seconds

@@ -306,8 +306,8 @@ def plot_sweep_metric(rows: list[dict], metric: str, path: Path, fronts: dict[st
                        zorder=3)
         if cost == "nfe" and len({r[cost] for r in rows}) <= 12:  # NFE values read better than powers of ten
             plain_log_axis(ax, [r[cost] for r in rows])
-        else:
-            ax.set_xscale("log")
+        else:  # many NFE values, or seconds: 1-2-5 ticks, plain numbers (0.5, 1, 2), not 3×10⁰
+            plain_log_axis(ax, [], decades=True)
         ax.set_xlabel(labels.get(cost, cost))
         _log_y_if_wide(ax, [r[metric] for r in rows])
         spread = {"kid_std": "std over KID subsets"}.get(errors, "95 % interval over seeds")
