@@ -154,17 +154,31 @@ def _check_unet_args(net: str, size_name: str, attn_name: str, in_channels, out_
 
 
 class _UNetBase(nn.Module):
-    """The skeleton :class:`UNet` and :class:`~diffsteps.nets.unet1d.UNet1D` share, over ``dims`` spatial axes of
-    size ``size`` each: time (+ class) embedding, conv in, the encoder stages, the middle, the decoder stages that
-    each consume one skip, the zero-initialised conv out. Subclasses give the block classes and check the input
-    shape. Modules are created in this fixed order, so a seeded initialisation (and the state-dict keys) do not
-    depend on which net uses it."""
+    """The skeleton :class:`UNet` and :class:`~diffsteps.nets.unet1d.UNet1D` share, over ``_dims`` spatial axes:
+    argument checks, time (+ class) embedding, conv in, the encoder stages, the middle, the decoder stages that
+    each consume one skip, the zero-initialised conv out, and the forward pass through them. A subclass names the
+    net, its size and attention arguments and its blocks (class attributes) and checks the input shape. Modules
+    are created in this fixed order, so a seeded initialisation and the state-dict keys are those of the nets
+    before they shared it."""
 
-    _res_block = ResBlock
-    _attention = AttentionBlock
+    _net_name, _dims, _size_name, _attention_name = "UNet", 2, "image_size", "attention_resolutions"
+    _res_block, _attention = ResBlock, AttentionBlock
 
-    def _build(self, dims: int, in_channels: int, out_channels: int, base_channels: int, channel_mult, num_res_blocks,
-               attention_sizes, size: int, num_groups: int, num_heads: int, dropout: float, num_classes: int):
+    def __init__(self, in_channels, out_channels, base_channels, channel_mult, num_res_blocks, attention_sizes,
+                 dropout, size, num_groups, num_heads, num_classes):
+        super().__init__()
+        channel_mult = _int_tuple("channel_mult", channel_mult)
+        attention_sizes = _int_tuple(self._attention_name, attention_sizes)
+        out_channels = in_channels if out_channels is None else out_channels
+        _check_unet_args(self._net_name, self._size_name, self._attention_name, in_channels, out_channels,
+                         base_channels, channel_mult, num_res_blocks, attention_sizes, size, num_groups, num_heads)
+        dropout = _check_dropout(dropout)
+        self.in_channels, self.out_channels, self.channel_mult = int(in_channels), int(out_channels), channel_mult
+        # under the nets' public names: image_size / attention_resolutions, or length / attention_lengths
+        setattr(self, self._size_name, int(size))
+        setattr(self, self._attention_name, attention_sizes)
+        in_channels, out_channels, size = self.in_channels, self.out_channels, int(size)
+
         attn = set(attention_sizes)
         emb_dim = 4 * base_channels
         self.time_embed = TimeEmbedding(base_channels, emb_dim)
@@ -177,7 +191,7 @@ class _UNetBase(nn.Module):
         def attention(ch):
             return self._attention(ch, num_heads, num_groups)
 
-        conv = _CONV[dims]
+        conv, dims = _CONV[self._dims], self._dims
         ch = base_channels * channel_mult[0]
         self.conv_in = conv(in_channels, ch, 3, padding=1)
         skip_chs, full_size = [ch], size
@@ -264,17 +278,8 @@ class UNet(_UNetBase):
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 16,
                  channel_mult=(1, 2), num_res_blocks: int = 1, attention_resolutions=(4,), dropout: float = 0.0,
                  image_size: int = 8, num_groups: int = 8, num_heads: int = 1, num_classes: int = 0):
-        super().__init__()
-        channel_mult = _int_tuple("channel_mult", channel_mult)
-        attention_resolutions = _int_tuple("attention_resolutions", attention_resolutions)
-        out_channels = in_channels if out_channels is None else out_channels
-        _check_unet_args("UNet", "image_size", "attention_resolutions", in_channels, out_channels, base_channels,
-                         channel_mult, num_res_blocks, attention_resolutions, image_size, num_groups, num_heads)
-        dropout = _check_dropout(dropout)
-        self.in_channels, self.out_channels, self.image_size = int(in_channels), int(out_channels), int(image_size)
-        self.channel_mult, self.attention_resolutions = channel_mult, attention_resolutions
-        self._build(2, self.in_channels, self.out_channels, base_channels, channel_mult, num_res_blocks,
-                    attention_resolutions, self.image_size, num_groups, num_heads, dropout, num_classes)
+        super().__init__(in_channels, out_channels, base_channels, channel_mult, num_res_blocks,
+                         attention_resolutions, dropout, image_size, num_groups, num_heads, num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.image_size \

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import _check_dropout, _int_tuple
-from .unet import AttentionBlock, ResBlock, _check_unet_args, _UNetBase
+from .unet import AttentionBlock, ResBlock, _UNetBase
 
 
 class ResBlock1D(ResBlock):
@@ -39,23 +38,14 @@ class UNet1D(_UNetBase):
     costs twice that). ``length`` must be divisible by 2**(len(channel_mult) − 1).
     """
 
-    _res_block = ResBlock1D
-    _attention = AttentionBlock1D
+    _net_name, _dims, _size_name, _attention_name = "UNet1D", 1, "length", "attention_lengths"
+    _res_block, _attention = ResBlock1D, AttentionBlock1D
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 16,
                  channel_mult=(1, 2, 2), num_res_blocks: int = 1, attention_lengths=(10,), dropout: float = 0.0,
                  length: int = 40, num_groups: int = 8, num_heads: int = 1, num_classes: int = 0):
-        super().__init__()
-        channel_mult = _int_tuple("channel_mult", channel_mult)
-        attention_lengths = _int_tuple("attention_lengths", attention_lengths)
-        out_channels = in_channels if out_channels is None else out_channels
-        _check_unet_args("UNet1D", "length", "attention_lengths", in_channels, out_channels, base_channels,
-                         channel_mult, num_res_blocks, attention_lengths, length, num_groups, num_heads)
-        dropout = _check_dropout(dropout)
-        self.in_channels, self.out_channels, self.length = int(in_channels), int(out_channels), int(length)
-        self.channel_mult, self.attention_lengths = channel_mult, attention_lengths
-        self._build(1, self.in_channels, self.out_channels, base_channels, channel_mult, num_res_blocks,
-                    attention_lengths, self.length, num_groups, num_heads, dropout, num_classes)
+        super().__init__(in_channels, out_channels, base_channels, channel_mult, num_res_blocks, attention_lengths,
+                         dropout, length, num_groups, num_heads, num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != self.in_channels or x.shape[2] != self.length:

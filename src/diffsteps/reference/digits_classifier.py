@@ -52,7 +52,19 @@ TRAIN_CONFIG = {"val_fraction": 0.2, "data_seed": 0, "seed": 0, "epochs": 40, "b
 REGENERATE_HINT = "regenerate it with `python experiments/train_digits_classifier.py` (from the repository root)"
 
 
-class DigitsCNN(nn.Module):
+class _FeatureCNN(nn.Module):
+    # The shipped classifiers' common head: ``_hidden`` (the subclass's trunk) gives the penultimate
+    # pre-activations, ``fc2`` the logits; ``feature_scale`` is a buffer set after training.
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, …) input → (N, num_features) scaled penultimate pre-activations."""
+        return self._hidden(x) * self.feature_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, …) input → (N, num_classes) logits."""
+        return self.fc2(F.relu(self._hidden(x)))
+
+
+class DigitsCNN(_FeatureCNN):
     """conv3×3(1→16) · ReLU · conv3×3(16→32) · ReLU · maxpool2 · conv3×3(32→32) · ReLU · maxpool2 · linear(128→64)
     [= features, × feature_scale] · ReLU · linear(64→10). 22,954 parameters. No batch norm or dropout, so train and
     eval mode compute the same function (a feature extractor must not change with the mode of a model that contains
@@ -90,14 +102,6 @@ class DigitsCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.max_pool2d(F.relu(self.conv3(x)), 2)
         return self.fc1(x.flatten(1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) in [−1, 1] → (N, 64) scaled penultimate pre-activations."""
-        return self._hidden(x) * self.feature_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) in [−1, 1] → (N, 10) logits."""
-        return self.fc2(F.relu(self._hidden(x)))
 
 
 def default_weights_path() -> Path:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits_classifier import load_checked_weights
+from .digits_classifier import _FeatureCNN, load_checked_weights
 
 __all__ = [
     "HELD_OUT_ACCURACY",
@@ -55,7 +55,7 @@ TRAIN_CONFIG = {"num_samples": 20000, "data_seed": 2020, "seed": 0, "epochs": 20
 REGENERATE_HINT = "regenerate it with `python experiments/train_mnist1d_classifier.py` (from the repository root)"
 
 
-class MNIST1DCNN(nn.Module):
+class MNIST1DCNN(_FeatureCNN):
     """conv5(1→32) · ReLU · conv3(32→32) · ReLU · maxpool2 · conv3(32→64) · ReLU · maxpool2 · conv3(64→64) · ReLU ·
     linear(640→64) [= features, × feature_scale] · ReLU · linear(64→10). No batch norm or dropout, so train and
     eval mode compute the same function. Features are the penultimate pre-activations, scaled so that their mean
@@ -83,14 +83,6 @@ class MNIST1DCNN(nn.Module):
         x = F.max_pool1d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
         x = F.max_pool1d(F.relu(self.conv3(x)), 2)
         return self.fc1(F.relu(self.conv4(x)).flatten(1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 40) → (N, 64) scaled penultimate pre-activations."""
-        return self._hidden(x) * self.feature_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 40) → (N, 10) logits."""
-        return self.fc2(F.relu(self._hidden(x)))
 
 
 def default_weights_path() -> Path:
