@@ -67,7 +67,26 @@ def _freeze(m: nn.Module) -> nn.Module:
     return m.requires_grad_(False).eval()
 
 
-class DigitsFeatures(_Features):
+class _ShippedCNNFeatures(_Features):
+    # The shipped reference CNNs' penultimate layer: the loader checks the weights' SHA-256, and the fingerprint
+    # names it, so cached reference statistics follow the weights.
+    _load = None  # staticmethod(weights_path, sha256) -> a net with .features
+
+    def __init__(self, weights_path: str | Path | None, sha256: str | None):
+        super().__init__()
+        self.net = self._load(weights_path, sha256)
+        self._fingerprint = f"{self.name}-cnn-{sha256 or 'unverified'}"
+        _freeze(self)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.features(x)
+
+
+class DigitsFeatures(_ShippedCNNFeatures):
     """Penultimate-layer features (64 pre-activations, scaled; see :class:`~diffsteps.reference.digits_classifier.DigitsCNN`)
     of the shipped digits CNN (:mod:`diffsteps.reference.digits_classifier`).
 
@@ -78,41 +97,23 @@ class DigitsFeatures(_Features):
 
     name = "digits"
     num_features = DigitsCNN.num_features
+    _load = staticmethod(load_digits_classifier)
 
     def __init__(self, weights_path: str | Path | None = None, sha256: str | None = WEIGHTS_SHA256):
-        super().__init__()
-        self.net = load_digits_classifier(weights_path, sha256)
-        self._fingerprint = f"digits-cnn-{sha256 or 'unverified'}"
-        _freeze(self)
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net.features(x)
+        super().__init__(weights_path, sha256)
 
 
-class MNIST1DFeatures(_Features):
+class MNIST1DFeatures(_ShippedCNNFeatures):
     """Penultimate-layer features (64 pre-activations, scaled) of the shipped MNIST-1D CNN
     (:mod:`diffsteps.reference.mnist1d_classifier`). Input: (N, 1, 40) signals in ``MNIST1DData``'s scaling.
     ``weights_path``/``sha256`` select other weights (``sha256=None`` skips the checksum)."""
 
     name = "mnist1d"
     num_features = MNIST1DCNN.num_features
+    _load = staticmethod(load_mnist1d_classifier)
 
     def __init__(self, weights_path: str | Path | None = None, sha256: str | None = MNIST1D_SHA256):
-        super().__init__()
-        self.net = load_mnist1d_classifier(weights_path, sha256)
-        self._fingerprint = f"mnist1d-cnn-{sha256 or 'unverified'}"
-        _freeze(self)
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net.features(x)
+        super().__init__(weights_path, sha256)
 
 
 def _require_torch_fidelity():

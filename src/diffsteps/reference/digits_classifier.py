@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "DigitsCNN", "accuracy", "serialize_state_dict", "load_digits_classifier",
+    "DigitsCNN", "accuracy", "serialize_state_dict", "load_digits_classifier", "load_checked_weights",
     "default_weights_path", "WEIGHTS_SHA256", "HELD_OUT_CORRECT", "HELD_OUT_ACCURACY", "TRAIN_CONFIG",
     "REGENERATE_HINT",
 ]
@@ -52,7 +52,19 @@ TRAIN_CONFIG = {"val_fraction": 0.2, "data_seed": 0, "seed": 0, "epochs": 40, "b
 REGENERATE_HINT = "regenerate it with `python experiments/train_digits_classifier.py` (from the repository root)"
 
 
-class DigitsCNN(nn.Module):
+class _FeatureCNN(nn.Module):
+    # The shipped classifiers' common head: ``_hidden`` (the subclass's trunk) gives the penultimate
+    # pre-activations, ``fc2`` the logits; ``feature_scale`` is a buffer set after training.
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, …) input → (N, num_features) scaled penultimate pre-activations."""
+        return self._hidden(x) * self.feature_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, …) input → (N, num_classes) logits."""
+        return self.fc2(F.relu(self._hidden(x)))
+
+
+class DigitsCNN(_FeatureCNN):
     """conv3×3(1→16) · ReLU · conv3×3(16→32) · ReLU · maxpool2 · conv3×3(32→32) · ReLU · maxpool2 · linear(128→64)
     [= features, × feature_scale] · ReLU · linear(64→10). 22,954 parameters. No batch norm or dropout, so train and
     eval mode compute the same function (a feature extractor must not change with the mode of a model that contains
@@ -91,14 +103,6 @@ class DigitsCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv3(x)), 2)
         return self.fc1(x.flatten(1))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) in [−1, 1] → (N, 64) scaled penultimate pre-activations."""
-        return self._hidden(x) * self.feature_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 8, 8) in [−1, 1] → (N, 10) logits."""
-        return self.fc2(F.relu(self._hidden(x)))
-
 
 def default_weights_path() -> Path:
     """Where the shipped weights live inside the installed package."""
@@ -117,6 +121,29 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def load_checked_weights(model_cls: type[nn.Module], path: Path, sha256: str | None, what: str, sha_name: str,
+                         hint: str) -> nn.Module:
+    """A shipped classifier's ``model_cls()`` with the state dict at ``path`` (``torch.load(weights_only=True)``),
+    frozen and in eval mode, after checking the file's sha256 against ``sha256`` (None skips the check). A missing,
+    corrupt or mismatching file raises a ``RuntimeError`` naming ``what``, the constant ``sha_name`` to update and
+    how to regenerate the file (``hint``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RuntimeError(f"{what} weights not readable at {path} ({type(e).__name__}: {e}); {hint}") from e
+    if sha256 is not None and _sha256(data) != sha256:
+        raise RuntimeError(
+            f"{what} weights at {path} have sha256 {_sha256(data)}, expected {sha256} (the file is corrupt or was "
+            f"retrained without updating {sha_name}); {hint}, then record the sha256 it prints")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        model = model_cls()
+        model.load_state_dict(state)
+    except Exception as e:
+        raise RuntimeError(f"could not load {what} weights from {path} ({type(e).__name__}: {e}); {hint}") from e
+    return model.requires_grad_(False).eval()
+
+
 def load_digits_classifier(path: str | Path | None = None, sha256: str | None = WEIGHTS_SHA256) -> DigitsCNN:
     """The trained classifier, frozen (``requires_grad_(False)``) and in eval mode.
 
@@ -124,25 +151,9 @@ def load_digits_classifier(path: str | Path | None = None, sha256: str | None = 
     :data:`WEIGHTS_SHA256`; pass None to skip the check, e.g. for weights you trained yourself). A missing, corrupt
     or mismatching file raises a ``RuntimeError`` saying how to regenerate it.
     """
-    path = Path(path) if path is not None else default_weights_path()
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RuntimeError(f"digits classifier weights not readable at {path} ({type(e).__name__}: {e}); "
-                           f"{REGENERATE_HINT}") from e
-    if sha256 is not None and _sha256(data) != sha256:
-        raise RuntimeError(
-            f"digits classifier weights at {path} have sha256 {_sha256(data)}, expected {sha256} (the file is corrupt "
-            f"or was retrained without updating diffsteps.reference.digits_classifier.WEIGHTS_SHA256); {REGENERATE_HINT}, "
-            f"then record the sha256 it prints")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        model = DigitsCNN()
-        model.load_state_dict(state)
-    except Exception as e:
-        raise RuntimeError(f"could not load digits classifier weights from {path} ({type(e).__name__}: {e}); "
-                           f"{REGENERATE_HINT}") from e
-    return model.requires_grad_(False).eval()
+    return load_checked_weights(DigitsCNN, Path(path) if path is not None else default_weights_path(), sha256,
+                                "digits classifier", "diffsteps.reference.digits_classifier.WEIGHTS_SHA256",
+                                REGENERATE_HINT)
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ classifier's :class:`~diffsteps.reference.digits_classifier.DigitsCNN`).
 
 from __future__ import annotations
 
-import io
 from importlib import resources
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits_classifier import _sha256
+from .digits_classifier import _FeatureCNN, load_checked_weights
 
 __all__ = [
     "HELD_OUT_ACCURACY",
@@ -56,7 +55,7 @@ TRAIN_CONFIG = {"num_samples": 20000, "data_seed": 2020, "seed": 0, "epochs": 20
 REGENERATE_HINT = "regenerate it with `python experiments/train_mnist1d_classifier.py` (from the repository root)"
 
 
-class MNIST1DCNN(nn.Module):
+class MNIST1DCNN(_FeatureCNN):
     """conv5(1→32) · ReLU · conv3(32→32) · ReLU · maxpool2 · conv3(32→64) · ReLU · maxpool2 · conv3(64→64) · ReLU ·
     linear(640→64) [= features, × feature_scale] · ReLU · linear(64→10). No batch norm or dropout, so train and
     eval mode compute the same function. Features are the penultimate pre-activations, scaled so that their mean
@@ -85,14 +84,6 @@ class MNIST1DCNN(nn.Module):
         x = F.max_pool1d(F.relu(self.conv3(x)), 2)
         return self.fc1(F.relu(self.conv4(x)).flatten(1))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 40) → (N, 64) scaled penultimate pre-activations."""
-        return self._hidden(x) * self.feature_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 40) → (N, 10) logits."""
-        return self.fc2(F.relu(self._hidden(x)))
-
 
 def default_weights_path() -> Path:
     """Where the shipped weights live inside the installed package."""
@@ -103,21 +94,6 @@ def load_mnist1d_classifier(path: str | Path | None = None, sha256: str | None =
     """The trained classifier, frozen and in eval mode. ``path`` defaults to the shipped file, whose sha256 must
     equal ``sha256`` (None skips the check, for weights you trained yourself); a missing, corrupt or mismatching
     file raises a ``RuntimeError`` saying how to regenerate it."""
-    path = Path(path) if path is not None else default_weights_path()
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RuntimeError(f"MNIST-1D classifier weights not readable at {path} ({type(e).__name__}: {e}); "
-                           f"{REGENERATE_HINT}") from e
-    if sha256 is not None and _sha256(data) != sha256:
-        raise RuntimeError(
-            f"MNIST-1D classifier weights at {path} have sha256 {_sha256(data)}, expected {sha256} (the file is "
-            f"corrupt or was retrained without updating diffsteps.reference.mnist1d_classifier.WEIGHTS_SHA256); "
-            f"{REGENERATE_HINT}, then record the sha256 it prints")
-    try:
-        model = MNIST1DCNN()
-        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise RuntimeError(f"could not load MNIST-1D classifier weights from {path} ({type(e).__name__}: {e}); "
-                           f"{REGENERATE_HINT}") from e
-    return model.requires_grad_(False).eval()
+    return load_checked_weights(MNIST1DCNN, Path(path) if path is not None else default_weights_path(), sha256,
+                                "MNIST-1D classifier", "diffsteps.reference.mnist1d_classifier.WEIGHTS_SHA256",
+                                REGENERATE_HINT)

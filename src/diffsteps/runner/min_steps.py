@@ -9,11 +9,13 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .validate import group_settings
 
 log = logging.getLogger("diffsteps")
 
@@ -36,13 +38,7 @@ class MinStepsSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> MinStepsSettings:
-        node = cfg.get("min_steps") or {}
-        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        unknown = set(given) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"min_steps has no key(s) {sorted(unknown)}; its keys: "
-                             f"{', '.join(f.name for f in fields(cls))}")
-        s = cls(**given)
+        s = group_settings(cls, cfg, "min_steps")
         if (s.target is None) == (s.within is None):
             raise ValueError("task=min_steps needs exactly one of min_steps.target=<value of the objective> or "
                              "min_steps.within=<fraction, e.g. 0.05> (of the value at min_steps.reference_steps)")

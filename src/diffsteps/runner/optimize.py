@@ -7,7 +7,7 @@ budget in ``steps`` (NFE), compare them with every fixed spacing on held-out noi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoints import load_weights, training_key
+from .validate import group_settings
 
 __all__ = ["OptimizeSettings", "model_key", "optimize_task", "resolve_spacing", "schedule_cache_dir"]
 
@@ -35,13 +36,7 @@ class OptimizeSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
-        node = cfg.get("optimize") or {}
-        given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        unknown = set(given) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"optimize has no key(s) {sorted(unknown)}; its keys: "
-                             f"{', '.join(f.name for f in fields(cls))}")
-        s = cls(**given)
+        s = group_settings(cls, cfg, "optimize")
         if s.method not in ("dp", "refine"):
             raise ValueError(f"optimize.method must be one of: dp, refine (elbo: call diffsteps.optimize_schedule "
                              f"with sampler='ddpm'); got {s.method!r}")

@@ -4,6 +4,7 @@ spacing, steps, sampler options, loggers, evaluation sizes, and keys that must f
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -12,7 +13,7 @@ from ..sampling.registry import get_sampler
 from .objects import OBJECTIVE_COSTS, OBJECTIVES, Objective, SamplerChoice
 
 __all__ = ["FOLLOWS_TRAIN", "OBJECTIVES", "OBJECTIVE_COSTS", "TASKS", "check_follows_train", "check_training",
-           "instantiate_checked", "steps_list", "validate"]
+           "group_settings", "instantiate_checked", "steps_list", "validate"]
 
 TASKS = ("train_eval", "train", "eval", "schedules", "report", "optimize_steps", "export", "restore", "min_steps",
          "policies")
@@ -28,6 +29,18 @@ def steps_list(cfg: DictConfig) -> list[int]:
     if not steps:
         raise ValueError("steps is empty; give one int or a list, e.g. steps=20 or steps=[10,20,50]")
     return steps
+
+
+def group_settings(cls, cfg: DictConfig, group: str):
+    """The frozen settings dataclass ``cls`` filled from the optional config group ``cfg.<group>`` (absent: all
+    defaults); a key the dataclass lacks is refused with the list of valid keys."""
+    node = cfg.get(group) or {}
+    given = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    names = [f.name for f in fields(cls)]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"{group} has no key(s) {sorted(unknown)}; its keys: {', '.join(names)}")
+    return cls(**given)
 
 
 def instantiate_checked(node: DictConfig, **kwargs):

@@ -40,24 +40,24 @@ def _deterministic_single_thread():
         torch.use_deterministic_algorithms(det)
 
 
-def train_digits_classifier(seed: int = TRAIN_CONFIG["seed"], epochs: int = TRAIN_CONFIG["epochs"],
-                            batch_size: int = TRAIN_CONFIG["batch_size"], lr: float = TRAIN_CONFIG["lr"],
-                            weight_decay: float = TRAIN_CONFIG["weight_decay"],
-                            val_fraction: float = TRAIN_CONFIG["val_fraction"],
-                            data_seed: int = TRAIN_CONFIG["data_seed"],
-                            log: Callable[[str], None] | None = None) -> DigitsCNN:
-    """Train :class:`DigitsCNN` on the train split of ``DigitsData(val_fraction, seed=data_seed)``; deterministic
-    given the arguments (see the module docstring). Returns the model frozen and in eval mode. Does not touch the
-    global RNG state. ``log`` receives one line per 10 epochs (train loss, val accuracy)."""
-    data = DigitsData(val_fraction=val_fraction, seed=data_seed)
-    x, y = data.real_samples(split="train"), data.labels("train")
-    xv, yv = data.real_samples(split="val"), data.labels("val")
+def fit_classifier(make_model: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+                   xv: torch.Tensor, yv: torch.Tensor, *, seed: int, epochs: int, batch_size: int, lr: float,
+                   weight_decay: float,
+                   augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                   log: Callable[[str], None] | None = None, log_every: int = 10, held_out_name: str = "val"):
+    """The shipped reference classifiers' training: cross-entropy, AdamW, learning rate ``lr·(1 + cos(π·step /
+    total))/2`` (cosine decay to 0 over the whole run, Loshchilov & Hutter 2017), ``epochs`` passes over a fresh
+    permutation of (x, y) in full mini-batches, each optionally ``augment``-ed; then ``feature_scale`` = 1 / RMS of
+    the penultimate pre-activations on x. Deterministic given the arguments: one thread, deterministic kernels,
+    parameters drawn from the global generator seeded by ``seed`` (its state restored afterwards), shuffling and
+    augmentation from a generator seeded by ``seed + 1``. ``log`` receives one line every ``log_every`` epochs
+    with the accuracy on (xv, yv). Returns the model frozen and in eval mode."""
     steps_per_epoch = len(x) // batch_size
     total = epochs * steps_per_epoch
     t0 = time.perf_counter()
     with _deterministic_single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # parameter initialisation draws from the global generator
-        model = DigitsCNN()
+        model = make_model()
         g = torch.Generator().manual_seed(seed + 1)  # shuffling and augmentation
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         step = 0
@@ -67,8 +67,7 @@ def train_digits_classifier(seed: int = TRAIN_CONFIG["seed"], epochs: int = TRAI
             losses = []
             for i in range(steps_per_epoch):
                 idx = perm[i * batch_size:(i + 1) * batch_size]
-                xb = _random_shift(x[idx], g)
-                # cosine decay to 0 over the whole run
+                xb = x[idx] if augment is None else augment(x[idx], g)
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
                 loss = F.cross_entropy(model(xb), y[idx])
@@ -77,12 +76,28 @@ def train_digits_classifier(seed: int = TRAIN_CONFIG["seed"], epochs: int = TRAI
                 opt.step()
                 losses.append(loss.item())
                 step += 1
-            if log is not None and ((epoch + 1) % 10 == 0 or epoch + 1 == epochs):
+            if log is not None and ((epoch + 1) % log_every == 0 or epoch + 1 == epochs):
                 model.eval()
                 c, n = accuracy(model, xv, yv)
-                log(f"epoch {epoch + 1:3d}  train loss {sum(losses) / len(losses):.4f}  val acc {c}/{n} "
+                log(f"epoch {epoch + 1:3d}  train loss {sum(losses) / len(losses):.4f}  {held_out_name} acc {c}/{n} "
                     f"({100 * c / n:.2f} %)  {time.perf_counter() - t0:.1f} s")
         model.eval()
         with torch.no_grad():
             model.feature_scale.fill_(model._hidden(x).square().mean().rsqrt().item())
     return model.requires_grad_(False).eval()
+
+
+def train_digits_classifier(seed: int = TRAIN_CONFIG["seed"], epochs: int = TRAIN_CONFIG["epochs"],
+                            batch_size: int = TRAIN_CONFIG["batch_size"], lr: float = TRAIN_CONFIG["lr"],
+                            weight_decay: float = TRAIN_CONFIG["weight_decay"],
+                            val_fraction: float = TRAIN_CONFIG["val_fraction"],
+                            data_seed: int = TRAIN_CONFIG["data_seed"],
+                            log: Callable[[str], None] | None = None) -> DigitsCNN:
+    """Train :class:`DigitsCNN` on the train split of ``DigitsData(val_fraction, seed=data_seed)`` with
+    :func:`fit_classifier`, each image randomly shifted by up to one pixel; deterministic given the arguments.
+    Returns the model frozen and in eval mode. Does not touch the global RNG state. ``log`` receives one line per 10
+    epochs (train loss, val accuracy)."""
+    data = DigitsData(val_fraction=val_fraction, seed=data_seed)
+    return fit_classifier(DigitsCNN, data.real_samples(split="train"), data.labels("train"),
+                          data.real_samples(split="val"), data.labels("val"), seed=seed, epochs=epochs,
+                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment=_random_shift, log=log)
