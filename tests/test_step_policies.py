@@ -215,3 +215,45 @@ def test_min_steps_run_with_unreachable_target_keeps_what_it_evaluated(tmp_path)
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["steps"] for r in rows] == [1, 2]
     assert summary["best"]["value"] == min(r["nll"] for r in rows)
+
+
+def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
+    """Issue 13: the step predictor reads the prompt. Three Gaussian classes N(μ_k, s_k I) with s_k = 0.002, 0.05, 1
+    under the exact conditional ε; the teacher is each class's probability flow in closed form (helpers.exact_flow).
+    x_T is drawn independently of the prompt, so without the condition vector the predictor can only rank samples
+    within a class; with ``encoder.vectors(prompts)`` it also knows the class, which sets most of the difficulty."""
+    from helpers import exact_flow
+
+    from diffsteps.nets.encoders import DigitPrompts
+    from diffsteps.steps.predictor import condition_vectors, spearman
+
+    means = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    covs = torch.stack([s * torch.eye(2, dtype=torch.float64) for s in (0.002, 0.05, 1.0)])
+    model = ds.ExactEpsilon(ds.GaussianMixture(means, covs), linear, conditional=True)
+    n, templates = 300, ("the digit {}", "a handwritten {}", "an image of the number {}")
+    prompts = [templates[i % 3].format(ds.nets.encoders.DIGIT_WORDS[i % 3] if i % 2 else str(i % 3)) for i in range(n)]
+    enc = DigitPrompts()
+    y, c = enc.labels(prompts), condition_vectors(prompts=prompts, encoder=enc)
+    assert torch.equal(c[:, :10], condition_vectors(labels=y, num_classes=10))  # the one-hot path is the same class
+    x = noise(n, 2, seed=2)
+    ref = torch.empty_like(x)
+    for k in range(3):
+        ref[y == k] = exact_flow(ds.GaussianMixture(means[k:k + 1], covs[k:k + 1]), linear, x[y == k])
+    ladder = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    errors, _ = ladder_errors(model, x, ref, ladder, schedule=linear, sampler="ddim", cond=enc.cond(prompts),
+                              batch_size=128)
+    labels = oracle_labels(errors, 1e-2)
+    steps = torch.tensor(ladder + ladder[-1:])
+    mean_steps = [steps[labels[y == k]].double().mean() for k in range(3)]
+    assert mean_steps[0] < mean_steps[1] < mean_steps[2]  # the difficulty is the class's
+    tr, te = slice(0, 200), slice(200, n)
+    rho = {}
+    for name, cond in (("without", None), ("with", c)):
+        pred = train_predictor(x[tr], labels[tr], ladder, cond=None if cond is None else cond[tr], hidden=16,
+                               epochs=120, batch_size=64)
+        rho[name] = spearman(pred.expected_steps(x[te], None if cond is None else cond[te]), steps[labels[te]])
+    assert rho["with"] > 0.8 and rho["with"] > rho["without"] + 0.35, rho  # measured 0.956 vs 0.417
+    with pytest.raises(ValueError, match="either prompts= .* or labels="):
+        condition_vectors()
+    with pytest.raises(ValueError, match="every label in 0 … num_classes − 1"):
+        condition_vectors(labels=torch.tensor([0, 3]), num_classes=3)

@@ -11,7 +11,7 @@ probability of "label ≤ rung" reaches a confidence ``q`` — the knob between 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -21,23 +21,26 @@ from torch import nn
 from ..core.schedules import Schedule
 from ..sampling.api import sample
 
-__all__ = ["StepPredictor", "ladder_errors", "load_predictor", "oracle_labels", "save_predictor", "spearman",
-           "train_predictor"]
+__all__ = ["StepPredictor", "condition_vectors", "ladder_errors", "load_predictor", "oracle_labels",
+           "predictor_input", "save_predictor", "spearman", "train_predictor"]
 
 _F64 = torch.float64
 
 
 def ladder_errors(model: Callable, noise: torch.Tensor, teacher: torch.Tensor, ladder: Sequence[int], *,
                   schedule: Schedule, sampler: str, spacing="trailing", prediction: str = "epsilon",
-                  batch_size: int = 1024, **options) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 1024, cond: Mapping[str, torch.Tensor] | None = None,
+                  **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample MSE to ``teacher`` (R, B) and model calls (R,) of ``sampler`` at each of the R step counts of
-    ``ladder`` from the same ``noise``, in chunks of ``batch_size`` samples."""
+    ``ladder`` from the same ``noise``, in chunks of ``batch_size`` samples; ``cond`` (per-sample tensors, e.g.
+    ``{"y": labels}``) is chunked with the noise for a conditional model."""
     errs, nfes = [], []
     for n in ladder:
         row, nfe = [], 0
         for s in range(0, len(noise), batch_size):
+            part = None if cond is None else {k: v[s:s + batch_size] for k, v in cond.items()}
             res = sample(model, noise[s:s + batch_size], schedule=schedule, sampler=sampler, steps=int(n),
-                         spacing=spacing, prediction=prediction, return_info=True, **options)
+                         spacing=spacing, prediction=prediction, cond=part, return_info=True, **options)
             row.append((res.sample.to(_F64) - teacher[s:s + batch_size].to(_F64)).pow(2).flatten(1).mean(1))
             nfe = res.nfe
         errs.append(torch.cat(row))
@@ -50,6 +53,37 @@ def oracle_labels(errors: torch.Tensor, error_target: float) -> torch.Tensor:
     ok = errors <= error_target
     R = errors.shape[0]
     return torch.where(ok.any(0), ok.int().argmax(0), torch.full_like(ok[0], R, dtype=torch.long)).long()
+
+
+def condition_vectors(*, prompts: Sequence[str] | None = None, encoder=None, labels: torch.Tensor | None = None,
+                      num_classes: int | None = None) -> torch.Tensor:
+    """The (B, E) condition vector of a conditional sample's step budget: ``encoder.vectors(prompts)`` for text
+    prompts (any ``nets.encoders.PromptEncoder``), or the one-hot (B, ``num_classes``) of class ``labels``.
+
+    The initial noise x_T of a conditional model is drawn independently of its condition, so x_T alone cannot tell
+    how hard the condition makes a sample; this vector is what does (issue 13: steps from the prompt)."""
+    if (prompts is None) == (labels is None):
+        raise ValueError("give either prompts= (with encoder=) or labels= (with num_classes=) for the condition vector")
+    if prompts is not None:
+        if encoder is None or not hasattr(encoder, "vectors"):
+            raise ValueError("prompts= needs encoder= with a .vectors(prompts) method (a nets.encoders.PromptEncoder)")
+        return encoder.vectors(prompts).float()
+    labels = torch.as_tensor(labels).long()
+    if num_classes is None or labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise ValueError(f"labels= needs num_classes= with every label in 0 … num_classes − 1 (got num_classes="
+                         f"{num_classes}, labels in {int(labels.min()) if labels.numel() else '-'} … "
+                         f"{int(labels.max()) if labels.numel() else '-'})")
+    return nn.functional.one_hot(labels, num_classes).float()
+
+
+def predictor_input(noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The predictor's input: flattened x_T (B, D) ⊕ the condition vector (B, E) from :func:`condition_vectors`."""
+    z = noise.flatten(1)
+    if cond is None:
+        return z
+    if len(cond) != len(z):
+        raise ValueError(f"{len(cond)} condition vectors for {len(z)} noises: give one per sample")
+    return torch.cat([z, cond.flatten(1).to(z.dtype)], 1)
 
 
 class StepPredictor(L.LightningModule):
@@ -65,10 +99,7 @@ class StepPredictor(L.LightningModule):
                                  nn.SiLU(), nn.Linear(hidden, len(self.ladder) + 1))
 
     def forward(self, noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        z = noise.flatten(1).to(self.net[0].weight.dtype)
-        if cond is not None:
-            z = torch.cat([z, cond.flatten(1).to(z.dtype)], 1)
-        return self.net(z)
+        return self.net(predictor_input(noise.to(self.net[0].weight.dtype), cond))
 
     def training_step(self, batch, batch_idx):
         x, y, *cond = batch
