@@ -224,14 +224,15 @@ def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
     within a class; with ``encoder.vectors(prompts)`` it also knows the class, which sets most of the difficulty."""
     from helpers import exact_flow
 
-    from diffsteps.nets.encoders import DigitPrompts
+    from diffsteps.nets.encoders import DIGIT_WORDS, DigitPrompts
     from diffsteps.steps.predictor import condition_vectors, spearman
 
     means = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
     covs = torch.stack([s * torch.eye(2, dtype=torch.float64) for s in (0.002, 0.05, 1.0)])
     model = ds.ExactEpsilon(ds.GaussianMixture(means, covs), linear, conditional=True)
     n, templates = 300, ("the digit {}", "a handwritten {}", "an image of the number {}")
-    prompts = [templates[i % 3].format(ds.nets.encoders.DIGIT_WORDS[i % 3] if i % 2 else str(i % 3)) for i in range(n)]
+    # class i % 3 named as a numeral or a word, in a template that varies independently of the class
+    prompts = [templates[i // 3 % 3].format(DIGIT_WORDS[i % 3] if i % 2 else str(i % 3)) for i in range(n)]
     enc = DigitPrompts()
     y, c = enc.labels(prompts), condition_vectors(prompts=prompts, encoder=enc)
     assert torch.equal(c[:, :10], condition_vectors(labels=y, num_classes=10))  # the one-hot path is the same class
@@ -252,7 +253,7 @@ def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
         pred = train_predictor(x[tr], labels[tr], ladder, cond=None if cond is None else cond[tr], hidden=16,
                                epochs=120, batch_size=64)
         rho[name] = spearman(pred.expected_steps(x[te], None if cond is None else cond[te]), steps[labels[te]])
-    assert rho["with"] > 0.8 and rho["with"] > rho["without"] + 0.35, rho  # measured 0.956 vs 0.417
+    assert rho["with"] > 0.8 and rho["with"] > rho["without"] + 0.35, rho  # measured 0.939 vs 0.417
     with pytest.raises(ValueError, match="either prompts= .* or labels="):
         condition_vectors()
     with pytest.raises(ValueError, match="every label in 0 … num_classes − 1"):
