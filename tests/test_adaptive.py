@@ -203,6 +203,27 @@ def test_conditioning_follows_the_active_rows(linear):
     assert len(set(r.nfe_per_sample.tolist())) > 1  # the samples did leave the batch at different rounds
 
 
+def half_log_snr(schedule, t):
+    ab = schedule.alpha_bar_at(t.reshape(1)).item()
+    return 0.5 * math.log(ab / (1 - ab))
+
+
+def test_max_growth_caps_each_step_against_the_last_accepted_one(two_modes, linear):
+    model, x = two_modes
+    seen = []
+    kw = dict(schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    r = ds.sample(model, x[:4], max_growth=1.2, callback=seen.append, **kw)
+    lam = {}
+    for s in seen:  # λ = ½ log-SNR of every accepted step, per sample, from the callback's t before and after
+        for b in ((s.t != s.t_next) & (s.t_next >= 0)).nonzero().flatten().tolist():
+            lam.setdefault(b, [half_log_snr(linear, s.t[b])])
+            lam[b].append(half_log_snr(linear, s.t_next[b]))
+    ratios = [h1 / h0 for v in lam.values() for h0, h1 in zip(np.diff(v), np.diff(v)[1:])]
+    assert len(ratios) > 20 and max(ratios) <= 1.2 * (1 + 1e-3), max(ratios)
+    free = ds.sample(model, x[:4], **kw)  # without the cap it grows faster, in fewer steps
+    assert free.accepted.sum() < r.accepted.sum()
+
+
 def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
     model = CountingModel(ds.ExactEpsilon(gaussian, linear))
     x = noise(4, 3)
@@ -214,6 +235,7 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
                           ({"control": "global"}, "control must be one of: sample, batch"),
                           ({"form": "v"}, "form must be one of: data, noise"),
                           ({"coords": "x"}, "coords must be one of: vp, ve"),
+                          ({"max_growth": 1.0}, "max_growth .* must be > 1"),
                           ({"steps": 10}, "chooses its own steps"),
                           ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
         with pytest.raises(ValueError, match=message):
