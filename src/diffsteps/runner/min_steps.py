@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ def prepare_model(cfg: DictConfig, steps: list[int], out_dir: Path, loggers=()):
     from ..reporting.files import save_config, symlink
     from .build import build
     from .checkpoints import load_for_eval, open_checkpoint
-    from .train import train
+    from .train import default_progress_bar, train
     from .validate import check_eval_config, check_eval_data, validate
 
     checkpoint = open_checkpoint(cfg)
@@ -74,9 +73,7 @@ def prepare_model(cfg: DictConfig, steps: list[int], out_dir: Path, loggers=()):
         validate(cfg, schedule)
         check_eval_config(cfg, schedule, list(steps))
         cfg.steps = given
-    if cfg.trainer.get("enable_progress_bar") is None:
-        with open_dict(cfg.trainer):
-            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
+    default_progress_bar(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg, schedule)

@@ -8,16 +8,15 @@ Data flows one way: this module builds and calls the others; nothing imports it 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from .build import adopt_diffusers, build
 from .checkpoints import checkpoint_provenance, load_for_eval, open_checkpoint
 from .evaluate import ResultsFile, best_effort, evaluate, feature_name, make_plan
 from .loggers import link_model, log_results, make_loggers, print_sync_hint
-from .train import train
+from .train import default_progress_bar, train
 from .validate import (
     check_eval_config,
     check_eval_data,
@@ -65,11 +64,7 @@ def run(cfg: DictConfig) -> float:
     steps = validate(cfg, schedule)  # seconds, before any training
     check_eval_config(cfg, schedule, steps)
     objective = instantiate_checked(cfg.objective)
-    if cfg.trainer.get("enable_progress_bar") is None:
-        # a bar on a terminal; in a log file its carriage-return updates pile up, so there the ProgressLog
-        # callback writes lines instead (and evaluation shows no bar)
-        with open_dict(cfg.trainer):
-            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
+    default_progress_bar(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import lightning as L

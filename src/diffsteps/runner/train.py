@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoints import (
     CheckpointError,
@@ -101,6 +102,14 @@ def _make_trainer(cfg: DictConfig, ckpt_dir: Path, loggers, out_dir: Path):
         fill["val_check_interval"] = min(interval, cfg.train.max_steps)  # a short run still validates, at its end
     return instantiate(cfg.trainer, callbacks=make_callbacks(cfg, ckpt_dir), logger=loggers or False,
                        default_root_dir=str(out_dir), **fill)
+
+
+def default_progress_bar(cfg: DictConfig) -> None:
+    """``trainer.enable_progress_bar`` unset: a bar on a terminal; in a log file its carriage-return updates pile
+    up, so there the ProgressLog callback writes lines instead (and evaluation shows no bar)."""
+    if cfg.trainer.get("enable_progress_bar") is None:
+        with open_dict(cfg.trainer):
+            cfg.trainer.enable_progress_bar = sys.stderr.isatty()
 
 
 def train(cfg: DictConfig, module, datamodule, loggers, out_dir: Path) -> tuple[Path, int]:

@@ -176,33 +176,7 @@ def sample_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_ord
     x_n = (σ_n/σ_s) x_s − α_n (e^{−h} − 1) D, h = λ_n − λ_s, D = (1 + 1/2r) x̂_0 − (1/2r) x̂_0^{prev}, r = h_prev/h.
     First order on the first step; with ``lower_order_final`` (diffusers' rule) first order on the last step when
     there are fewer than 15. The step into the data: ``final`` (module docstring)."""
-    _check_final(final)
-    al, sg, lam = lv.alpha, lv.sigma, lv.lam
-    n = len(lv) - 1
-    orders = _multistep_orders(n, 2, lower_order_final)
-    coeffs = []  # step i: x_{i+1} = c_x x_i + c_0 x̂_0 + c_1 x̂_0^{prev}
-    for i in range(n):
-        if every(sg[i + 1] == 0):
-            coeffs.append(None)
-            continue
-        h = lam[i + 1] - lam[i]
-        c = -al[i + 1] * expm1(-h)
-        if orders[i] == 2:
-            r = (lam[i] - lam[i - 1]) / h
-            coeffs.append((sg[i + 1] / sg[i], (1 + 0.5 / r) * c, -(0.5 / r) * c))
-        else:
-            coeffs.append((sg[i + 1] / sg[i], c, None))
-    prev = None
-    for i in progress(range(n)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
-        if coeffs[i] is None:
-            x = _to_data(final, [x0, prev], lv, i, orders[i])
-        else:
-            cx, c0, c1 = coeffs[i]
-            x = lincomb(cx, x, [(c0, x0)] if c1 is None else [(c0, x0), (c1, prev)])
-        prev = x0
-        callback(i, x, x0)
-    return x
+    return _dpmpp_multistep(denoise, x, lv, 2, lower_order_final, final, progress, callback)
 
 
 def sample_dpmpp_3m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_order_final: bool = True,
@@ -212,15 +186,22 @@ def sample_dpmpp_3m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_ord
     x_n = (σ_n/σ_s) x_s − α_n φ₁ D_0 + α_n (φ₁/h + 1) D_1 − α_n ((φ₁ + h)/h² − ½) D_2, where D_1, D_2 are the
     divided differences of the last three x̂_0 in λ. Warms up with orders 1 and 2; with ``lower_order_final``
     (diffusers' rule, fewer than 15 steps) orders 2 and 1 on the last two steps. Into the data: ``final``."""
+    return _dpmpp_multistep(denoise, x, lv, 3, lower_order_final, final, progress, callback)
+
+
+def _dpmpp_multistep(denoise: Denoiser, x: torch.Tensor, lv: Levels, order: int, lower_order_final: bool,
+                     final: str, progress: Callable, callback: Callable) -> torch.Tensor:
+    """The DPM-Solver++ multistep loop of order 2 (2M) or 3 (3M): step i is x_{i+1} = c_x x_i + Σ_k c_k x̂_0 at
+    levels i, i − 1, …, its coefficients (:func:`_dpmpp_coeffs`) precomputed in float64."""
     _check_final(final)
     al, sg, lam = lv.alpha, lv.sigma, lv.lam
     n = len(lv) - 1
-    orders = _multistep_orders(n, 3, lower_order_final)
-    coeffs = [None if every(sg[i + 1] == 0) else _dpmpp_3m_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
-    hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, i − 2, newest first
+    orders = _multistep_orders(n, order, lower_order_final)
+    coeffs = [None if every(sg[i + 1] == 0) else _dpmpp_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
+    hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     for i in progress(range(n)):
         x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
-        hist = ([x0] + hist)[:3]
+        hist = ([x0] + hist)[:order]
         if coeffs[i] is None:
             x = _to_data(final, hist, lv, i, orders[i])
         else:
@@ -230,10 +211,11 @@ def sample_dpmpp_3m(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, lower_ord
     return x
 
 
-def _dpmpp_3m_coeffs(al, sg, lam, i: int, order: int):
-    """DPM-Solver++(3M)'s step i as (c_x, [c for x̂_0 at levels i, i − 1, i − 2]): the divided differences
+def _dpmpp_coeffs(al, sg, lam, i: int, order: int):
+    """DPM-Solver++(2M/3M)'s step i as (c_x, [c for x̂_0 at levels i, i − 1, i − 2]): the divided differences
     D_1 = D1_0 + r_0/(r_0 + r_1) (D1_0 − D1_1), D_2 = (D1_0 − D1_1)/(r_0 + r_1), D1_0 = (m_0 − m_1)/r_0,
-    D1_1 = (m_1 − m_2)/r_1 expanded into weights on m_0, m_1, m_2 (order 2: D = (m_0 − m_1)/(2 r_0))."""
+    D1_1 = (m_1 − m_2)/r_1 expanded into weights on m_0, m_1, m_2 (order 2, 2M's update: D = m_0 + (m_0 − m_1)/(2 r_0),
+    r_0 = h_prev/h)."""
     h = lam[i + 1] - lam[i]
     phi1 = expm1(-h)
     c0 = -al[i + 1] * phi1  # on D_0 = m_0
