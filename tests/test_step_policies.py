@@ -258,3 +258,104 @@ def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
         condition_vectors()
     with pytest.raises(ValueError, match="every label in 0 … num_classes − 1"):
         condition_vectors(labels=torch.tensor([0, 3]), num_classes=3)
+
+
+# -- the policies table (task=policies) run in this process ---------------------------------------------------------
+def compose_policies(tmp_path, monkeypatch, *overrides):
+    """run.py's config composed here (no subprocess: its imports alone take ~8 s), outputs under tmp_path."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from helpers import ROOT
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
+    try:
+        OmegaConf.register_new_resolver("launch_dir", os.getcwd)
+    except ValueError:  # registered already in this process
+        pass
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["logger=none", f"paths.output_dir={tmp_path}/run", *overrides])
+
+
+# an exact class-conditional 2-D mixture of three well-separated classes, and policies settings that run in seconds
+COND_GMM = ["experiment=step_policies", "data=gmm", "data.dim=2", "data.components=3", "data.spread=2.0",
+            "data.component_std=0.2", "data.n_train=3000", "data.n_val=500", "data.conditional=true",
+            "policies.calibration_noises=90", "policies.test_noises=60", "policies.ladder=[2,4,8,16,32,64]",
+            "policies.predictor_epochs=5", "policies.single_samples=1", "policies.adaptive_rtols=[0.1,0.05]",
+            "policies.batch_size=32", "policies.error_target=0.003", "eval.mse.reference_steps=100"]
+
+
+def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch):
+    """data.conditional=true: the teacher and every row sample with one label per noise, the same in every row;
+    each row's samples equal diffsteps.sample(..., cond={"y": labels}) (and the stopping rule's and predictor's own
+    samplers) on the same noise, computed here in one batch; the predictor reads the one-hot label."""
+    from hydra.utils import instantiate
+
+    from diffsteps.runner.policies import policies_task
+    from diffsteps.steps.predictor import condition_vectors
+    from diffsteps.steps.stopping import StoppingRule
+
+    cfg = compose_policies(tmp_path, monkeypatch, *COND_GMM)
+    policies_task(cfg)
+    out = tmp_path / "run"
+    saved = torch.load(out / "policies_samples.pt", weights_only=False)
+    diag = json.loads((out / "policies.json").read_text())["diagnostics"]
+    data, schedule = instantiate(cfg.data), instantiate(cfg.schedule)
+    model = ds.ExactEpsilon(data.mixture, schedule, conditional=True)
+    x_T, y, rows = saved["noise"], saved["labels"], saved["rows"]
+    assert set(rows) == {"fixed N*", "adaptive", "stopping", "predictor"}
+    # the labels: one per noise, every class, drawn from the training split's (unequal) class frequencies
+    assert y.shape == (60,) and diag["condition"] == "labels" and diag["num_classes"] == 3
+    assert diag["test_class_counts"] == torch.bincount(y, minlength=3).tolist() and min(diag["test_class_counts"]) > 0
+    kw = {"schedule": schedule, "prediction": "epsilon", "cond": {"y": y}}
+    ref, _ = trajectory_reference(model, x_T, steps=100, **kw)
+    assert torch.allclose(saved["reference"], ref, rtol=0, atol=1e-12)  # the teacher is conditional too
+    n_star = diag["fixed_n_star"]
+    fixed = ds.sample(model, x_T, sampler="ddim", steps=n_star, spacing="trailing", **kw)
+    assert torch.allclose(rows["fixed N*"]["samples"], fixed, rtol=0, atol=1e-12)
+    # the labels are obeyed: each sample lies nearest its own class's mean, unlike the unconditional (null-label) one
+    nearest = torch.cdist(fixed, data.mixture.means.to(fixed.dtype)).argmin(1)
+    assert (nearest == y).double().mean() > 0.95
+    unconditional = ds.sample(model, x_T, sampler="ddim", steps=n_star, guidance_scale=0, **kw)
+    assert not torch.allclose(unconditional, fixed, atol=1e-3)
+    rtol = diag["adaptive_rtol"]
+    adaptive = ds.sample(model, x_T, sampler="adaptive", rtol=rtol, atol=0.156 * rtol, max_nfe=500, **kw,
+                         return_info=True)
+    assert torch.allclose(rows["adaptive"]["samples"], adaptive.sample, rtol=0, atol=1e-10)
+    assert torch.equal(rows["adaptive"]["nfe"].long(), adaptive.nfe_per_sample)
+    rule = StoppingRule(diag["stopping_tau"], 0.1, 0.003, "ddim", diag["stopping_grid"], "trailing", {"eta": 0.0})
+    stopped, nfe = sample_with_stopping(model, x_T, rule, **kw)
+    assert torch.allclose(rows["stopping"]["samples"], stopped, rtol=0, atol=1e-12) and torch.equal(rows["stopping"]["nfe"], nfe)
+    pred = load_predictor(out / "step_predictor.pt", model_key=diag["model_key"])
+    assert pred.hparams.cond_dim == 3  # x_T ⊕ the one-hot label
+    ladder = [2, 4, 8, 16, 32, 64]
+    idx = pred.budget_index(x_T, diag["predictor_q"], condition_vectors(labels=y, num_classes=3))
+    for r in idx.unique().tolist():
+        at = idx == r
+        want = ds.sample(model, x_T[at], sampler="ddim", steps=ladder[r], schedule=schedule, cond={"y": y[at]})
+        assert torch.allclose(rows["predictor"]["samples"][at], want, rtol=0, atol=1e-12)
+    table = (out / "policies.md").read_text()
+    assert "conditioned on the same class labels (3 classes" in table and "FID" not in table and "NLL" in table
+
+
+def test_policies_condition_refused_for_an_unconditional_model_before_any_model_call(tmp_path, monkeypatch):
+    from diffsteps.runner import min_steps
+    from diffsteps.runner.policies import policies_task
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built or called")
+
+    monkeypatch.setattr(ds.ExactEpsilon, "forward", never)
+    monkeypatch.setattr(min_steps, "prepare_model", never)  # the trained model: nothing trained either
+    unconditional = [o for o in COND_GMM if o != "data.conditional=true"]
+    for data in (unconditional, ["experiment=step_policies"]):  # the exact mixture; digits (a trained model)
+        with pytest.raises(ValueError, match=r"policies.condition=labels needs a class-conditional model, but the "
+                                             r"data .* are unconditional \(data.conditional=false\).* set "
+                                             r"data.conditional=true \(labelled data: .*digits"):
+            policies_task(compose_policies(tmp_path, monkeypatch, *data, "policies.condition=labels"))
+    with pytest.raises(ValueError, match=r"policies.condition=none, but the data gmm-.* are class-conditional"):
+        policies_task(compose_policies(tmp_path, monkeypatch, *COND_GMM, "policies.condition=none"))
+    with pytest.raises(ValueError, match="policies.condition must be one of: auto, labels, none; got 'yes'"):
+        policies_task(compose_policies(tmp_path, monkeypatch, *COND_GMM, "policies.condition=yes"))
+    assert not (tmp_path / "run" / "policies.md").exists()

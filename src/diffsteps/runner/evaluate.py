@@ -72,6 +72,37 @@ class ResultsFile:
                  {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "sampler"})
 
 
+def quality_factory(cfg: DictConfig, datamodule, extractor=None, real=None) -> Callable:
+    """A function returning a fresh :class:`~diffsteps.evaluation.quality.SampleQuality` against the evaluation's
+    reference set (``eval.num_reference`` samples of ``eval.reference_split``, cached under ``paths.cache_dir``), in
+    its feature space (``eval.features``), with its KID subset size and seed: the FID/KID of every ``task=eval`` row.
+    Anything else that reports FID/KID next to it builds its metric here, so equal samples give equal numbers. The
+    reference is read (or computed and cached) at the first call and shared by later ones; ``extractor`` and
+    ``real`` may be given when the caller already holds them."""
+    from ..evaluation.features import make_features
+    from ..evaluation.quality import SampleQuality
+
+    e = cfg.eval
+    if real is None:
+        real = datamodule.real_samples(e.num_reference, split=e.reference_split)
+    key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
+    # one extractor and one reference for all metrics: loaded (Inception: ~100 MB) and hashed once
+    extractor = extractor if extractor is not None else make_features(feature_name(cfg, datamodule))
+    first: list[SampleQuality] = []
+
+    def quality() -> SampleQuality:
+        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, kid_seed=e.kid_seed,
+                          cache_dir=cfg.paths.cache_dir)
+        if first:
+            q.share_reference(first[0])
+        else:
+            q.set_reference(real, key=key)  # computed once, then read from the cache by later runs
+            first.append(q)
+        return q
+
+    return quality
+
+
 def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], out_dir: Path,
              on_row: Callable[[dict], None] | None = None) -> tuple[list[dict] | None, int]:
     """Sample at every step count from the same noise, one step count after another, in chunks, on every process
@@ -89,27 +120,12 @@ def evaluate(cfg: DictConfig, module, datamodule, schedule, steps: list[int], ou
         SpectralDistance,
         TrajectoryError,
     )
-    from ..evaluation.quality import SampleQuality
 
     e = cfg.eval
-    features = feature_name(cfg, datamodule)
     plan = make_plan(cfg, datamodule, steps)
     real = datamodule.real_samples(e.num_reference, split=e.reference_split)
-    key = f"{datamodule.name}-{e.reference_split}-{len(real)}"
-
-    # one extractor and one reference for all step counts: loaded (Inception: ~100 MB) and hashed once
-    extractor = make_features(features)
-    first: list[SampleQuality] = []
-
-    def quality() -> SampleQuality:
-        q = SampleQuality(features=extractor, kid_subset_size=e.kid_subset_size, kid_seed=e.kid_seed,
-                          cache_dir=cfg.paths.cache_dir)
-        if first:
-            q.share_reference(first[0])
-        else:
-            q.set_reference(real, key=key)  # computed once, then read from the cache by later runs
-            first.append(q)
-        return q
+    extractor = make_features(feature_name(cfg, datamodule))
+    quality = quality_factory(cfg, datamodule, extractor, real)
 
     mixture = datamodule.mixture if datamodule.spec.has_density else None
     # one line per measure; a row holds their entries in this order
