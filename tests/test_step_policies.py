@@ -359,3 +359,38 @@ def test_policies_condition_refused_for_an_unconditional_model_before_any_model_
     with pytest.raises(ValueError, match="policies.condition must be one of: auto, labels, none; got 'yes'"):
         policies_task(compose_policies(tmp_path, monkeypatch, *COND_GMM, "policies.condition=yes"))
     assert not (tmp_path / "run" / "policies.md").exists()
+
+
+def test_policies_fid_kid_on_images_are_task_eval_numbers(tmp_path, monkeypatch):
+    """On image data every row gets FID/KID from the evaluation's own machinery (its reference set, features, KID
+    subsets) on the fresh noise, which is the evaluation's noise: the fixed-N* row's FID/KID equal what task=eval
+    reports at N* steps for eval.num_samples = policies.test_noises — here a 4-step digits UNet (debug=fast), the
+    evaluation run separately with its own reference cache."""
+    from diffsteps.runner import run
+    from diffsteps.runner.policies import policies_task
+
+    cfg = compose_policies(tmp_path, monkeypatch, "debug=fast", "experiment=step_policies", "policies.alpha=0.25",
+                           "policies.calibration_noises=24", "policies.test_noises=40", "policies.ladder=[2,3,4,6,8]",
+                           "policies.error_target=0.05", "policies.predictor_epochs=2", "policies.single_samples=1",
+                           "policies.adaptive_rtols=[0.1]", "policies.adaptive_max_nfe=60", "policies.batch_size=64",
+                           "policies.stop_alphas=[0.25]", "eval.batch_size=64")
+    policies_task(cfg)
+    table = json.loads((tmp_path / "run" / "policies.json").read_text())
+    rows, n_star = table["rows"], table["diagnostics"]["fixed_n_star"]
+    assert all(math.isfinite(r["fid"]) and math.isfinite(r["kid_mean"]) for r in rows) and "nll" not in rows[0]
+    assert table["diagnostics"]["quality"]["reference"] == "digits-val0.2-seed0-train-128"  # debug=fast's reference
+    assert "| FID | KID |" in (tmp_path / "run" / "policies.md").read_text()
+    evaluated = compose_policies(tmp_path, monkeypatch, "debug=fast", "task=eval", f"paths.output_dir={tmp_path}/eval",
+                                 f"ckpt_path={tmp_path}/run/checkpoint.ckpt", f"steps=[{n_star}]",
+                                 "eval.num_samples=40", "eval.batch_size=64", "eval.mse.num_samples=0",
+                                 "eval.elbo.num_samples=0", "eval.grid_size=0", "eval.grid_columns=0",
+                                 "eval.save_samples=0", "eval.trajectory_samples=0")
+    run(evaluated)
+    (row,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "eval" / "debug_cache" / "reference").is_dir()  # its own reference statistics, not ours
+    print(f"N* = {n_star}: policies FID {rows[0]['fid']:.6f} KID {rows[0]['kid_mean']:.6f}; task=eval FID "
+          f"{row['fid']:.6f} KID {row['kid_mean']:.6f}")
+    assert row["steps"] == n_star and row["num_samples"] == 40
+    for k in ("fid", "kid_mean", "kid_std"):
+        assert rows[0][k] == pytest.approx(row[k], rel=1e-9, abs=1e-12), k
+    assert rows[0]["fid"] != rows[1]["fid"]  # the adaptive row's own samples, scored on their own
