@@ -286,17 +286,20 @@ COND_GMM = ["experiment=step_policies", "data=gmm", "data.dim=2", "data.componen
             "policies.batch_size=32", "policies.error_target=0.003", "eval.mse.reference_steps=100"]
 
 
-def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch, guidance):
     """data.conditional=true: the teacher and every row sample with one label per noise, the same in every row;
     each row's samples equal diffsteps.sample(..., cond={"y": labels}) (and the stopping rule's and predictor's own
-    samplers) on the same noise, computed here in one batch; the predictor reads the one-hot label."""
+    samplers) on the same noise, computed here in one batch; the predictor reads the one-hot label. With
+    classifier-free guidance every row and the teacher are guided alike."""
     from hydra.utils import instantiate
 
     from diffsteps.runner.policies import policies_task
     from diffsteps.steps.predictor import condition_vectors
     from diffsteps.steps.stopping import StoppingRule
 
-    cfg = compose_policies(tmp_path, monkeypatch, *COND_GMM)
+    cfg = compose_policies(tmp_path, monkeypatch, *COND_GMM,
+                           *([] if guidance is None else [f"sampler.guidance_scale={guidance}"]))
     policies_task(cfg)
     out = tmp_path / "run"
     saved = torch.load(out / "policies_samples.pt", weights_only=False)
@@ -308,7 +311,7 @@ def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch):
     # the labels: one per noise, every class, drawn from the training split's (unequal) class frequencies
     assert y.shape == (60,) and diag["condition"] == "labels" and diag["num_classes"] == 3
     assert diag["test_class_counts"] == torch.bincount(y, minlength=3).tolist() and min(diag["test_class_counts"]) > 0
-    kw = {"schedule": schedule, "prediction": "epsilon", "cond": {"y": y}}
+    kw = {"schedule": schedule, "prediction": "epsilon", "cond": {"y": y}, "guidance_scale": guidance}
     ref, _ = trajectory_reference(model, x_T, steps=100, **kw)
     assert torch.allclose(saved["reference"], ref, rtol=0, atol=1e-12)  # the teacher is conditional too
     n_star = diag["fixed_n_star"]
@@ -317,15 +320,17 @@ def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch):
     # the labels are obeyed: each sample lies nearest its own class's mean, unlike the unconditional (null-label) one
     nearest = torch.cdist(fixed, data.mixture.means.to(fixed.dtype)).argmin(1)
     assert (nearest == y).double().mean() > 0.95
-    unconditional = ds.sample(model, x_T, sampler="ddim", steps=n_star, guidance_scale=0, **kw)
+    unconditional = ds.sample(model, x_T, sampler="ddim", steps=n_star, **{**kw, "guidance_scale": 0})
     assert not torch.allclose(unconditional, fixed, atol=1e-3)
     rtol = diag["adaptive_rtol"]
     adaptive = ds.sample(model, x_T, sampler="adaptive", rtol=rtol, atol=0.156 * rtol, max_nfe=500, **kw,
                          return_info=True)
     assert torch.allclose(rows["adaptive"]["samples"], adaptive.sample, rtol=0, atol=1e-10)
     assert torch.equal(rows["adaptive"]["nfe"].long(), adaptive.nfe_per_sample)
-    rule = StoppingRule(diag["stopping_tau"], 0.1, 0.003, "ddim", diag["stopping_grid"], "trailing", {"eta": 0.0})
-    stopped, nfe = sample_with_stopping(model, x_T, rule, **kw)
+    assert int(rows["fixed N*"]["nfe"][0]) == n_star * (1 if guidance is None else 2)  # a guided step costs 2
+    rule = StoppingRule(diag["stopping_tau"], 0.1, 0.003, "ddim", diag["stopping_grid"], "trailing",
+                        {"eta": 0.0, "guidance_scale": guidance})
+    stopped, nfe = sample_with_stopping(model, x_T, rule, **{k: v for k, v in kw.items() if k != "guidance_scale"})
     assert torch.allclose(rows["stopping"]["samples"], stopped, rtol=0, atol=1e-12) and torch.equal(rows["stopping"]["nfe"], nfe)
     pred = load_predictor(out / "step_predictor.pt", model_key=diag["model_key"])
     assert pred.hparams.cond_dim == 3  # x_T ⊕ the one-hot label
@@ -333,7 +338,8 @@ def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch):
     idx = pred.budget_index(x_T, diag["predictor_q"], condition_vectors(labels=y, num_classes=3))
     for r in idx.unique().tolist():
         at = idx == r
-        want = ds.sample(model, x_T[at], sampler="ddim", steps=ladder[r], schedule=schedule, cond={"y": y[at]})
+        want = ds.sample(model, x_T[at], sampler="ddim", steps=ladder[r], schedule=schedule, cond={"y": y[at]},
+                         guidance_scale=guidance)
         assert torch.allclose(rows["predictor"]["samples"][at], want, rtol=0, atol=1e-12)
     table = (out / "policies.md").read_text()
     assert "conditioned on the same class labels (3 classes" in table and "FID" not in table and "NLL" in table
@@ -394,3 +400,24 @@ def test_policies_fid_kid_on_images_are_task_eval_numbers(tmp_path, monkeypatch)
     for k in ("fid", "kid_mean", "kid_std"):
         assert rows[0][k] == pytest.approx(row[k], rel=1e-9, abs=1e-12), k
     assert rows[0]["fid"] != rows[1]["fid"]  # the adaptive row's own samples, scored on their own
+
+
+def test_stopping_under_guidance_equals_its_recorded_trajectory(mixture, linear):
+    """Classifier-free guidance calls the model on [x; x] with [y; ∅]: the stopped samples leave both halves, and the
+    run still equals the recorded guided trajectory (stop step, NFE — 2 per guided step — and output)."""
+    from diffsteps.steps.stopping import StoppingRule
+
+    model = ds.ExactEpsilon(mixture, linear, conditional=True)
+    x, y = noise(64, 2, seed=5), torch.arange(64) % 3
+    kw = {"schedule": linear, "cond": {"y": y}}
+    ref = ds.sample(model, x, sampler="heun", steps=100, spacing="logsnr", guidance_scale=2.0, **kw)
+    trace = stopping_trace(model, x, ref, sampler="ddim", steps=20, guidance_scale=2.0, **kw)
+    tau = float(trace.scores[1].median())  # about half the samples stop after step 1, the rest later or never
+    rule = StoppingRule(tau, 0.1, 1e-3, "ddim", 20, "trailing", {"guidance_scale": 2.0})
+    counter = CountingModel(model)
+    counter.num_classes = model.num_classes
+    out, nfe = sample_with_stopping(counter, x, rule, **kw)
+    err_trace, nfe_trace = stop_outcome(trace, tau)
+    assert torch.equal(nfe, nfe_trace) and int(nfe.min()) < int(nfe.max()) <= 2 * 20 and not (nfe % 2).any()
+    assert counter.rows == int(nfe.sum())  # each guided step: a row per sample and branch
+    assert torch.allclose((out - ref).pow(2).mean(1), err_trace, rtol=0, atol=1e-12)

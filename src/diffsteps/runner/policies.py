@@ -316,6 +316,8 @@ def policies_task(cfg: DictConfig) -> float:
                           for i in range(0, len(noise), s.batch_size)])
 
     counted = CountingModel(M.net)
+    # shown to the sampler, as the evaluator's timed net does: labels are checked and guidance allowed through it
+    counted.num_classes = int(getattr(M.net, "num_classes", 0) or 0)
     t0 = time.perf_counter()
     ref_cal = teacher(cal, cond_cal, counted)
     teacher_cost = {"evals": counted.rows, "seconds": time.perf_counter() - t0}

@@ -148,10 +148,13 @@ class _ActiveRows(torch.nn.Module):
         super().__init__()
         self.inner, self.active = model, active
         self.rows = 0
+        # a class-conditional model stays one to the sampler: its labels are checked and guidance allowed
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
 
     def forward(self, x, t, **cond):
         out = torch.zeros_like(x)
-        a = self.active
+        # classifier-free guidance stacks the batch with itself ([conditional; unconditional]): the mask follows
+        a = self.active.repeat(x.shape[0] // len(self.active))
         self.rows += int(a.sum())
         out[a] = self.inner(x[a], t[a], **{k: v[a] for k, v in cond.items()})
         return out
