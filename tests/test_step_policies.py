@@ -421,3 +421,31 @@ def test_stopping_under_guidance_equals_its_recorded_trajectory(mixture, linear)
     assert torch.equal(nfe, nfe_trace) and int(nfe.min()) < int(nfe.max()) <= 2 * 20 and not (nfe % 2).any()
     assert counter.rows == int(nfe.sum())  # each guided step: a row per sample and branch
     assert torch.allclose((out - ref).pow(2).mean(1), err_trace, rtol=0, atol=1e-12)
+
+
+def test_policies_takes_the_condition_from_a_checkpoint(tmp_path, monkeypatch):
+    """ckpt_path=<a class-conditional model>: its training config (data.conditional=true) becomes the run's before
+    the condition is decided, so policies.condition=labels holds without data.conditional on the command line, and
+    every row gets labels (a 4-step conditional digits UNet, debug=fast)."""
+    from diffsteps.runner import checkpoints, run
+    from diffsteps.runner.policies import policies_task
+
+    run(compose_policies(tmp_path, monkeypatch, "debug=fast", "task=train", "data.conditional=true",
+                         f"paths.output_dir={tmp_path}/train"))
+    # task=policies, not experiment=step_policies: a preset counts as setting every training section itself
+    given = ["debug=fast", "task=policies", f"ckpt_path={tmp_path}/train/checkpoint.ckpt",
+             "policies.condition=labels", "policies.alpha=0.25", "policies.calibration_noises=24",
+             "policies.test_noises=32", "policies.ladder=[2,4,8]", "policies.error_target=0.5",
+             "policies.predictor_epochs=1", "policies.single_samples=1", "policies.adaptive_rtols=[0.2]",
+             "policies.adaptive_max_nfe=40", "policies.stop_steps=4"]
+    # what Hydra reports as set on the command line (in-process there is no Hydra run: every key would count)
+    monkeypatch.setattr(checkpoints, "explicit_overrides", lambda: [o.split("=")[0] for o in given])
+    cfg = compose_policies(tmp_path, monkeypatch, *given)
+    assert cfg.data.conditional is False  # until the checkpoint is opened
+    policies_task(cfg)
+    out = tmp_path / "run"
+    diag = json.loads((out / "policies.json").read_text())["diagnostics"]
+    saved = torch.load(out / "policies_samples.pt", weights_only=False)
+    assert diag["condition"] == "labels" and diag["num_classes"] == 10 and saved["labels"].shape == (32,)
+    assert load_predictor(out / "step_predictor.pt", model_key=diag["model_key"]).hparams.cond_dim == 10
+    assert "conditional: true" in (out / "config.yaml").read_text()

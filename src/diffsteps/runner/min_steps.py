@@ -52,10 +52,11 @@ class MinStepsSettings:
         return s
 
 
-def prepare_model(cfg: DictConfig, steps: list[int], out_dir: Path, loggers=()):
+def prepare_model(cfg: DictConfig, steps: list[int], out_dir: Path, loggers=(), checkpoint: dict | None = None):
     """What ``run`` does before evaluating, for a task that evaluates step counts of its own choosing: validate the
     config (with ``steps`` as the step counts), build, train or reuse the checkpoint, write config.yaml and the
-    checkpoint link. Returns (schedule, datamodule, module)."""
+    checkpoint link. ``checkpoint``: ``ckpt_path`` already read by :func:`open_checkpoint` (whose config the caller
+    needed first). Returns (schedule, datamodule, module)."""
     import lightning as L
     from hydra.utils import instantiate
 
@@ -65,7 +66,8 @@ def prepare_model(cfg: DictConfig, steps: list[int], out_dir: Path, loggers=()):
     from .train import default_progress_bar, train
     from .validate import check_eval_config, check_eval_data, validate
 
-    checkpoint = open_checkpoint(cfg)
+    if checkpoint is None:
+        checkpoint = open_checkpoint(cfg)
     schedule = instantiate(cfg.schedule)
     with open_dict(cfg):
         given = cfg.steps

@@ -142,10 +142,10 @@ def _classes(s: PolicySettings, data) -> int:
     return int(data.spec.num_classes) if conditional else 0
 
 
-def _model(cfg: DictConfig, s: PolicySettings, data, out_dir: Path, loggers) -> _Model:
+def _model(cfg: DictConfig, s: PolicySettings, data, out_dir: Path, loggers, checkpoint=None) -> _Model:
     """The exact mixture model (``policies.model=exact``, or ``auto`` on data with a known mixture; class-conditional
     when the data are) — no training; its key is a hash of the data and schedule configs — or the trained / reused
-    network with its training key."""
+    network with its training key (``checkpoint``: ``ckpt_path`` already opened)."""
     from hydra.utils import instantiate
 
     from ..reference.gaussian_mixture import ExactEpsilon
@@ -167,7 +167,7 @@ def _model(cfg: DictConfig, s: PolicySettings, data, out_dir: Path, loggers) -> 
         key = "exact-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
         net = ExactEpsilon(mixture, schedule, conditional=bool(getattr(data, "conditional", False)))
         return _Model(net, "epsilon", key, schedule, data, mixture, True)
-    schedule, datamodule, module = prepare_model(cfg, [max(s.ladder)], out_dir, loggers)
+    schedule, datamodule, module = prepare_model(cfg, [max(s.ladder)], out_dir, loggers, checkpoint)
     net = module.net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -262,6 +262,7 @@ def policies_task(cfg: DictConfig) -> float:
         stopping_trace,
     )
     from ..steps.teacher import CountingModel
+    from .checkpoints import open_checkpoint
     from .evaluate import quality_factory, sampler_options
     from .loggers import make_loggers, print_sync_hint
     from .validate import instantiate_checked
@@ -274,7 +275,9 @@ def policies_task(cfg: DictConfig) -> float:
     if not isinstance(sampler.spacing, str):
         raise ValueError("task=policies varies the step count: give sampler.spacing as a name (the optimised "  # noqa: TRY004
                          "schedules get their own row)")
-    # what the rows are measured with, checked before any training or model call
+    # what the rows are measured with, checked before any training or model call; a checkpoint's training config
+    # (data.conditional among it) becomes the run's first
+    checkpoint = open_checkpoint(cfg) if cfg.get("ckpt_path") and s.model != "exact" else None
     data = instantiate_checked(cfg.data)
     classes = _classes(s, data)
     image = data.spec.modality == "image"
@@ -284,10 +287,10 @@ def policies_task(cfg: DictConfig) -> float:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loggers = make_loggers(cfg, out_dir)
-    M = _model(cfg, s, data, out_dir, loggers)
+    M = _model(cfg, s, data, out_dir, loggers, checkpoint)
     if classes and not getattr(M.net, "num_classes", 0):
-        raise ValueError(f"the data are class-conditional but the model ({M.key}) has no label table: train it with "
-                         "data.conditional=true, or set policies.condition=none")
+        raise ValueError(f"the data are class-conditional (data.conditional=true) but the model ({M.key}) has no "
+                         "label table: use a model trained on conditional data, or data.conditional=false")
     quality = q0 = None
     if image:
         quality = quality_factory(cfg, M.datamodule)
