@@ -1,26 +1,29 @@
 """The adaptive sampler against its anchor, k-diffusion's ``sample_dpm_adaptive``, on the exact 64-D mixture.
 
 Data and model: the 10-component, 64-D Gaussian mixture of ``sampler_accuracy.py`` with its closed-form ε, linear
-schedule (T = 1000), N noises (default 2,000). Error: RMS distance to the converged probability-flow ODE solution
-from the same noise (DPM-Solver++(3M), 1000 log-SNR steps, checked against 500), all ending with x̂_0 at t = 0.
+schedule (T = 1000), N noises (default 10,000). Error of a sample: RMS over its features of the distance to the
+converged probability-flow ODE solution from the same noise (DPM-Solver++(3M), 1000 log-SNR steps, checked against
+500 on the first 1000 noises; cached in ``--out``), all ending with x̂_0 at t = 0. A flip: the sample's mixture
+component (argmax of the posterior responsibilities at t = 0) is not the reference endpoint's.
 
 Over a sweep of rtol (atol = 0.156 rtol, the ratio of the defaults 0.0078/0.05, so the tolerance stays relative
-across the sweep), for diffsteps ``adaptive`` in both forms (``form="data"``, the default, and ``"noise"``), each with
-per-sample control and with ``control="batch"``, and the anchor
-(k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, same PID defaults, driven in σ̃ coordinates: denoiser(x̃, σ̃)
-= x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at σ̃(t = 0), and one more call gives x̂_0 there):
-mean / p95 / max NFE, RMS error, the median sample's error (RMS over its features: the typical sample, which the
-few mode-flipping samples that dominate the RMS do not move), wall seconds. Then: the log-log slope and Spearman
-correlation of error vs rtol ("calibrated tolerance"), the error ratio to the anchor at the same mean NFE (anchor's
-log-error interpolated in log-NFE), and the NFE ratio of per-sample to batch control at the same error.
+across the sweep), for the methods in ``METHODS`` (the default, per-sample and batch control; the pre-change default;
+one-change ablations) and the anchor (k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, its PID defaults,
+driven in σ̃ coordinates: denoiser(x̃, σ̃) = x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at
+σ̃(t = 0), and one more call gives x̂_0 there): mean / p95 / max NFE, RMS error over all samples and over the
+non-flipped ones, the median / p90 / p99 sample error, flips, wall seconds. Then: the log-log slope and Spearman
+correlation of error vs rtol ("calibrated tolerance"); each method's error / the anchor's at the same mean NFE (the
+anchor's log-error interpolated in log-NFE); per-sample control's mean NFE / batch control's at the same error (the
+batch curve's first crossing, log-log) — each with a 95 % paired bootstrap interval (the noises resampled, one draw
+shared by every method) and a tally of rtols whose interval lies below, around or above 1.
 
 k-diffusion's package __init__ imports torchvision (absent here), so only its ``sampling.py`` is loaded, by file
 path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
 
 First, a step-for-step check that the controller is the anchor's (``reproduce_anchor``, 200 noises).
 
-Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq``, then
-``python experiments/adaptive_sampler.py [--n 2000]``.
+Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline``, then
+``python experiments/adaptive_sampler.py [--n 10000] [--analyse-only]``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def load_kdiffusion_sampling():
     """k_diffusion/sampling.py alone, its package and ``utils`` replaced by stand-ins (utils imports torchvision)."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
+        raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1 torchsde trampoline "
                          "torchdiffeq")
     root = spec.submodule_search_locations[0]
     pkg = types.ModuleType("k_diffusion")
