@@ -1,26 +1,29 @@
 """The adaptive sampler against its anchor, k-diffusion's ``sample_dpm_adaptive``, on the exact 64-D mixture.
 
 Data and model: the 10-component, 64-D Gaussian mixture of ``sampler_accuracy.py`` with its closed-form ε, linear
-schedule (T = 1000), N noises (default 2,000). Error: RMS distance to the converged probability-flow ODE solution
-from the same noise (DPM-Solver++(3M), 1000 log-SNR steps, checked against 500), all ending with x̂_0 at t = 0.
+schedule (T = 1000), N noises (default 10,000). Error of a sample: RMS over its features of the distance to the
+converged probability-flow ODE solution from the same noise (DPM-Solver++(3M), 1000 log-SNR steps, checked against
+500 on the first 1000 noises; cached in ``--out``), all ending with x̂_0 at t = 0. A flip: the sample's mixture
+component (argmax of the posterior responsibilities at t = 0) is not the reference endpoint's.
 
 Over a sweep of rtol (atol = 0.156 rtol, the ratio of the defaults 0.0078/0.05, so the tolerance stays relative
-across the sweep), for diffsteps ``adaptive`` in both forms (``form="data"``, the default, and ``"noise"``), each with
-per-sample control and with ``control="batch"``, and the anchor
-(k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, same PID defaults, driven in σ̃ coordinates: denoiser(x̃, σ̃)
-= x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at σ̃(t = 0), and one more call gives x̂_0 there):
-mean / p95 / max NFE, RMS error, the median sample's error (RMS over its features: the typical sample, which the
-few mode-flipping samples that dominate the RMS do not move), wall seconds. Then: the log-log slope and Spearman
-correlation of error vs rtol ("calibrated tolerance"), the error ratio to the anchor at the same mean NFE (anchor's
-log-error interpolated in log-NFE), and the NFE ratio of per-sample to batch control at the same error.
+across the sweep), for the methods in ``METHODS`` (the default, per-sample and batch control; the pre-change default;
+one-change ablations) and the anchor (k-diffusion 0.1.1.post1 ``sample_dpm_adaptive``, order 3, its PID defaults,
+driven in σ̃ coordinates: denoiser(x̃, σ̃) = x̂_0 of the VP model at the t with σ̃(t) = σ̃, x = α x̃; it stops at
+σ̃(t = 0), and one more call gives x̂_0 there): mean / p95 / max NFE, RMS error over all samples and over the
+non-flipped ones, the median / p90 / p99 sample error, flips, wall seconds. Then: the log-log slope and Spearman
+correlation of error vs rtol ("calibrated tolerance"); each method's error / the anchor's at the same mean NFE (the
+anchor's log-error interpolated in log-NFE); per-sample control's mean NFE / batch control's at the same error (the
+batch curve's first crossing, log-log) — each with a 95 % paired bootstrap interval (the noises resampled, one draw
+shared by every method) and a tally of rtols whose interval lies below, around or above 1.
 
 k-diffusion's package __init__ imports torchvision (absent here), so only its ``sampling.py`` is loaded, by file
 path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
 
 First, a step-for-step check that the controller is the anchor's (``reproduce_anchor``, 200 noises).
 
-Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq``, then
-``python experiments/adaptive_sampler.py [--n 2000]``.
+Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline``, then
+``python experiments/adaptive_sampler.py [--n 10000] [--analyse-only]``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -41,13 +46,22 @@ import diffsteps as ds
 
 RTOLS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0005)
 ATOL_PER_RTOL = 0.0078 / 0.05
+# the default (per-sample) and its batch-wide controller; the pre-issue default for comparison. A name "X, batch"
+# pairs with "X" in the per-sample-against-batch table.
+METHODS = {
+    "default": {},
+    "default, batch": {"control": "batch"},
+    "old default (vp norm, h_init 0.05, no cap)": {"coords": "vp", "h_init": 0.05, "h_max_noisy": math.inf},
+    "x0 norm, no cap": {"h_max_noisy": math.inf},
+    "vp norm, cap": {"coords": "vp"},
+}
 
 
 def load_kdiffusion_sampling():
     """k_diffusion/sampling.py alone, its package and ``utils`` replaced by stand-ins (utils imports torchvision)."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1 torchsde "
+        raise SystemExit("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1 torchsde trampoline "
                          "torchdiffeq")
     root = spec.submodule_search_locations[0]
     pkg = types.ModuleType("k_diffusion")
@@ -106,14 +120,10 @@ def reproduce_anchor(kd, model, schedule, noise, rtols=(0.05, 0.01, 0.001)) -> N
             torch.set_default_dtype(default)
         x = den(x, sig[0].expand(len(x)).to(x.dtype))
         r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=0.0, form="noise",
-                      control="batch", coords="ve", return_info=True)
+                      control="batch", coords="ve", h_init=0.05, h_max_noisy=math.inf, return_info=True)
         print(f"| {rtol:g} | {info['n_accept']} / {info['n_reject']} | {r.accepted[0].item()} / "
               f"{r.rejected[0].item()} | {(r.sample - x).abs().max().item():.1e} |")
     print()
-
-
-def rms(a, b):
-    return (a - b).square().mean().sqrt().item()
 
 
 def fit(rtols, errs):
@@ -122,84 +132,227 @@ def fit(rtols, errs):
 
 
 def interp_loglog(x, xs, ys):
-    """log y at log x, linear between the neighbouring points of (xs, ys) sorted by xs; nan outside their range."""
+    """y at x, linear in log–log between the neighbouring points of (xs, ys) sorted by xs; nan outside their range."""
     order = np.argsort(xs)
-    lx, ly = np.log(np.asarray(xs)[order]), np.log(np.asarray(ys)[order])
+    lx, ly = np.log(np.asarray(xs, dtype=float)[order]), np.log(np.asarray(ys, dtype=float)[order])
     if not lx[0] <= math.log(x) <= lx[-1]:
         return math.nan
     return float(np.exp(np.interp(math.log(x), lx, ly)))
 
 
+def nfe_at_error(e, nfes, errs):
+    """The mean NFE at which a curve (points (nfe, err) in rtol order) first reaches err ≤ e, log–log between the
+    two points where it crosses; nan where it never does or is already below e at its cheapest point."""
+    order = np.argsort(nfes)
+    n, v = np.asarray(nfes, dtype=float)[order], np.asarray(errs, dtype=float)[order]
+    if v[0] <= e:
+        return math.nan
+    for (n0, e0), (n1, e1) in zip(zip(n[:-1], v[:-1]), zip(n[1:], v[1:])):
+        if e0 > e >= e1:
+            w = math.log(e0 / e) / math.log(e0 / e1)
+            return float(math.exp((1 - w) * math.log(n0) + w * math.log(n1)))
+    return math.nan
+
+
+METRICS = ("RMS", "median", "p90", "p99")
+
+
+def metric_table(err: np.ndarray, idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The error measures of one run over the noises ``idx`` ((B, N) bootstrap rows; None: all noises once)."""
+    e = err[None] if idx is None else err[idx]
+    q = np.quantile(e, [0.5, 0.9, 0.99], axis=1)
+    return {"RMS": np.sqrt(np.mean(e**2, axis=1)), "median": q[0], "p90": q[1], "p99": q[2]}
+
+
+def ci(values) -> str:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 0.9 * len(values):
+        return "[–]"
+    lo, hi = np.quantile(v, [0.025, 0.975])
+    return f"[{lo:.2f}, {hi:.2f}]"
+
+
+def verdict(point: float, values) -> str:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not math.isfinite(point) or len(v) < 0.9 * len(values):
+        return "–"
+    lo, hi = np.quantile(v, [0.025, 0.975])
+    return "better" if hi < 1 else "worse" if lo > 1 else "tie"
+
+
+def run_all(args, kd, model, schedule, mixture, noise, ref, methods) -> dict:
+    """Every method at every rtol: per-sample NFE, error (RMS over the sample's features) and component flip."""
+    label = mixture.responsibilities(ref).argmax(1)
+    runs: dict[str, dict] = {}
+    print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | RMS, no flips | median | "
+          "p90 | p99 | flips | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in [*methods, "k-diffusion anchor"]:
+        out = {k: [] for k in ("nfe", "err", "flip", "rej", "secs")}
+        for rtol in RTOLS:
+            atol = ATOL_PER_RTOL * rtol
+            t0 = time.perf_counter()
+            if name.startswith("k-diffusion"):
+                x, calls = run_anchor(kd, model, schedule, noise, rtol, atol)
+                nfe = torch.full((len(noise),), calls, dtype=torch.long)
+                rej = math.nan
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=atol,
+                                  return_info=True, **methods[name])
+                x, nfe, rej = r.sample, r.nfe_per_sample, r.rejected.double().mean().item()
+            secs = time.perf_counter() - t0
+            err = (x - ref).square().mean(1).sqrt()
+            flip = mixture.responsibilities(x).argmax(1) != label
+            for k, v in (("nfe", nfe.numpy()), ("err", err.numpy()), ("flip", flip.numpy()), ("rej", rej),
+                         ("secs", secs)):
+                out[k].append(v)
+            e = err.numpy()
+            m = metric_table(e)
+            print(f"| {name} | {rtol:g} | {nfe.double().mean():.1f} | {nfe.double().quantile(0.95):.0f} | "
+                  f"{nfe.max().item()} | {rej:.2f} | {m['RMS'][0]:.2e} | {np.sqrt(np.mean(e[~flip.numpy()]**2)):.2e} | "
+                  f"{m['median'][0]:.2e} | {m['p90'][0]:.2e} | {m['p99'][0]:.2e} | {int(flip.sum())} | {secs:.1f} |",
+                  flush=True)
+        runs[name] = {k: np.array(v) for k, v in out.items()}
+    return runs
+
+
+def analyse(runs: dict, n_boot: int, seed: int = 0) -> None:
+    """Calibration, and the two issue-12 comparisons with paired bootstrap intervals: every resample draws the noises
+    once and every method's curve is recomputed on that draw (the anchor's mean NFE is its batch's, fixed)."""
+    names = list(runs)
+    n = runs[names[0]]["err"].shape[1]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    full = {k: {mt: np.array([metric_table(e)[mt][0] for e in r["err"]]) for mt in METRICS} for k, r in runs.items()}
+    mean_nfe = {k: r["nfe"].mean(1) for k, r in runs.items()}
+    flips = {k: r["flip"].sum(1) for k, r in runs.items()}
+    boot, boot_nfe = {}, {}
+    for k, r in runs.items():  # (n_boot, rtols) per metric
+        tabs = [metric_table(e, idx) for e in r["err"]]
+        boot[k] = {mt: np.stack([t[mt] for t in tabs], 1) for mt in METRICS}
+        boot_nfe[k] = np.stack([nf[idx].mean(1) for nf in r["nfe"]], 1)
+
+    print("\n### calibrated tolerance: error against rtol (9 rtols)\n")
+    print("| method | RMS: log-log slope | Spearman ρ | largest jump between neighbouring rtol | median: slope | ρ | "
+          "p99: slope | ρ |")
+    print("|---|---|---|---|---|---|---|---|")
+    rt = np.array(RTOLS)
+    for k in names:
+        er = full[k]["RMS"]
+        jump = max(max(a / b, b / a) for a, b in zip(er[:-1], er[1:]))
+        print(f"| {k} | {fit(rt, er)[0]:.2f} | {fit(rt, er)[1]:.3f} | {jump:.1f}× | {fit(rt, full[k]['median'])[0]:.2f} "
+              f"| {fit(rt, full[k]['median'])[1]:.3f} | {fit(rt, full[k]['p99'])[0]:.2f} | "
+              f"{fit(rt, full[k]['p99'])[1]:.3f} |")
+
+    anchor = "k-diffusion anchor"
+    print(f"\n### against the anchor at the same mean NFE (error / the anchor's, log-log interpolated in its mean NFE; "
+          f"[95 % paired bootstrap interval, {n_boot} resamples of the {n} noises]; ≤ 1: no worse)\n")
+    print("| method | rtol | mean NFE | " + " | ".join(f"{mt} ratio | {mt} interval" for mt in METRICS) +
+          " | flips | anchor's flips at that NFE |")
+    print("|---|---|---|" + "---|---|" * len(METRICS) + "---|---|")
+    tally: dict[tuple, list] = {}
+    for k in names:
+        if k == anchor:
+            continue
+        for j, rtol in enumerate(RTOLS):
+            cells = []
+            for mt in METRICS:
+                point = full[k][mt][j] / interp_loglog(mean_nfe[k][j], mean_nfe[anchor], full[anchor][mt])
+                bs = [boot[k][mt][b, j] / interp_loglog(boot_nfe[k][b, j], mean_nfe[anchor], boot[anchor][mt][b])
+                      for b in range(n_boot)]
+                cells.append(f"{point:.2f} | {ci(bs)}")
+                tally.setdefault((k, mt), []).append(verdict(point, bs))
+            fl = np.interp(np.log(mean_nfe[k][j]), np.log(mean_nfe[anchor]), flips[anchor], left=np.nan,
+                           right=np.nan)
+            print(f"| {k} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) +
+                  f" | {flips[k][j]} | {fl:.1f} |")
+    print("\nSummary (rtols whose interval lies below 1 / contains 1 / lies above 1; – outside the anchor's NFE range):\n")
+    for (k, mt), v in tally.items():
+        print(f"- {k}, {mt}: better {v.count('better')}, tie {v.count('tie')}, worse {v.count('worse')}, "
+              f"out of range {v.count('–')}")
+
+    print("\n### per-sample against batch control at the same error (mean NFE / the batch controller's mean NFE "
+          "where its curve first reaches that error; [95 % paired bootstrap interval]; < 1: per-sample is cheaper)\n")
+    print("| per-sample method | rtol | mean NFE | " + " | ".join(f"{mt}: NFE ratio | interval" for mt in METRICS) +
+          " |")
+    print("|---|---|---|" + "---|---|" * len(METRICS))
+    tally = {}
+    for k in names:
+        batch = f"{k}, batch"
+        if batch not in runs:
+            continue
+        for j, rtol in enumerate(RTOLS):
+            cells = []
+            for mt in METRICS:
+                point = mean_nfe[k][j] / nfe_at_error(full[k][mt][j], mean_nfe[batch], full[batch][mt])
+                bs = [boot_nfe[k][b, j] / nfe_at_error(boot[k][mt][b, j], boot_nfe[batch][b], boot[batch][mt][b])
+                      for b in range(n_boot)]
+                cells.append(f"{point:.2f} | {ci(bs)}")
+                tally.setdefault((k, mt), []).append(verdict(point, bs))
+            print(f"| {k} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) + " |")
+    print("\nSummary (rtols whose interval lies below 1 / contains 1 / lies above 1; – outside the batch curve's range):\n")
+    for (k, mt), v in tally.items():
+        print(f"- {k} vs batch, {mt}: cheaper {v.count('better')}, tie {v.count('tie')}, dearer {v.count('worse')}, "
+              f"out of range {v.count('–')}")
+
+
+def reference(model, schedule, noise, path) -> torch.Tensor:
+    """The converged ODE solution from each noise (cached: 10,000 noises cost ~3.5 min on one core)."""
+    if os.path.exists(path):
+        d = torch.load(path)
+        if torch.equal(d["noise"], noise):
+            return d["ref"]
+    ref = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=1000, spacing="logsnr")
+    torch.save({"noise": noise, "ref": ref}, path)
+    return ref
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--n", type=int, default=10000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the noises")
+    p.add_argument("--out", default="outputs", help="folder for the cached reference and the per-sample results")
+    p.add_argument("--analyse-only", action="store_true", help="reuse the saved per-sample results")
     p.add_argument("--reproduce-only", action="store_true", help="only the step-for-step check against the anchor")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    kd = load_kdiffusion_sampling()
     schedule = ds.make_schedule("linear", 1000)
-    model = ds.ExactEpsilon(make_mixture(), schedule)
+    mixture = make_mixture()
+    model = ds.ExactEpsilon(mixture, schedule)
+    results = f"{args.out}/adaptive_sampler_n{args.n}.npz"
+    if args.analyse_only:
+        z = np.load(results)
+        runs: dict[str, dict] = {}
+        for key in z.files:
+            name, field = key.rsplit("/", 1)
+            runs.setdefault(name, {})[field] = z[key]
+        analyse(runs, args.boot)
+        return
+    kd = load_kdiffusion_sampling()
     noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     reproduce_anchor(kd, model, schedule, noise[:200])
     if args.reproduce_only:
         return
     t0 = time.perf_counter()
-    ref = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=1000, spacing="logsnr")
-    half = ds.sample(model, noise, schedule=schedule, sampler="dpmpp_3m", steps=500, spacing="logsnr")
-    print(f"reference: DPM-Solver++(3M) at 1000 vs 500 log-SNR steps differ by RMS {rms(ref, half):.1e} "
-          f"(data RMS {ref.square().mean().sqrt():.2f}); {args.n} samples  [{time.perf_counter() - t0:.0f} s]\n")
-    methods = {f"{form}, {control}": dict(form=form, control=control)
-               for form in ("data", "noise") for control in ("sample", "batch")}
-    methods["noise, sample, growth ≤ 1.5"] = dict(form="noise", control="sample", max_growth=1.5)
-    curves: dict[str, list[tuple]] = {name: [] for name in [*methods, "k-diffusion anchor"]}
-    print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | median sample error | "
-          "seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for rtol in RTOLS:
-        atol = ATOL_PER_RTOL * rtol
-        for name in curves:
-            t0 = time.perf_counter()
-            if name.startswith("k-diffusion"):
-                x, calls = run_anchor(kd, model, schedule, noise, rtol, atol)
-                nfe = torch.full((args.n,), calls, dtype=torch.long)
-                rej = math.nan
-            else:
-                r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=atol,
-                              return_info=True, **methods[name])
-                x, nfe, rej = r.sample, r.nfe_per_sample, r.rejected.double().mean().item()
-            secs = time.perf_counter() - t0
-            err = rms(x, ref)
-            med = (x - ref).square().mean(1).sqrt().median().item()  # the typical sample, not the mode flips
-            mean = nfe.double().mean().item()
-            curves[name].append((rtol, mean, err, med))
-            print(f"| {name} | {rtol:g} | {mean:.1f} | {nfe.double().quantile(0.95).item():.0f} | "
-                  f"{nfe.max().item()} | {rej:.2f} | {err:.2e} | {med:.2e} | {secs:.1f} |")
-    print("\n### calibrated tolerance: RMS error against rtol\n")
-    print("| method | log-log slope | Spearman ρ | largest error jump between neighbouring rtol | "
-          "median-sample error: slope | ρ |")
-    print("|---|---|---|---|---|---|")
-    for name, pts in curves.items():
-        rt, _, er, md = map(np.array, zip(*pts))
-        slope, rho = fit(rt, er)
-        jump = max(max(a / b, b / a) for a, b in zip(er[:-1], er[1:]))
-        print(f"| {name} | {slope:.2f} | {rho:.3f} | {jump:.1f}× | {fit(rt, md)[0]:.2f} | {fit(rt, md)[1]:.3f} |")
-    print("\n### at the same mean NFE (per-sample control against the anchor and against batch control)\n")
-    print("| method | rtol | per-sample NFE | RMS error | anchor's at that NFE | ratio (≤ 1: no worse) | "
-          "batch NFE at that RMS error | per-sample / batch | median error: ratio to anchor | per-sample / batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    anchor = curves["k-diffusion anchor"]
-    for form, name in (("data", "data, sample"), ("noise", "noise, sample"), ("noise", "noise, sample, growth ≤ 1.5")):
-        batch = curves[f"{form}, batch"]
-        for rtol, n_ps, e_ps, m_ps in curves[name]:
-            e_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[2] for c in anchor])
-            n_batch = interp_loglog(e_ps, [c[2] for c in batch], [c[1] for c in batch])
-            m_anchor = interp_loglog(n_ps, [c[1] for c in anchor], [c[3] for c in anchor])
-            nm_batch = interp_loglog(m_ps, [c[3] for c in batch], [c[1] for c in batch])
-            print(f"| {name} | {rtol:g} | {n_ps:.1f} | {e_ps:.2e} | {e_anchor:.2e} | {e_ps / e_anchor:.2f} | "
-                  f"{n_batch:.1f} | {n_ps / n_batch:.2f} | {m_ps / m_anchor:.2f} | {n_ps / nm_batch:.2f} |")
-    print("\n(nan: outside the other curve's range; the anchor's error is interpolated log-log in its mean NFE, "
-          "batch control's NFE log-log in its error)")
+    os.makedirs(args.out, exist_ok=True)
+    ref = reference(model, schedule, noise, f"{args.out}/adaptive_sampler_ref_n{args.n}.pt")
+    m = min(args.n, 1000)
+    half = ds.sample(model, noise[:m], schedule=schedule, sampler="dpmpp_3m", steps=500, spacing="logsnr")
+    print(f"reference: DPM-Solver++(3M) at 1000 log-SNR steps; on the first {m} noises 500 steps differ from it by "
+          f"RMS {rms(ref[:m], half):.1e} (data RMS {ref.square().mean().sqrt():.2f}); {args.n} noises  "
+          f"[{time.perf_counter() - t0:.0f} s]\n")
+    runs = run_all(args, kd, model, schedule, mixture, noise, ref, METHODS)
+    np.savez_compressed(results, **{f"{k}/{f}": v for k, r in runs.items() for f, v in r.items()})
+    analyse(runs, args.boot)
+
+
+def rms(a, b):
+    return (a - b).square().mean().sqrt().item()
 
 
 if __name__ == "__main__":

@@ -165,7 +165,9 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
 
     model, x, ref = exact
     cal, test, ref_cal, ref_test = x[:300], x[300:600], ref[:300], ref[300:600]
-    rtols, target = (0.01, 0.1, 0.05, 0.02), 1e-3  # not loosest-first on purpose
+    # not loosest-first on purpose; the target lies between the 90th-percentile MSE on the calibration noise at rtol
+    # 0.05 and 0.02 (measured 8.5e-6, 4.1e-6; 1.2e-5 at 0.1, 2.2e-6 at 0.01), 8× above the reference's own (7e-7)
+    rtols, target = (0.01, 0.1, 0.05, 0.02), 6e-6
     s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, batch_size=128, single_samples=2)
 
     def direct(noise, ref_, rtol):  # the sampler called on its own, the whole set in one batch

@@ -13,10 +13,23 @@ running (compaction), so the cost follows the mean NFE, and a sample's path does
 batch. ``control="batch"`` is k-diffusion's controller instead: one h, the error norm over the whole batch, and
 every sample accepts or rejects together.
 
+Three defaults depart from the anchor, chosen on the exact 64-D mixture (``docs/benchmarks/adaptive_sampler.txt``),
+both against the mode flips that dominate its error — a sample near a boundary between modes that a large step at
+high noise sends to the wrong mode:
+
+- the error norm (``coords="x0"``) measures x̃ = x/α, the data's units, against a tolerance relative to |x̂_0|
+  at the step's start: an error δx at log-SNR λ moves x̃, and the data prediction x̂_0 with it, by δx/α, so
+  high-noise errors weigh by 1/α, the scale on which they reach the sample. The VP norm (``"vp"``) discounts them by α, and
+  k-diffusion's (``"ve"``, x̃ against |x̃| ≈ σ̃ there) as much.
+- ``h_max_noisy`` (0.5) caps the step in λ while SNR < 1 (λ < 0), where samples near a boundary are decided: an
+  embedded estimate measures a step's local error, not its growth through the rest of the flow (the ODE codes'
+  hmax; Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.4). It puts a floor under the NFE (on the linear T = 1000
+  schedule λ starts at −5.06: ≥ 10 steps there, 43 NFE in all at a loose rtol) and under the error of a loose rtol;
+  ``h_max_noisy=math.inf`` turns it off. ``h_init`` (0.5, the cap; k-diffusion 0.05) starts at the step the cap
+  allows rather than growing to it over four accepted steps where nothing changes.
+
 ``max_growth`` (off by default) caps each step at that multiple of the sample's last accepted one, the classical
-``facmax`` safeguard (Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.4): an embedded estimate is only asymptotically
-right, and a sample can step over a mode decision on a small estimate. On the 64-D mixture it did not make per-sample
-control match the anchor at equal mean NFE (``docs/benchmarks/adaptive_sampler.txt``).
+``facmax`` safeguard (same source); on the 64-D mixture it did not make per-sample control match the anchor.
 
 Beyond the anchor, x̂_0 at the start of a rejected step is kept (the state did not move), so a rejection costs
 order − 1 evaluations, not order.
@@ -37,7 +50,7 @@ from .levels import Levels
 
 CONTROLS = ("sample", "batch")
 FORMS = ("data", "noise")
-COORDS = ("vp", "ve")
+COORDS = ("vp", "ve", "x0")
 _ARRIVED = 1e-5  # a remainder below this (in λ) is folded into the step: no sliver steps at the end
 
 
@@ -46,7 +59,7 @@ def _quiet(i, x, x0, t, t_next) -> None:
 
 
 def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form,
-                  coords, max_growth=math.inf) -> None:
+                  coords, max_growth=math.inf, h_max_noisy=math.inf) -> None:
     if coords not in COORDS:
         raise ValueError(f"adaptive coords must be one of: {', '.join(COORDS)}; got {coords!r}")
     if form not in FORMS:
@@ -69,6 +82,9 @@ def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safe
     if not (isinstance(max_growth, (int, float)) and max_growth > 1):
         raise ValueError(f"adaptive max_growth (the largest ratio of a step to the last accepted one) must be > 1, "
                          f"got {max_growth!r}")
+    if not (isinstance(h_max_noisy, (int, float)) and h_max_noisy > 0):
+        raise ValueError(f"adaptive h_max_noisy (the largest λ-step taken at SNR < 1) must be > 0, "
+                         f"got {h_max_noisy!r}")
     least = order + 1
     if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < least:
         raise ValueError(f"adaptive max_nfe must be an integer ≥ {least} (one order-{order} step and the final "
@@ -76,20 +92,23 @@ def check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safe
 
 
 def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule: Schedule | None = None,
-                    order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                    order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.5,
                     pcoeff: float = 0.0, icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81,
-                    max_nfe: int = 1000, control: str = "sample", form: str = "data", coords: str = "vp",
-                    max_growth: float = math.inf, progress: Callable = iter, callback: Callable = _quiet):
+                    max_nfe: int = 1000, control: str = "sample", form: str = "data", coords: str = "x0",
+                    max_growth: float = math.inf, h_max_noisy: float = 0.5, progress: Callable = iter,
+                    callback: Callable = _quiet):
     """Adaptive DPM-Solver in λ from the first level of ``lv`` to its second (t = 0 by default), then, when the
     last level is the data, x̂_0 there (one evaluation). Returns (x, nfe, accepted, rejected), the counts per sample.
 
     A step of size h from λ_s tries λ_t = min(λ_s + h, λ_end) with stages at λ_s + r_i h (order 2: r = ½; order 3:
     r = ⅓, ⅔) and forms the lower- and higher-order solutions x_lo, x_hi (DPM-Solver++ 1 and 2, or 2 and 3; with
     ``form="noise"`` the noise-prediction DPM-Solver 1 and 2, or 2 and 3, of Lu et al. 2022 and k-diffusion). Error:
-    E = RMS((x_hi − x_lo)/δ), δ = max(atol, rtol · max(|x_lo|, |x_lo of the last accepted step|)) (Lu et al.
-    2022, eq. 4.4; k-diffusion), in VP coordinates, or with ``coords="ve"`` in k-diffusion's x̃ = x/α (there |x̃_lo|
-    and |x̃_prev| sit at different σ̃, so the two norms are not proportional; ``form="noise", control="batch",
-    coords="ve"`` is k-diffusion's ``sample_dpm_adaptive`` step for step). PID controller (Söderlind 2003;
+    E = RMS((x_hi − x_lo)/δ) over the sample's features. ``coords="x0"`` (default): x̃ = x/α_t, δ = max(atol,
+    rtol · |x̂_0 at λ_s|). ``"vp"``: x, δ = max(atol, rtol · max(|x_lo|, |x_lo of the last accepted step|)) (Lu et
+    al. 2022, eq. 4.4); ``"ve"``: the same in k-diffusion's x̃ (there |x̃_lo| and |x̃_prev| sit at different σ̃, so
+    the two are not proportional; ``form="noise", control="batch", coords="ve", h_init=0.05,
+    h_max_noisy=math.inf`` is k-diffusion's ``sample_dpm_adaptive`` step for step). At λ_s < 0 the controller's h
+    is first capped at ``h_max_noisy``. PID controller (Söderlind 2003;
     k-diffusion ``PIDStepSizeController``): f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1), ε_k = 1/E of this try and the
     last two accepted ones, b₁ = (p + i + d)/order, b₂ = −(p + 2d)/order, b₃ = d/order; the step is accepted when
     f ≥ ``accept_safety``, and h ← f h either way (then h ← min(h, ``max_growth`` · the last accepted step)).
@@ -100,7 +119,7 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
     ``callback(i, x, x0, t, t_next)`` is called after every round in which some sample moved: t, t_next are (B,)
     float64 timesteps before and after it (equal for samples that did not move; −1 for samples at the data)."""
     check_options(order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, max_nfe, control, form, coords,
-                  max_growth)
+                  max_growth, h_max_noisy)
     if len(lv) == 0:
         return x
     B, dev = x.shape[0], x.device
@@ -161,14 +180,20 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
         moved = fin
         if len(run):
             lam_s, xs, m_s = lam[run], x[run], x0[run]
+            if h_max_noisy < math.inf:
+                # hmax at SNR < 1, where samples near a boundary between modes are decided: the embedded estimate
+                # measures a step's local error, not its growth through the rest of the flow. The controller's h
+                # itself is capped (ODE codes' hmax), so it does not grow unseen behind the cap.
+                h[run] = torch.where(lam_s < 0, torch.clamp(h[run], max=h_max_noisy), h[run])
             left = lam_end[run] - lam_s
             step = torch.where(left - h[run] <= _ARRIVED, left, torch.minimum(h[run], left))
             pair = _embedded_pair if form == "data" else _embedded_pair_noise
             lo, hi = pair(lambda rows_x, lams: evaluate(run, rows_x, lams), xs, m_s, lam_s, step, r, view)
             # the norm's coordinates: VP x, or k-diffusion's x̃ = x/α (relative to x̃, which shrinks with σ̃)
-            to_norm = 1 / _alpha_sigma(lam_s + step)[0].reshape(view) if coords == "ve" else 1.0
+            to_norm = 1 / _alpha_sigma(lam_s + step)[0].reshape(view) if coords != "vp" else 1.0
             n_lo = lo * to_norm
-            delta = torch.maximum(torch.full_like(lo, atol), rtol * torch.maximum(n_lo.abs(), x_prev[run].abs()))
+            scale = m_s.abs() if coords == "x0" else torch.maximum(n_lo.abs(), x_prev[run].abs())
+            delta = torch.maximum(torch.full_like(lo, atol), rtol * scale)
             err2 = ((hi - lo) * to_norm / delta).square().reshape(len(run), -1).mean(1)
             if control == "batch":
                 err2 = err2.mean().expand(len(run))
