@@ -115,3 +115,17 @@ def test_release_keeps_only_its_own_tensors_once():
     t = plain.empty_like(theirs)
     plain.release(t)
     assert len(plain._pool) == 0
+
+
+def test_spare_buffers_outlive_a_run_within_their_budget(gmm, linear, monkeypatch):
+    model, x = gmm
+    monkeypatch.setattr(arith, "_SPARE", [])
+    first = _run(model, x, linear, "dpmpp_3m")
+    kept = list(arith._SPARE)
+    assert kept and all(t.shape == x.shape for t in kept)  # x̂_0's and states of the run, handed on
+    assert sum(t.nbytes for t in kept) <= arith.SPARE_BYTES
+    assert torch.equal(_run(model, x, linear, "dpmpp_3m"), first)  # drawn from the spares: the same result
+    assert not any(s is t for s in arith._SPARE for t in [first])
+    monkeypatch.setattr(arith, "SPARE_BYTES", kept[0].nbytes)  # room for one
+    _run(model, x, linear, "dpmpp_3m")
+    assert len(arith._SPARE) == 1

@@ -154,12 +154,15 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     bar = _progress_bar(progress, sampler)
     B = noise.shape[0]
     with torch.no_grad():
-        if spec.adaptive:
-            x, nfe, accepted, rejected = spec.fn(denoise, x, lv, schedule=schedule, progress=bar, **options)
-        else:
-            x = spec.fn(denoise, x, lv, progress=bar, **options)
-            nfe, accepted = (torch.full((B,), v, dtype=torch.long) for v in (denoise.nfe, len(lv) - 1))
-            rejected = torch.zeros(B, dtype=torch.long)
+        try:
+            if spec.adaptive:
+                x, nfe, accepted, rejected = spec.fn(denoise, x, lv, schedule=schedule, progress=bar, **options)
+            else:
+                x = spec.fn(denoise, x, lv, progress=bar, **options)
+                nfe, accepted = (torch.full((B,), v, dtype=torch.long) for v in (denoise.nfe, len(lv) - 1))
+                rejected = torch.zeros(B, dtype=torch.long)
+        finally:
+            denoise.arith.close()
         x = x.to(noise.dtype)
     visited = timesteps if denoise_final or spec.adaptive else timesteps[..., :-1]
     if return_info:

@@ -22,6 +22,7 @@ not keep a reference to its input x beyond the call when ``recycle`` is on.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 
@@ -30,43 +31,41 @@ import torch
 from .levels import lincomb
 
 
-def _f1(out, x, c, y1, c1):
-    out.copy_(x * c + y1 * c1)
+def _graph(k: int, sub_div: bool):
+    """The function that is compiled: out ← cs[0] x + Σ_j cs[j] y_j (k terms) — the eager operators' sum in their
+    order, so only FMA contraction rounds differently —, or out ← (x − cs[0] y_1) · cs[1] with cs[1] = 1/d, a
+    multiplication where eager divides (a vector division alone costs about as much as the memory traffic here)."""
+    def fn(out, x, cs, *ys):
+        if sub_div:
+            acc = (x - ys[0] * cs[0]) * cs[1]
+        else:
+            acc = x * cs[0]
+            for j, y in enumerate(ys, start=1):
+                acc = acc + y * cs[j]
+        out.copy_(acc)
+        return ()
+    return fn
 
 
-def _f2(out, x, c, y1, c1, y2, c2):
-    out.copy_(x * c + y1 * c1 + y2 * c2)
+# Buffers handed back during one sample() call are kept for the next one, up to this many bytes in all (0: none):
+# every new buffer costs a page fault per 4 KiB page on first touch — measured here about as much per 50-step run of
+# a 10,000 × 64 state as the sampler's arithmetic itself. A caching allocator's trade: memory held between calls.
+SPARE_BYTES = 64 * 2**20
+_SPARE: list[torch.Tensor] = []
+_SPARE_LOCK = threading.Lock()
 
-
-def _f3(out, x, c, y1, c1, y2, c2, y3, c3):
-    out.copy_(x * c + y1 * c1 + y2 * c2 + y3 * c3)
-
-
-def _f4(out, x, c, y1, c1, y2, c2, y3, c3, y4, c4):
-    out.copy_(x * c + y1 * c1 + y2 * c2 + y3 * c3 + y4 * c4)
-
-
-def _f5(out, x, c, y1, c1, y2, c2, y3, c3, y4, c4, y5, c5):
-    out.copy_(x * c + y1 * c1 + y2 * c2 + y3 * c3 + y4 * c4 + y5 * c5)
-
-
-def _sd(out, x, c, y, d):
-    out.copy_((x - y * c) / d)
-
-
-_PLAIN = {1: _f1, 2: _f2, 3: _f3, 4: _f4, 5: _f5, "sub_div": _sd}
-_COMPILED: dict[int, object] = {}
+_COMPILED: dict[tuple, tuple] = {}  # (kind, shapes, dtype, device) → (compiled callable, coefficient buffer)
 _STATUS: dict[str, object] = {}  # "ok": bool, "why": the compiler's error, once probed
 
 
 def fused_available() -> tuple[bool, str]:
-    """Whether ``torch.compile`` (inductor) can build the fused kernel here, probed once per process by compiling
-    the 1-term kernel on a CPU tensor; (False, reason) without a working C++ compiler or inductor."""
+    """Whether inductor can build the fused kernel here, probed once per process by compiling the 1-term kernel on
+    a CPU tensor; (False, reason) without a working C++ compiler or inductor."""
     if "ok" not in _STATUS:
         try:
-            x = torch.ones(4)
+            x = torch.ones(2, 4)
             out = torch.empty_like(x)
-            _kernel(1)(out, x, 2.0, x, 3.0)
+            _fused(out, x, 2.0, [(3.0, x)])
             if not torch.equal(out, torch.full_like(x, 5.0)):
                 raise RuntimeError(f"the compiled kernel computed {out.tolist()}, not 2·1 + 3·1 = 5")
             _STATUS.update(ok=True, why="")
@@ -75,25 +74,40 @@ def fused_available() -> tuple[bool, str]:
     return bool(_STATUS["ok"]), str(_STATUS["why"])
 
 
-def _kernel(k: int | str):
-    if k not in _COMPILED:
-        _COMPILED[k] = torch.compile(_PLAIN[k], fullgraph=True, dynamic=True)
-    return _COMPILED[k]
-
-
-def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, kernel: int | str | None = None) -> None:
-    """out = c x + Σ c_j y_j in one compiled loop. Every tensor is seen as (B, n) and every coefficient as a float
-    (shared levels) or a (B, 1) float64 column (per-sample levels), so one graph per term count and dtype serves any
-    batch, sample shape and step (dynamic shapes, float inputs): a handful of graphs, within dynamo's recompile
-    limit."""
+def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = False) -> None:
+    """out = c x + Σ c_j y_j (``terms`` = [(c_j, y_j)]) in one compiled loop; with ``sub_div``, (x − c y)/d for
+    terms = [(1/d, y)]. Every tensor is seen as (B, n); the coefficients are one float64 tensor — a vector that is
+    refilled in place per call (shared levels) or a stack of (B, 1) columns (per-sample levels) — so the steps of a
+    run never recompile. The graph is traced (make_fx) and handed to inductor directly: no dynamo frame and guards
+    per call, whose ~25 µs would cost a third of a pass over a 10,000 × 64 state; the cache key stands in for the
+    guards (shapes, dtype, device, term count, coefficient layout)."""
     B = x.shape[0]
     cs = [c] + [cj for cj, _ in terms]
-    if any(isinstance(v, torch.Tensor) for v in cs):
-        cs = [torch.as_tensor(v, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(B, 1) for v in cs]
-    args = [out.view(B, -1), x.reshape(B, -1), cs[0]]
-    for cj, (_, y) in zip(cs[1:], terms):
-        args += [y.reshape(B, -1), cj]
-    _kernel(kernel or len(terms))(*args)
+    ys = [y.reshape(B, -1).contiguous() for _, y in terms]  # the compiled code assumes the strides it saw
+    per_sample = any(isinstance(v, torch.Tensor) for v in cs)
+    args = [out.view(B, -1), x.reshape(B, -1).contiguous()]
+    key = (sub_div, len(terms), per_sample, args[1].shape, x.dtype, x.device)
+    if per_sample:
+        coefs = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(B, 1)
+                             for v in cs])
+    if key not in _COMPILED:
+        from torch._inductor import compile as inductor_compile
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        buf = None if per_sample else torch.zeros(len(cs), dtype=torch.float64, device=x.device)
+        example = args + [coefs if per_sample else buf] + ys
+        example = [t.clone() for t in example]  # tracing and compiling run the graph: not on the caller's tensors
+        gm = make_fx(_graph(len(terms), sub_div))(example[0], example[1], example[2], *example[3:])
+        _COMPILED[key] = (inductor_compile(gm, example), buf, None if buf is None or buf.device.type != "cpu"
+                          else buf.numpy())
+    fn, buf, view = _COMPILED[key]
+    if not per_sample:
+        if view is not None:
+            view[:] = cs  # the CPU kernel reads it synchronously: refilling the one buffer is safe
+        else:  # on an accelerator the kernel runs later: a fresh vector per call, copied in stream order
+            buf = torch.tensor(cs, dtype=torch.float64).to(x.device)
+        coefs = buf
+    fn(args[0], args[1], coefs, *ys)
 
 
 class Arith:
@@ -117,10 +131,10 @@ class Arith:
         """A buffer shaped like x: a recycled one where there is one, else new; either way this Arith's own."""
         out = None
         if self.recycle:
-            for k, b in enumerate(self._pool):
-                if b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
-                    out = self._pool.pop(k)
-                    break
+            out = _take(self._pool, x)
+            if out is None:
+                with _SPARE_LOCK:
+                    out = _take(_SPARE, x)
             if out is None:
                 out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             self._own[id(out)] = weakref.ref(out)
@@ -154,10 +168,10 @@ class Arith:
 
     def sub_div(self, x: torch.Tensor, c, y: torch.Tensor, d) -> torch.Tensor:
         """(x − c y)/d: eagerly one fused multiply-add and one in-place division (the rounding the samplers always
-        had), fused one loop computing the same expression (FMA contraction aside, the same rounding)."""
+        had), fused one loop computing (x − c y) · (1/d)."""
         if self.fuse and not torch.is_grad_enabled():
             out = self.empty_like(x)
-            _fused(out, x, c, [(d, y)], "sub_div")
+            _fused(out, x, c, [(1 / d, y)], sub_div=True)
             return out
         out = self.empty_like(x) if self.recycle else None
         if isinstance(c, torch.Tensor):
@@ -183,7 +197,27 @@ class Arith:
             if ref is not None and ref() is t:
                 self._pool.append(t)
 
+    def close(self) -> None:
+        """The run is over: its free buffers become the next runs' (at most ``SPARE_BYTES`` kept, newest first)."""
+        if not self._pool:
+            return
+        with _SPARE_LOCK:
+            _SPARE.extend(self._pool)
+            total = sum(t.nbytes for t in _SPARE)
+            while _SPARE and total > SPARE_BYTES:
+                total -= _SPARE.pop(0).nbytes
+        self._pool = []
+
     def disown_if_aliased(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """The model returned a tensor sharing x's memory (e.g. ε̂ = x): x must then live as long as the output."""
         if self.recycle and id(x) in self._own and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             del self._own[id(x)]
+
+
+def _take(pool: list, x: torch.Tensor) -> torch.Tensor | None:
+    """Pop a buffer of x's shape, dtype and device from ``pool``, the last handed back first (still in cache)."""
+    for k in range(len(pool) - 1, -1, -1):
+        b = pool[k]
+        if b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
+            return pool.pop(k)
+    return None
