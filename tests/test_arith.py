@@ -76,6 +76,16 @@ def test_without_a_compiler_fuse_falls_back_to_eager_with_a_warning(gmm, linear,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not Arith().fuse and not Arith(recycle=True).fuse  # not asked: nothing said
+    # a probe that works but a device whose kernels cannot be built (a GPU without triton): eager from there on
+
+    def no_kernel(*args, **kwargs):
+        raise arith._CompileError("TritonMissing: no triton")
+
+    monkeypatch.setattr(arith, "_STATUS", {"ok": True, "why": ""})
+    monkeypatch.setattr(arith, "_fused", no_kernel)
+    with pytest.warns(RuntimeWarning, match="cannot build the fused kernel for cpu.*no triton"):
+        out = _run(model, x, linear, "dpmpp_2m", fuse=True)
+    assert torch.equal(out, _run(model, x, linear, "dpmpp_2m"))
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -74,6 +74,10 @@ def fused_available() -> tuple[bool, str]:
     return bool(_STATUS["ok"]), str(_STATUS["why"])
 
 
+class _CompileError(RuntimeError):
+    """Inductor could not build a kernel (raised only while compiling, never by a compiled kernel)."""
+
+
 def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = False) -> None:
     """out = c x + Σ c_j y_j (``terms`` = [(c_j, y_j)]) in one compiled loop; with ``sub_div``, (x − c y)/d for
     terms = [(1/d, y)]. Every tensor is seen as (B, n); the coefficients are one float64 tensor — a vector that is
@@ -97,9 +101,12 @@ def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = F
         buf = None if per_sample else torch.zeros(len(cs), dtype=torch.float64, device=x.device)
         example = args + [coefs if per_sample else buf] + ys
         example = [t.clone() for t in example]  # tracing and compiling run the graph: not on the caller's tensors
-        gm = make_fx(_graph(len(terms), sub_div))(example[0], example[1], example[2], *example[3:])
-        _COMPILED[key] = (inductor_compile(gm, example), buf, None if buf is None or buf.device.type != "cpu"
-                          else buf.numpy())
+        try:
+            gm = make_fx(_graph(len(terms), sub_div))(example[0], example[1], example[2], *example[3:])
+            compiled = inductor_compile(gm, example)
+        except Exception as e:  # noqa: BLE001 — no compiler for this device (e.g. no triton for a GPU)
+            raise _CompileError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        _COMPILED[key] = (compiled, buf, None if buf is None or buf.device.type != "cpu" else buf.numpy())
     fn, buf, view = _COMPILED[key]
     if not per_sample:
         if view is not None:
@@ -144,11 +151,11 @@ class Arith:
         """c x + Σ c_j y_j (``terms`` = [(c_j, y_j)]) in a new or recycled tensor, or in ``out`` (which must not be
         one of the y_j; it may be x). Fused only outside autograd: the compiled loop writes into its output."""
         terms = list(terms)
-        if self.fuse and 1 <= len(terms) <= 5 and not torch.is_grad_enabled():
+        if self.fuse and terms and not torch.is_grad_enabled():
             if out is None:
                 out = self.empty_like(x)
-            _fused(out, x, c, terms)
-            return out
+            if self._fused(out, x, c, terms):
+                return out
         if out is None and not self.recycle:
             return lincomb(c, x, terms)
         out = self.empty_like(x) if out is None else out
@@ -159,6 +166,17 @@ class Arith:
             else:
                 out.add_(y, alpha=cj)
         return out
+
+    def _fused(self, out, x, c, terms, sub_div=False) -> bool:
+        """The fused loop into out; where inductor cannot build it for this device, False (and eager from now on)."""
+        try:
+            _fused(out, x, c, terms, sub_div)
+            return True
+        except _CompileError as e:
+            warnings.warn(f"fuse=True: inductor cannot build the fused kernel for {x.device} ({e}); using the eager "
+                          "operators instead", RuntimeWarning, stacklevel=4)
+            self.fuse = False
+            return False
 
     def update(self, c, x: torch.Tensor, terms) -> torch.Tensor:
         """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards."""
@@ -171,8 +189,9 @@ class Arith:
         had), fused one loop computing (x − c y) · (1/d)."""
         if self.fuse and not torch.is_grad_enabled():
             out = self.empty_like(x)
-            _fused(out, x, c, [(1 / d, y)], sub_div=True)
-            return out
+            if self._fused(out, x, c, [(1 / d, y)], sub_div=True):
+                return out
+            self.release(out)
         out = self.empty_like(x) if self.recycle else None
         if isinstance(c, torch.Tensor):
             out = torch.addcmul(x, c, y, value=-1.0, out=out) if out is not None else torch.addcmul(x, c, y, value=-1.0)

@@ -6,11 +6,13 @@ sampler takes the final denoising step. Every sampler calls the network through 
 converts the network's prediction to x̂_0 or ε̂ or both (``want``: only what the sampler uses), applies clipping or
 dynamic thresholding and counts evaluations.
 
-Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one scaling
-and one fused multiply-add per term into one new tensor (:func:`~.levels.lincomb`). The ε-solvers fold
-x̂_0 = (x − σ ε̂)/α into their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. Nothing
-is written in place except the step's own new tensor: the caller's noise, the model's output and what a callback
-saw stay as they were.
+Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one linear
+combination c x + Σ c_j y_j through the Denoiser's :class:`~.arith.Arith` — one scaling and one fused multiply-add
+per term, or one compiled loop with ``fuse`` — into a tensor of its own. The ε-solvers fold x̂_0 = (x − σ ε̂)/α into
+their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. The samplers hand back
+(``release``, ``update``, :func:`_push`) what they no longer need; with recycling on (:func:`~.api.sample` without a
+callback) the next step writes into it. Nothing else is written in place: the caller's noise, the model's output and
+what a callback saw stay as they were.
 
 Samplers written in the variance-exploding view x̃ = x/α, σ̃ = σ/α (Karras et al. 2022) — ``euler``, ``heun`` — map
 to and from it per step; there a step is the textbook ODE step dx̃/dσ̃ = ε̂.
