@@ -5,11 +5,11 @@ state-sized tensors with float64 coefficients. :class:`Arith` computes it
 
 - eagerly (the default): one scaling, then one fused multiply-add in place per term — k + 1 passes over memory for
   k terms (:func:`~.levels.lincomb`);
-- fused (``fuse=True``): one ``torch.compile``d loop (inductor: C++ on the CPU, triton on a GPU) that reads x and
-  the y_j once and writes the result once. Coefficients are passed as Python floats, which dynamo turns into graph
-  inputs (``specialize_float=False``), or per-sample float64 tensors, so the step-to-step coefficients never
-  recompile; one compiled function per term count (dynamo caches per code object). Without a working compiler it
-  falls back to the eager path with a warning (:func:`fused_available`).
+- fused (``fuse=True``): one inductor-compiled loop (C++ on the CPU, triton on a GPU) that reads x and the y_j once
+  and writes the result once (:func:`_fused`: the graph traced with ``make_fx`` and compiled once per term count,
+  shape, dtype and device; the coefficients a float64 tensor input, so no step recompiles; no dynamo guards per
+  call). Where inductor cannot build it (no C++ compiler, no triton) it falls back to the eager path with a warning
+  (:func:`fused_available`, :meth:`Arith._fused`).
 
 and stores it in a new tensor, or, with ``recycle=True`` (:func:`~.api.sample` without a callback), in a buffer it
 made earlier and the sampler handed back (:meth:`Arith.release`) once nothing refers to it. A 2.5 MB state that is
@@ -54,7 +54,9 @@ SPARE_BYTES = 64 * 2**20
 _SPARE: list[torch.Tensor] = []
 _SPARE_LOCK = threading.Lock()
 
-_COMPILED: dict[tuple, tuple] = {}  # (kind, shapes, dtype, device) → (compiled callable, coefficient buffer)
+# (sub_div, term count, per-sample, shape, dtype, device) → (compiled callable, coefficient vector, its numpy view)
+_COMPILED: dict[tuple, tuple] = {}
+_FILL_LOCK = threading.Lock()
 _STATUS: dict[str, object] = {}  # "ok": bool, "why": the compiler's error, once probed
 
 
@@ -108,13 +110,14 @@ def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = F
             raise _CompileError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         _COMPILED[key] = (compiled, buf, None if buf is None or buf.device.type != "cpu" else buf.numpy())
     fn, buf, view = _COMPILED[key]
-    if not per_sample:
-        if view is not None:
-            view[:] = cs  # the CPU kernel reads it synchronously: refilling the one buffer is safe
-        else:  # on an accelerator the kernel runs later: a fresh vector per call, copied in stream order
-            buf = torch.tensor(cs, dtype=torch.float64).to(x.device)
-        coefs = buf
-    fn(args[0], args[1], coefs, *ys)
+    if per_sample:
+        fn(args[0], args[1], coefs, *ys)
+    elif view is not None:
+        with _FILL_LOCK:  # the CPU kernel reads the vector synchronously: refilling the one buffer is safe per thread
+            view[:] = cs
+            fn(args[0], args[1], buf, *ys)
+    else:  # on an accelerator the kernel runs later: a fresh vector per call, copied in stream order
+        fn(args[0], args[1], torch.tensor(cs, dtype=torch.float64).to(x.device), *ys)
 
 
 class Arith:
