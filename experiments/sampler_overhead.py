@@ -20,11 +20,15 @@ bit-identical. A sampler only one side has gets "–" on the other.
     python experiments/sampler_overhead.py [--repeats 6] [--out docs/benchmarks/sampler_overhead.txt]
 
 ``--vs-diffusers``: in one process, back to back (interleaved, median over ``--repeats`` of best-of-3), every sampler
-next to diffusers' scheduler for the same method (the standard ``set_timesteps`` / ``scale_model_input`` / ``step``
-loop with the same zero-cost model), and one fused elementwise pass over the state (``torch.add(x, y, alpha=a,
-out=buf)``), at 10,000 × 64 float32, 50 steps, one thread; the table is appended to ``--out``.
+— eager, and with ``fuse=True`` (:mod:`diffsteps.sampling.arith`; compiled before timing, the compile time reported
+once) — next to diffusers' scheduler for the same method (the standard ``set_timesteps`` / ``scale_model_input`` /
+``step`` loop with the same zero-cost model), one fused elementwise pass over the state (``torch.add(x, y, alpha=a,
+out=buf)``) and one noise draw (``torch.randn`` of the state's size, what ddpm and sde_euler add per step), at
+10,000 × 64 float32, 50 steps, one thread; the table is appended to ``--out``. The clock is the thread's CPU time
+(``time.thread_time``; page faults included): on a shared 2-core machine wall time also counts the time the
+process waits for a core, which best-of-3 does not remove (``--clock wall`` for wall time).
 
-    python experiments/sampler_overhead.py --vs-diffusers [--repeats 5]
+    python experiments/sampler_overhead.py --vs-diffusers [--repeats 5] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -137,12 +141,13 @@ def main() -> None:
     ap.add_argument("--before", default="4f189ed", help="git commit of the BEFORE code")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/sampler_overhead.txt"))
     ap.add_argument("--vs-diffusers", action="store_true", help="ours next to diffusers' schedulers (module doc)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="--vs-diffusers: thread CPU or wall time")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.inner, args.per_sample)))
         return
     if args.vs_diffusers:
-        text = vs_diffusers(args.repeats)
+        text = vs_diffusers(args.repeats, time.thread_time if args.clock == "cpu" else time.perf_counter)
         print(text)
         old = Path(args.out).read_text() if Path(args.out).exists() else ""
         old = old.split(VS_TITLE)[0].rstrip("\n")
@@ -223,10 +228,11 @@ def _diffusers_pairs():
     }
 
 
-def vs_diffusers(repeats: int) -> str:
+def vs_diffusers(repeats: int, clock=time.thread_time) -> str:
     import torch
 
     import diffsteps as ds
+    from diffsteps.sampling.arith import fused_available
 
     torch.set_num_threads(1)
     shape = (10_000, 64)
@@ -238,10 +244,10 @@ def vs_diffusers(repeats: int) -> str:
     def model(x, t):
         return fixed
 
-    def ours(name, opts):
+    def ours(name, opts, fuse=False):
         def run():
             r = ds.sample(model, x, schedule=schedule, sampler=name, steps=STEPS, spacing="trailing",
-                          generator=torch.Generator().manual_seed(1), return_info=True, **opts)
+                          generator=torch.Generator().manual_seed(1), return_info=True, fuse=fuse, **opts)
             return r.nfe
         return run
 
@@ -265,38 +271,59 @@ def vs_diffusers(repeats: int) -> str:
             torch.add(x, fixed, alpha=0.5, out=buf)
         return STEPS
 
+    noise_g = torch.Generator().manual_seed(2)
+
+    def noise():  # what ddpm and sde_euler draw per step, into a buffer: the generator alone
+        for _ in range(STEPS):
+            torch.randn(x.shape, generator=noise_g, out=buf)
+        return STEPS
+
     def per_call(fn):
         n = fn()
         best = float("inf")
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return best / n
 
+    can_fuse, why = fused_available()
+    t0 = time.perf_counter()
+    for name, (opts, _) in pairs.items():  # compile every kernel the runs will use, outside the timings
+        if can_fuse:
+            ours(name, opts, fuse=True)()
+    compile_s = time.perf_counter() - t0
     times: dict[str, list] = {name: [] for name in pairs}
-    fused_t = []
+    fused_t, noise_t = [], []
     for r in range(repeats):
         for name, (opts, make) in pairs.items():
             a = per_call(ours(name, opts))
+            c = per_call(ours(name, opts, fuse=True)) if can_fuse else float("nan")
             b = per_call(theirs(make)) if make else float("nan")
-            times[name].append((a, b))
+            times[name].append((a, b, c))
         fused_t.append(per_call(fused))
+        noise_t.append(per_call(noise))
         print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
-    f = statistics.median(fused_t)
+    f, z = statistics.median(fused_t), statistics.median(noise_t)
+    clock_name = "thread CPU time" if clock is time.thread_time else "wall time"
     lines = [VS_TITLE + f" (ms per model call, zero-cost model, 10,000 × 64 float32, {STEPS} trailing steps, 1 thread)",
-             "", f"median over {repeats} interleaved repeats of the best of 3; one fused elementwise pass over the "
-             f"state (torch.add(x, y, alpha=a, out=buf), {STEPS} in a row as a sampler run has {STEPS} steps): "
-             f"{f * 1e3:.3f} ms. diffusers: the same method's scheduler "
+             "", f"{clock_name}, median over {repeats} interleaved repeats of the best of 3; torch {torch.__version__}. "
+             f"One fused elementwise pass over the state (torch.add(x, y, alpha=a, out=buf), {STEPS} in a row as a "
+             f"sampler run has {STEPS} steps): {f * 1e3:.3f} ms. One noise draw (torch.randn of the state's size "
+             f"into a buffer): {z * 1e3:.3f} ms = {z / f:.1f} passes. fused: the same sampler with fuse=True "
+             + (f"(compiling every kernel of the 11 samplers first took {compile_s:.1f} s in this process). "
+                if can_fuse else f"(not available here: {why}). ")
+             + "diffusers: the same method's scheduler "
              "(ipndm ↔ LMSDiscrete, plms ↔ PNDM skip_prk_steps, pndm ↔ PNDM, unipc order 2 ↔ UniPC order 2), its "
              "standard loop with scale_model_input. Targets: ours ≤ 0.5 × diffusers, ours ≤ 3 × the fused pass.", "",
-             "| sampler | ours (ms) | diffusers (ms) | ours / diffusers | ours / fused pass |", "|---|---|---|---|---|"]
+             "| sampler | ours (ms) | fused (ms) | diffusers (ms) | ours / diffusers | ours / pass | fused / pass | "
+             "≤ 3 × pass |", "|---|---|---|---|---|---|---|---|"]
     for name, ts in times.items():
-        a = statistics.median(t[0] for t in ts)
-        b = statistics.median(t[1] for t in ts)
+        a, b, c = (statistics.median(t[k] for t in ts) for k in range(3))
         none = math.isnan(b)
-        lines.append(f"| {name} | {a * 1e3:.3f} | {'–' if none else f'{b * 1e3:.3f}'} | "
-                     f"{'–' if none else f'{a / b:.2f}'} | {a / f:.1f} |")
+        met = " and ".join(w for w, v in (("eager", a), ("fused", c)) if v / f <= 3) or "no"
+        lines.append(f"| {name} | {a * 1e3:.3f} | {c * 1e3:.3f} | {'–' if none else f'{b * 1e3:.3f}'} | "
+                     f"{'–' if none else f'{a / b:.2f}'} | {a / f:.1f} | {c / f:.1f} | {met} |")
     return "\n".join(lines) + "\n"
 
 

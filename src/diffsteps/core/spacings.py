@@ -118,17 +118,14 @@ def to_integer_timesteps(ts: torch.Tensor) -> torch.Tensor:
     """Round to integers, keeping the sequence strictly decreasing: where rounding merges neighbours (dense ends of
     ``quadratic``/``karras``), each later timestep is pushed one below its predecessor — and, at the clean end,
     earlier ones pushed up — so ``steps ≤ T`` always yields ``steps`` distinct integers in [0, T−1]."""
-    r = torch.round(ts)
-    n = len(r)
-    T_max = r[0].item()
-    asc = r.flip(0)  # increasing
+    asc = torch.round(ts).tolist()[::-1]  # increasing; a Python list: this runs on every sample() call
+    n, T_max = len(asc), asc[-1]
     for i in range(n):  # from the clean end: t_i ≥ i so every entry fits above 0 ...
-        asc[i] = max(asc[i].item(), float(i) if i == 0 else asc[i - 1].item() + 1)
-    over = asc[-1].item() - T_max
-    if over > 0:  # ... and if that pushed past the top, slide the pushed block back down
+        asc[i] = max(asc[i], float(i) if i == 0 else asc[i - 1] + 1)
+    if asc[-1] > T_max:  # ... and if that pushed past the top, slide the pushed block back down
         for i in range(n - 1, -1, -1):
             cap = T_max - (n - 1 - i)
             if asc[i] <= cap:
                 break
             asc[i] = cap
-    return asc.flip(0)
+    return torch.tensor(asc[::-1], dtype=ts.dtype, device=ts.device)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 # options of the shared model wrapper (any sampler), as opposed to one sampler's own (eta, variance, ...)
 DENOISER_OPTIONS = ("clip_denoised", "dynamic_threshold", "threshold_max", "denoise_final", "guidance_scale",
-                    "guidance_interval")
+                    "guidance_interval", "fuse")
 
 
 def _seed(*words: int) -> int:

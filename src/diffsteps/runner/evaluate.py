@@ -34,6 +34,8 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
         value = OmegaConf.select(cfg, f"sampler.{key}")
         if value is not None:
             options[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if OmegaConf.select(cfg, "sampler.fuse"):  # sample()'s own option, for any sampler (diffsteps.sampling.arith)
+        options["fuse"] = True
     return options
 
 

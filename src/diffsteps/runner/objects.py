@@ -25,13 +25,14 @@ class SamplerChoice:
     explicit decreasing list) and its options (e.g. ``eta`` for ddim). The name, the option names and the option
     values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner.
     ``guidance_scale`` / ``guidance_interval``: classifier-free guidance of a class-conditional model (any
-    sampler; :mod:`diffsteps.sampling.guidance`), None for none."""
+    sampler; :mod:`diffsteps.sampling.guidance`), None for none. ``fuse``: :func:`diffsteps.sample`'s ``fuse``."""
 
     name: str
     spacing: Any = "trailing"
     options: Mapping[str, Any] = field(default_factory=dict)
     guidance_scale: float | None = None
     guidance_interval: Any = None
+    fuse: bool = False  # the sampler's arithmetic as torch.compile'd loops (diffsteps.sampling.arith)
 
     def __post_init__(self):
         options = OmegaConf.to_container(self.options, resolve=True) if OmegaConf.is_config(self.options) else dict(

@@ -12,6 +12,7 @@ import torch
 
 from ..core.schedules import Schedule
 from ..core.spacings import make_timesteps, to_integer_timesteps
+from .arith import Arith
 from .denoiser import Denoiser, check_cond
 from .levels import Levels, make_levels
 from .registry import SAMPLERS, SamplerSpec, get_sampler
@@ -100,7 +101,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
            dynamic_threshold: float | None = None, threshold_max: float | None = None, denoise_final: bool = True,
            generator: torch.Generator | None = None, return_info: bool = False, progress: bool = False,
            guidance_scale: float | None = None, guidance_interval: Sequence[float] | None = None,
-           **options) -> torch.Tensor | SampleResult:
+           fuse: bool = False, **options) -> torch.Tensor | SampleResult:
     """Generate samples from ``noise`` (x at the first visited timestep, i.e. N(0, I) when that is T−1).
 
     ``sampler``: a name in ``SAMPLERS``; ``steps`` (default 50) timesteps chosen by ``spacing`` (a name in
@@ -127,6 +128,12 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     own t, and each sample follows exactly the path it would follow alone with its row as a shared spacing. The
     state is held in float64 in this case (the level coefficients are float64 tensors) and the result returned in
     ``noise``'s dtype. Integer-step samplers (ddpm, ddim) round each row as they round a shared spacing.
+
+    Arithmetic (:mod:`diffsteps.sampling.arith`): ``fuse=True`` computes each update c x + Σ c_j y_j in one
+    ``torch.compile``d loop instead of one operator per term (the same results to float rounding; the first run
+    compiles, seconds; eager with a warning where no compiler works). Without a ``callback`` the sampler reuses the
+    memory of states and x̂_0's it no longer needs, so ``model`` must not keep a reference to its input x beyond
+    the call (clone it); its output is never written to.
     """
     spec, lv, timesteps = plan_sampling(schedule, sampler, steps, spacing, denoise_final=denoise_final, **options)
     if lv.per_sample and timesteps.shape[0] != noise.shape[0]:
@@ -138,7 +145,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     denoise = Denoiser(model, prediction, cond=cond, clip_denoised=clip_denoised,
                        dynamic_threshold=dynamic_threshold, threshold_max=threshold_max,
                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                       num_timesteps=schedule.num_timesteps)
+                       num_timesteps=schedule.num_timesteps, arith=Arith(fuse, recycle=callback is None))
     x = noise
     if lv.per_sample:
         lv, x = lv.like(noise), noise.to(torch.float64)
@@ -147,12 +154,15 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     bar = _progress_bar(progress, sampler)
     B = noise.shape[0]
     with torch.no_grad():
-        if spec.adaptive:
-            x, nfe, accepted, rejected = spec.fn(denoise, x, lv, schedule=schedule, progress=bar, **options)
-        else:
-            x = spec.fn(denoise, x, lv, progress=bar, **options)
-            nfe, accepted = (torch.full((B,), v, dtype=torch.long) for v in (denoise.nfe, len(lv) - 1))
-            rejected = torch.zeros(B, dtype=torch.long)
+        try:
+            if spec.adaptive:
+                x, nfe, accepted, rejected = spec.fn(denoise, x, lv, schedule=schedule, progress=bar, **options)
+            else:
+                x = spec.fn(denoise, x, lv, progress=bar, **options)
+                nfe, accepted = (torch.full((B,), v, dtype=torch.long) for v in (denoise.nfe, len(lv) - 1))
+                rejected = torch.zeros(B, dtype=torch.long)
+        finally:
+            denoise.arith.close()
         x = x.to(noise.dtype)
     visited = timesteps if denoise_final or spec.adaptive else timesteps[..., :-1]
     if return_info:

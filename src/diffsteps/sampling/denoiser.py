@@ -10,8 +10,9 @@ from typing import Callable
 import torch
 
 from ..core.parameterizations import check_prediction
+from .arith import Arith
 from .guidance import check_guidance, guided_call
-from .levels import every, lincomb
+from .levels import every
 
 
 class Denoiser:
@@ -27,6 +28,8 @@ class Denoiser:
     ``threshold_max``, x̂_0 ← clamp(x̂_0, −s, s)/s. After either, ε̂ is re-derived from the new x̂_0 so the pair stays
     consistent with x_t (as diffusers does).
 
+    ``arith``: where the conversions run and are stored (:class:`~.arith.Arith`; default eager, new tensors).
+
     A class-conditional model (``num_classes`` > 0) must get its labels as ``cond={"y": labels}``;
     ``guidance_scale=w`` applies classifier-free guidance, optionally only inside ``guidance_interval`` (both in
     :mod:`diffsteps.sampling.guidance`, which validates them here, before any model call). ``nfe`` counts network
@@ -36,8 +39,9 @@ class Denoiser:
     def __init__(self, model: Callable, prediction: str = "epsilon", *, cond: Mapping | None = None,
                  clip_denoised: float | None = None, dynamic_threshold: float | None = None,
                  threshold_max: float | None = None, guidance_scale: float | None = None,
-                 guidance_interval=None, num_timesteps: int | None = None):
+                 guidance_interval=None, num_timesteps: int | None = None, arith: Arith | None = None):
         self.model = model
+        self.arith = Arith() if arith is None else arith
         self.prediction = check_prediction(prediction)
         if clip_denoised is not None and not clip_denoised > 0:
             raise ValueError(f"clip_denoised must be positive or None, got {clip_denoised!r}")
@@ -87,10 +91,11 @@ class Denoiser:
         else:
             out, cost = (self.model(xm, tt, **cond) if cond else self.model(xm, tt)), 1
         out = out.to(x.dtype)
+        self.arith.disown_if_aliased(x, out)
         self.nfe += cost
         if self.clip_denoised is None and self.dynamic_threshold is None:
-            return _convert(out, x, alpha, sigma, self.prediction, want)
-        x0 = _convert(out, x, alpha, sigma, self.prediction, "x0")[0]
+            return _convert(self.arith, out, x, alpha, sigma, self.prediction, want)
+        x0 = _convert(self.arith, out, x, alpha, sigma, self.prediction, "x0")[0]
         if self.dynamic_threshold is not None:
             flat = x0.reshape(len(x0), -1).abs()
             s = torch.quantile(flat.float(), self.dynamic_threshold, dim=1).to(x0.dtype).clamp(min=1.0)
@@ -102,31 +107,25 @@ class Denoiser:
             x0 = x0.clamp(-self.clip_denoised, self.clip_denoised)
         eps = None
         if want != "x0":  # consistent with the new x̂_0 (at σ = 0 there is nothing to re-derive from)
-            eps = _sub_div(x, alpha, x0, sigma) if every(sigma > 0) else _convert(out, x, alpha, sigma,
-                                                                                  self.prediction, "eps")[1]
+            eps = (self.arith.sub_div(x, alpha, x0, sigma) if every(sigma > 0)
+                   else _convert(self.arith, out, x, alpha, sigma, self.prediction, "eps")[1])
         return (None if want == "eps" else x0), eps
 
 
 WANTS = ("both", "x0", "eps")
 
 
-def _convert(out: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str, want: str):
+def _convert(ar: Arith, out: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str, want: str):
     """:func:`~diffsteps.core.parameterizations.to_x0_eps`, forming only what ``want`` asks for, each conversion one
-    fused multiply-add and one scaling into a new tensor (the network output is never written to: the model may
-    hold it)."""
+    linear combination of x and the network output (:class:`~.arith.Arith`) into a tensor of its own (the network
+    output is never written to: the model may hold it)."""
     if prediction == "epsilon":
-        return (None if want == "eps" else _sub_div(x, sigma, out, alpha)), (None if want == "x0" else out)
+        return (None if want == "eps" else ar.sub_div(x, sigma, out, alpha)), (None if want == "x0" else out)
     if prediction == "x0":
-        return (None if want == "eps" else out), (None if want == "x0" else _sub_div(x, alpha, out, sigma))
+        return (None if want == "eps" else out), (None if want == "x0" else ar.sub_div(x, alpha, out, sigma))
     check_prediction(prediction)  # v: x̂_0 = α x_t − σ v̂, ε̂ = σ x_t + α v̂
-    return (None if want == "eps" else lincomb(alpha, x, [(-sigma, out)]),
-            None if want == "x0" else lincomb(sigma, x, [(alpha, out)]))
-
-
-def _sub_div(x: torch.Tensor, c, y: torch.Tensor, d) -> torch.Tensor:
-    """(x − c y)/d in a new tensor: one fused multiply-add, one in-place division."""
-    out = torch.addcmul(x, c, y, value=-1.0) if isinstance(c, torch.Tensor) else torch.add(x, y, alpha=-c)
-    return out.div_(d)
+    return (None if want == "eps" else ar.lincomb(alpha, x, [(-sigma, out)]),
+            None if want == "x0" else ar.lincomb(sigma, x, [(alpha, out)]))
 
 
 def check_cond(cond: Mapping | None, model: Callable | None = None,

@@ -6,11 +6,13 @@ sampler takes the final denoising step. Every sampler calls the network through 
 converts the network's prediction to x̂_0 or ε̂ or both (``want``: only what the sampler uses), applies clipping or
 dynamic thresholding and counts evaluations.
 
-Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one scaling
-and one fused multiply-add per term into one new tensor (:func:`~.levels.lincomb`). The ε-solvers fold
-x̂_0 = (x − σ ε̂)/α into their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. Nothing
-is written in place except the step's own new tensor: the caller's noise, the model's output and what a callback
-saw stay as they were.
+Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one linear
+combination c x + Σ c_j y_j through the Denoiser's :class:`~.arith.Arith` — one scaling and one fused multiply-add
+per term, or one compiled loop with ``fuse`` — into a tensor of its own. The ε-solvers fold x̂_0 = (x − σ ε̂)/α into
+their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. The samplers hand back
+(``release``, ``update``, :func:`_push`) what they no longer need; with recycling on (:func:`~.api.sample` without a
+callback) the next step writes into it. Nothing else is written in place: the caller's noise, the model's output and
+what a callback saw stay as they were.
 
 Samplers written in the variance-exploding view x̃ = x/α, σ̃ = σ/α (Karras et al. 2022) — ``euler``, ``heun`` — map
 to and from it per step; there a step is the textbook ODE step dx̃/dσ̃ = ε̂.
@@ -55,12 +57,9 @@ from typing import Callable
 import torch
 
 from ..core.process import posterior_coefficients
+from .arith import Arith
 from .denoiser import Denoiser
-from .levels import Levels, every, expm1, lincomb, log, relu, sqrt
-
-
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+from .levels import Levels, every, expm1, log, relu, sqrt
 
 
 def _quiet(i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -85,9 +84,9 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, eta: float = 
     for i in progress(range(len(lv) - 1)):
         want, cx, terms, c = steps[i]
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
-        x = lincomb(cx, x, terms(x0, eps))
+        x = denoise.arith.update(cx, x, terms(x0, eps))
         if every(c > 0):
-            _add_noise(x, c, generator)
+            _add_noise(denoise.arith, x, c, generator)
         callback(i, x, x0)
     return x
 
@@ -109,9 +108,9 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, variance: str
     for i in progress(range(len(lv) - 1)):
         want, cx, terms, c = steps[i]
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
-        x = lincomb(cx, x, terms(x0, eps))
+        x = denoise.arith.update(cx, x, terms(x0, eps))
         if every(a[i + 1] < 1):
-            _add_noise(x, c, generator)
+            _add_noise(denoise.arith, x, c, generator)
         callback(i, x, x0)
     return x
 
@@ -126,7 +125,7 @@ def sample_euler(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     for i in progress(range(len(lv) - 1)):
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         cx, ce = coeffs[i]
-        x = lincomb(cx, x, [(ce, eps)])
+        x = denoise.arith.update(cx, x, [(ce, eps)])
         callback(i, x, x0)
     return x
 
@@ -141,10 +140,13 @@ def sample_heun(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     for i in progress(range(len(lv) - 1)):
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         cx, ce = coeffs[i]
-        x_next = lincomb(cx, x, [(ce, eps)])
+        ar = denoise.arith
+        x_next = ar.lincomb(cx, x, [(ce, eps)])
         if every(sv[i + 1] > 0):
             x0, eps2 = denoise(x_next, lv.t[i + 1], al[i + 1], sg[i + 1], want)
-            x_next = lincomb(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)])
+            x_next, x_euler = ar.lincomb(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)]), x_next
+            ar.release(x_euler, eps2)
+        ar.release(x, eps)
         x = x_next
         callback(i, x, x0)
     return x
@@ -160,12 +162,13 @@ def sample_sde_euler(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, generato
     for i in progress(range(len(lv) - 1)):
         if every(a[i + 1] == 1):
             x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
+            denoise.arith.release(x)
             x = x0
         else:
             x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
             rate = log(a[i + 1] / a[i])
-            x = lincomb(1 + 0.5 * rate, x, [(-rate / sg[i], eps)])
-            _add_noise(x, sqrt(rate), generator)
+            x = denoise.arith.update(1 + 0.5 * rate, x, [(-rate / sg[i], eps)])
+            _add_noise(denoise.arith, x, sqrt(rate), generator)
         callback(i, x, x0)
     return x
 
@@ -201,12 +204,14 @@ def _dpmpp_multistep(denoise: Denoiser, x: torch.Tensor, lv: Levels, order: int,
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     for i in progress(range(n)):
         x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
-        hist = ([x0] + hist)[:order]
+        hist = _push(denoise.arith, hist, x0, order)
         if coeffs[i] is None:
-            x = _to_data(final, hist, lv, i, orders[i])
+            x_next = _to_data(denoise.arith, final, hist, lv, i, orders[i])
         else:
             cx, cm = coeffs[i]
-            x = lincomb(cx, x, list(zip(cm, hist)))
+            x_next = denoise.arith.lincomb(cx, x, list(zip(cm, hist)))
+        denoise.arith.release(x)
+        x = x_next
         callback(i, x, x0)
     return x
 
@@ -263,19 +268,23 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
         pred.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=False))
         corr.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=True) if corrector else None)
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
-    x_prev = x
+    ar = denoise.arith if n > 0 else None
+    x_prev = x  # the (corrected) state at the last level: the corrector starts from it
     for i in progress(range(n)):
         x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
         if i > 0 and corr[i - 1] is not None:
             cx, cm, ct = corr[i - 1]
-            x = lincomb(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
-        hist = ([x0] + hist)[:max(order, 1)]
+            x_pred, x = x, ar.lincomb(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
+            ar.release(x_pred)  # replaced by the corrected state
+        hist = _push(ar, hist, x0, order)
+        if x_prev is not x:
+            ar.release(x_prev)
         x_prev = x
         if pred[i] is None:
-            x = _to_data(final, hist, lv, i, orders[i])
+            x = _to_data(ar, final, hist, lv, i, orders[i])
         else:
             cx, cm = pred[i]
-            x = lincomb(cx, x, list(zip(cm, hist)))
+            x = ar.lincomb(cx, x, list(zip(cm, hist)))
         callback(i, x, x0)
     return x
 
@@ -304,9 +313,9 @@ def sample_ipndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
     eps_hist: list[torch.Tensor] = []
     for i in progress(range(n)):
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
-        eps_hist = ([eps] + eps_hist)[:order]
+        eps_hist = _push(denoise.arith, eps_hist, eps, order)
         cx, ce = coeffs[i]
-        x = lincomb(cx, x, list(zip(ce, eps_hist)))
+        x = denoise.arith.update(cx, x, list(zip(ce, eps_hist)))
         callback(i, x, x0)
     return x
 
@@ -327,12 +336,15 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     for i in progress(range(n)):
         cx, ce = coeffs[i]
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
-        ets = ([eps] + ets)[:4]
+        ets = _push(denoise.arith, ets, eps, 4)
+        ar = denoise.arith
         if i == 0 and every(sv[1] > 0):
-            x0, eps2 = denoise(lincomb(cx, x, [(ce[0], eps)]), lv.t[1], al[1], sg[1], want)
-            x = lincomb(cx, x, [(0.5 * ce[0], eps), (0.5 * ce[0], eps2)])
+            x_euler = ar.lincomb(cx, x, [(ce[0], eps)])
+            x0, eps2 = denoise(x_euler, lv.t[1], al[1], sg[1], want)
+            x = ar.update(cx, x, [(0.5 * ce[0], eps), (0.5 * ce[0], eps2)])
+            ar.release(x_euler, eps2)
         else:
-            x = lincomb(cx, x, list(zip(ce, ets)))
+            x = ar.update(cx, x, list(zip(ce, ets)))
         callback(i, x, x0)
     return x
 
@@ -362,15 +374,17 @@ def sample_pndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
     for i in progress(range(n)):
         (cx, ce), tm = full[i], lv.t_half[i] if i < n_rk else None
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
-        ets = ([eps] + ets)[:4]
+        ets = _push(denoise.arith, ets, eps, 4)
+        ar = denoise.arith
         if i < n_rk:
             hx, he = half[i]
-            x0, e2 = denoise(lincomb(hx, x, [(he, eps)]), tm, ah[i], sh[i], want)
-            x0, e3 = denoise(lincomb(hx, x, [(he, e2)]), tm, ah[i], sh[i], want)
-            x0, e4 = denoise(lincomb(cx, x, [(ce, e3)]), lv.t[i + 1], al[i + 1], sg[i + 1], want)
-            x = lincomb(cx, x, [(ce / 6, eps), (ce / 3, e2), (ce / 3, e3), (ce / 6, e4)])
+            x0, e2 = _probe(denoise, ar.lincomb(hx, x, [(he, eps)]), tm, ah[i], sh[i], want)
+            x0, e3 = _probe(denoise, ar.lincomb(hx, x, [(he, e2)]), tm, ah[i], sh[i], want)
+            x0, e4 = _probe(denoise, ar.lincomb(cx, x, [(ce, e3)]), lv.t[i + 1], al[i + 1], sg[i + 1], want)
+            x = ar.update(cx, x, [(ce / 6, eps), (ce / 3, e2), (ce / 3, e3), (ce / 6, e4)])
+            ar.release(e2, e3, e4)
         else:
-            x = lincomb(cx, x, [(ce * w, e) for w, e in zip(AB[len(ets) - 1], ets)])
+            x = ar.update(cx, x, [(ce * w, e) for w, e in zip(AB[len(ets) - 1], ets)])
         callback(i, x, x0)
     return x
 
@@ -403,13 +417,29 @@ def _step_eps(al, sg, cx, c0, ce, callback: Callable, denoise: Denoiser):
     return "both", cx, lambda x0, eps: [(c0, x0), (ce, eps)]
 
 
-def _add_noise(x: torch.Tensor, c, generator: torch.Generator | None) -> None:
+def _add_noise(ar: Arith, x: torch.Tensor, c, generator: torch.Generator | None) -> None:
     """x += c z, z ~ N(0, I), in place: x is always the step's own new tensor, which no one else holds yet."""
-    z = _randn(x, generator)
+    z = ar.randn_like(x, generator)
     if isinstance(c, torch.Tensor):
         x.addcmul_(c, z)
     else:
         x.add_(z, alpha=c)
+    ar.release(z)
+
+
+def _push(ar: Arith, hist: list, v: torch.Tensor, keep: int) -> list:
+    """A multistep history, newest first, with v prepended and only ``keep`` entries kept; the one dropped is handed
+    back to ``ar`` for reuse."""
+    hist = [v] + hist
+    ar.release(*hist[keep:])
+    return hist[:keep]
+
+
+def _probe(denoise: Denoiser, x: torch.Tensor, *level):
+    """The Denoiser at an intermediate state that nothing else needs afterwards (its buffer is handed back)."""
+    out = denoise(x, *level)
+    denoise.arith.release(x)
+    return out
 
 
 def _check_final(final: str) -> None:
@@ -424,7 +454,7 @@ def _multistep_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
     return [min(order, i + 1, n - i if cap else order) for i in range(n)]
 
 
-def _to_data(final: str, x0s: list, lv: Levels, i: int, k: int) -> torch.Tensor:
+def _to_data(ar: Arith, final: str, x0s: list, lv: Levels, i: int, k: int) -> torch.Tensor:
     """The step from level i into the data (σ̃ = 0) of a data-prediction solver, x0s the x̂_0 at levels i, i − 1, ….
     The exact solution over [σ̃_i, 0] of dx̃/dσ̃ = (x̃ − x̂_0(σ̃))/σ̃ (the exponential integrator in σ̃ = e^{−λ})
     for a polynomial x̂_0 is x̂_0's value at σ̃ = 0: every other term vanishes there. ``tweedie``: x̂_0 of level i.
@@ -441,7 +471,7 @@ def _to_data(final: str, x0s: list, lv: Levels, i: int, k: int) -> torch.Tensor:
             if m != j:
                 wj = wj * u[m] / (u[m] - u[j])
         w.append(wj)
-    return lincomb(w[0], x0s[0], list(zip(w[1:], x0s[1:k])))
+    return ar.lincomb(w[0], x0s[0], list(zip(w[1:], x0s[1:k])))
 
 
 def _ab_weights(nodes: list, a, b) -> list:

@@ -1,0 +1,245 @@
+"""Where a sampler's arithmetic on the state runs and where its results live.
+
+Every update of every sampler, and the Denoiser's ε̂ → x̂_0 conversion, is a linear combination c x + Σ_j c_j y_j of
+state-sized tensors with float64 coefficients. :class:`Arith` computes it
+
+- eagerly (the default): one scaling, then one fused multiply-add in place per term — k + 1 passes over memory for
+  k terms (:func:`~.levels.lincomb`);
+- fused (``fuse=True``): one inductor-compiled loop (C++ on the CPU, triton on a GPU) that reads x and the y_j once
+  and writes the result once (:func:`_fused`: the graph traced with ``make_fx`` and compiled once per term count,
+  shape, dtype and device; the coefficients a float64 tensor input, so no step recompiles; no dynamo guards per
+  call). Where inductor cannot build it (no C++ compiler, no triton) it falls back to the eager path with a warning
+  (:func:`fused_available`, :meth:`Arith._fused`).
+
+and stores it in a new tensor, or, with ``recycle=True`` (:func:`~.api.sample` without a callback), in a buffer it
+made earlier and the sampler handed back (:meth:`Arith.release`) once nothing refers to it. A 2.5 MB state that is
+freed and allocated again every step makes glibc return the memory to the kernel and fault it in again, zeroed, on
+the next allocation: measured here that costs more than the arithmetic itself (docs/solvers.md, "Overhead"). Only
+tensors this Arith made are ever recycled — never the caller's noise, a model output or anything a callback saw — and
+a state whose memory the model's output shares is not recycled either (a model may return its input). A model must
+not keep a reference to its input x beyond the call when ``recycle`` is on.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+
+import torch
+
+from .levels import lincomb
+
+
+def _graph(k: int, sub_div: bool):
+    """The function that is compiled: out ← cs[0] x + Σ_j cs[j] y_j (k terms) — the eager operators' sum in their
+    order, so only FMA contraction rounds differently —, or out ← (x − cs[0] y_1) · cs[1] with cs[1] = 1/d, a
+    multiplication where eager divides (a vector division alone costs about as much as the memory traffic here)."""
+    def fn(out, x, cs, *ys):
+        if sub_div:
+            acc = (x - ys[0] * cs[0]) * cs[1]
+        else:
+            acc = x * cs[0]
+            for j, y in enumerate(ys, start=1):
+                acc = acc + y * cs[j]
+        out.copy_(acc)
+        return ()
+    return fn
+
+
+# Buffers handed back during one sample() call are kept for the next one, up to this many bytes in all (0: none):
+# every new buffer costs a page fault per 4 KiB page on first touch — measured here about as much per 50-step run of
+# a 10,000 × 64 state as the sampler's arithmetic itself. A caching allocator's trade: memory held between calls.
+SPARE_BYTES = 64 * 2**20
+_SPARE: list[torch.Tensor] = []
+_SPARE_LOCK = threading.Lock()
+
+# (sub_div, term count, per-sample, shape, dtype, device) → (compiled callable, coefficient vector, its numpy view)
+_COMPILED: dict[tuple, tuple] = {}
+_FILL_LOCK = threading.Lock()
+_STATUS: dict[str, object] = {}  # "ok": bool, "why": the compiler's error, once probed
+
+
+def fused_available() -> tuple[bool, str]:
+    """Whether inductor can build the fused kernel here, probed once per process by compiling the 1-term kernel on
+    a CPU tensor; (False, reason) without a working C++ compiler or inductor."""
+    if "ok" not in _STATUS:
+        try:
+            x = torch.ones(2, 4)
+            out = torch.empty_like(x)
+            _fused(out, x, 2.0, [(3.0, x)])
+            if not torch.equal(out, torch.full_like(x, 5.0)):
+                raise RuntimeError(f"the compiled kernel computed {out.tolist()}, not 2·1 + 3·1 = 5")
+            _STATUS.update(ok=True, why="")
+        except Exception as e:  # noqa: BLE001 — any compiler failure means: not available
+            _STATUS.update(ok=False, why=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return bool(_STATUS["ok"]), str(_STATUS["why"])
+
+
+class _CompileError(RuntimeError):
+    """Inductor could not build a kernel (raised only while compiling, never by a compiled kernel)."""
+
+
+def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = False) -> None:
+    """out = c x + Σ c_j y_j (``terms`` = [(c_j, y_j)]) in one compiled loop; with ``sub_div``, (x − c y)/d for
+    terms = [(1/d, y)]. Every tensor is seen as (B, n); the coefficients are one float64 tensor — a vector that is
+    refilled in place per call (shared levels) or a stack of (B, 1) columns (per-sample levels) — so the steps of a
+    run never recompile. The graph is traced (make_fx) and handed to inductor directly: no dynamo frame and guards
+    per call, whose ~25 µs would cost a third of a pass over a 10,000 × 64 state; the cache key stands in for the
+    guards (shapes, dtype, device, term count, coefficient layout)."""
+    B = x.shape[0]
+    cs = [c] + [cj for cj, _ in terms]
+    ys = [y.reshape(B, -1).contiguous() for _, y in terms]  # the compiled code assumes the strides it saw
+    per_sample = any(isinstance(v, torch.Tensor) for v in cs)
+    args = [out.view(B, -1), x.reshape(B, -1).contiguous()]
+    key = (sub_div, len(terms), per_sample, args[1].shape, x.dtype, x.device)
+    if per_sample:
+        coefs = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(B, 1)
+                             for v in cs])
+    if key not in _COMPILED:
+        from torch._inductor import compile as inductor_compile
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        buf = None if per_sample else torch.zeros(len(cs), dtype=torch.float64, device=x.device)
+        example = args + [coefs if per_sample else buf] + ys
+        example = [t.clone() for t in example]  # tracing and compiling run the graph: not on the caller's tensors
+        try:
+            gm = make_fx(_graph(len(terms), sub_div))(example[0], example[1], example[2], *example[3:])
+            compiled = inductor_compile(gm, example)
+        except Exception as e:  # noqa: BLE001 — no compiler for this device (e.g. no triton for a GPU)
+            raise _CompileError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        _COMPILED[key] = (compiled, buf, None if buf is None or buf.device.type != "cpu" else buf.numpy())
+    fn, buf, view = _COMPILED[key]
+    if per_sample:
+        fn(args[0], args[1], coefs, *ys)
+    elif view is not None:
+        with _FILL_LOCK:  # the CPU kernel reads the vector synchronously: refilling the one buffer is safe per thread
+            view[:] = cs
+            fn(args[0], args[1], buf, *ys)
+    else:  # on an accelerator the kernel runs later: a fresh vector per call, copied in stream order
+        fn(args[0], args[1], torch.tensor(cs, dtype=torch.float64).to(x.device), *ys)
+
+
+class Arith:
+    """The linear combinations of one sampling run (module docstring): ``fuse`` one compiled loop per combination,
+    ``recycle`` reuse of the buffers the sampler hands back with :meth:`release`. ``Arith()`` is exactly
+    :func:`~.levels.lincomb` into new tensors (autograd-safe)."""
+
+    def __init__(self, fuse: bool = False, recycle: bool = False):
+        self.fuse = False
+        if fuse:
+            ok, why = fused_available()
+            if not ok:
+                warnings.warn(f"fuse=True: torch.compile cannot build the fused kernel here ({why}); using the eager "
+                              "operators instead", RuntimeWarning, stacklevel=3)
+            self.fuse = ok
+        self.recycle = recycle
+        self._pool: list[torch.Tensor] = []
+        self._own: dict[int, weakref.ref] = {}  # the tensors this Arith made, by id (weak: it does not keep them)
+
+    def empty_like(self, x: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like x: a recycled one where there is one, else new; either way this Arith's own."""
+        out = None
+        if self.recycle:
+            out = _take(self._pool, x)
+            if out is None:
+                with _SPARE_LOCK:
+                    out = _take(_SPARE, x)
+            if out is None:
+                out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            self._own[id(out)] = weakref.ref(out)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+
+    def lincomb(self, c, x: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:
+        """c x + Σ c_j y_j (``terms`` = [(c_j, y_j)]) in a new or recycled tensor, or in ``out`` (which must not be
+        one of the y_j; it may be x). Fused only outside autograd: the compiled loop writes into its output."""
+        terms = list(terms)
+        if self.fuse and terms and not torch.is_grad_enabled():
+            if out is None:
+                out = self.empty_like(x)
+            if self._fused(out, x, c, terms):
+                return out
+        if out is None and not self.recycle:
+            return lincomb(c, x, terms)
+        out = self.empty_like(x) if out is None else out
+        torch.mul(x, c, out=out)
+        for cj, y in terms:
+            if isinstance(cj, torch.Tensor):
+                out.addcmul_(cj, y)
+            else:
+                out.add_(y, alpha=cj)
+        return out
+
+    def _fused(self, out, x, c, terms, sub_div=False) -> bool:
+        """The fused loop into out; where inductor cannot build it for this device, False (and eager from now on)."""
+        try:
+            _fused(out, x, c, terms, sub_div)
+            return True
+        except _CompileError as e:
+            warnings.warn(f"fuse=True: inductor cannot build the fused kernel for {x.device} ({e}); using the eager "
+                          "operators instead", RuntimeWarning, stacklevel=4)
+            self.fuse = False
+            return False
+
+    def update(self, c, x: torch.Tensor, terms) -> torch.Tensor:
+        """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards."""
+        out = self.lincomb(c, x, terms)
+        self.release(x)
+        return out
+
+    def sub_div(self, x: torch.Tensor, c, y: torch.Tensor, d) -> torch.Tensor:
+        """(x − c y)/d: eagerly one fused multiply-add and one in-place division (the rounding the samplers always
+        had), fused one loop computing (x − c y) · (1/d)."""
+        if self.fuse and not torch.is_grad_enabled():
+            out = self.empty_like(x)
+            if self._fused(out, x, c, [(1 / d, y)], sub_div=True):
+                return out
+            self.release(out)
+        out = self.empty_like(x) if self.recycle else None
+        if isinstance(c, torch.Tensor):
+            out = torch.addcmul(x, c, y, value=-1.0, out=out) if out is not None else torch.addcmul(x, c, y, value=-1.0)
+        else:
+            out = torch.add(x, y, alpha=-c, out=out) if out is not None else torch.add(x, y, alpha=-c)
+        return out.div_(d)
+
+    def randn_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """z ~ N(0, I) shaped like x, drawn into a recycled buffer where there is one (the same numbers as a new
+        tensor: torch.randn fills out= in the same order)."""
+        if not self.recycle:
+            return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, out=self.empty_like(x))
+
+    def release(self, *tensors: torch.Tensor | None) -> None:
+        """Hand tensors back for reuse: the sampler holds no other reference to them. Only this Arith's own are
+        kept (anything else — the caller's noise, a model output — is ignored), each once."""
+        if not self.recycle:
+            return
+        for t in tensors:
+            ref = self._own.pop(id(t), None) if t is not None else None
+            if ref is not None and ref() is t:
+                self._pool.append(t)
+
+    def close(self) -> None:
+        """The run is over: its free buffers become the next runs' (at most ``SPARE_BYTES`` kept, newest first)."""
+        if not self._pool:
+            return
+        with _SPARE_LOCK:
+            _SPARE.extend(self._pool)
+            total = sum(t.nbytes for t in _SPARE)
+            while _SPARE and total > SPARE_BYTES:
+                total -= _SPARE.pop(0).nbytes
+        self._pool = []
+
+    def disown_if_aliased(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The model returned a tensor sharing x's memory (e.g. ε̂ = x): x must then live as long as the output."""
+        if self.recycle and id(x) in self._own and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            del self._own[id(x)]
+
+
+def _take(pool: list, x: torch.Tensor) -> torch.Tensor | None:
+    """Pop a buffer of x's shape, dtype and device from ``pool``, the last handed back first (still in cache)."""
+    for k in range(len(pool) - 1, -1, -1):
+        b = pool[k]
+        if b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
+            return pool.pop(k)
+    return None
