@@ -8,8 +8,9 @@ order 3 with ``final="ode"`` at ``--ref-steps`` karras steps, checked against iP
 
 (a) Optimised: :func:`diffsteps.optimize_schedule` on separate teacher noises (seed 1; 3/4 train, 1/4 held out),
     then sampled on the evaluation noises with ``spacing=timesteps``: unipc by the DP, dpmpp_2m refined (LD3-style,
-    started from the DP and the best fixed spacing), dpmpp_3m by the DP; and unipc order 3 bh1 without
-    ``lower_order_final``, ``final="ode"`` (the project's best fixed-spacing setting at NFE 10) by the DP.
+    started from the DP and the best fixed spacing), dpmpp_3m by the DP; unipc order 3 bh1 without
+    ``lower_order_final``, ``final="ode"`` (the project's best fixed-spacing setting at NFE 10) by the DP; unipc
+    refined; and unipc and dpmpp_2m refined with LD3's decoupled model times (``model_timesteps=``).
 (b) diffusers: every DDIM, DPM++2M, UniPC, PNDM, PLMS, LMS, Euler and Heun setting of ``solvers_vs_diffusers.py``
     (trailing / linspace / karras) at NFE 10 and 20, each measured at its own endpoint; the best per NFE.
 
@@ -39,7 +40,8 @@ NFES = (5, 10)
 T = 1000
 # (sampler, method): the project's most accurate solver family first
 OPTIMISED = (("unipc", "dp", {}), ("unipc", "dp", {"variant": "bh1", "lower_order_final": False, "final": "ode"}),
-             ("dpmpp_2m", "refine", {}), ("dpmpp_3m", "dp", {}))
+             ("dpmpp_2m", "refine", {}), ("dpmpp_3m", "dp", {}), ("unipc", "refine", {}),
+             ("unipc", "refine, decoupled", {}), ("dpmpp_2m", "refine, decoupled", {}))
 warnings.filterwarnings("ignore")
 
 
@@ -90,12 +92,14 @@ def main() -> None:
     for sampler, method, opts in OPTIMISED:
         t1 = time.perf_counter()
         fits = ds.optimize_schedule(model, schedule, sampler=sampler, nfe=list(NFES), noise=teacher_noise,
-                                    method=method, candidates=a.candidates, holdout=0.25, iterations=150, patience=6,
+                                    method=method.split(",")[0], candidates=a.candidates, holdout=0.25,
+                                    iterations=300, patience=6, decoupled=method.endswith("decoupled"),
                                     sampler_options=opts)
         secs = time.perf_counter() - t1
         tag = f"{sampler} {method}" + ("" if not opts else " bh1 lof=F ode")
         for ts, rep in fits:
-            x = ds.sample(model, noise, schedule=schedule, sampler=sampler, spacing=ts, **opts)
+            extra = {"model_timesteps": rep["model_timesteps"]} if "model_timesteps" in rep else {}
+            x = ds.sample(model, noise, schedule=schedule, sampler=sampler, spacing=ts, **opts, **extra)
             err = rms(x, ref)
             ours[rep["nfe"]].append((err, tag, median_error(x, ref)))
             print(f"ours {tag} NFE {rep['nfe']}: {err:.3e} (teacher held-out {rep['heldout_error']:.3e},"
