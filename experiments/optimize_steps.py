@@ -9,8 +9,8 @@ RMS distance of the final sample from the teacher's endpoint (``--teacher-subste
 log-SNR candidates) on the training noises and on the last 1/3, held out, and from the exact ODE solution (1000
 log-SNR dpmpp_3m steps) on the held-out noises. Rows: the best of trailing/karras/logsnr/linspace on the held-out
 noises (its name), DP, refine (LD3-style, from the DP path and the best fixed spacing; samplers with a differentiable
-form) and refine with decoupled model times (LD3 §3.3; dpmpp_2m, dpmpp_3m, unipc), with ratios to the best fixed
-spacing and the cost of each method in model calls and seconds (the teacher and DP costs are shared by all budgets
+form) and refine with decoupled model times (LD3's ``timesteps2``; dpmpp_2m, dpmpp_3m, unipc), with ratios to the
+best fixed spacing and the cost of each method in model calls and seconds (the teacher and DP costs are shared by all budgets
 of a sampler and counted in each row; refine's include the DP it starts from).
 
 Run: ``nice -n 10 python experiments/optimize_steps.py [--nfe 5 10 20] [--samplers dpmpp_2m unipc] [--noises 768]

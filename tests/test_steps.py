@@ -254,6 +254,18 @@ def test_optimised_schedule_beats_every_fixed_spacing_on_held_out_noise(setup):
         assert rep["heldout_error"] == pytest.approx(mine, rel=0.02)  # the teacher is converged too
 
 
+def test_decoupled_levels_stay_inside_their_window():
+    """LD3's clamp: each model level moves at most window × the smallest gap, the first not at all — so with
+    window ½ the model levels keep the order of the step levels whatever the raw shifts."""
+    from diffsteps.steps.refine import _shifted
+
+    lams = torch.tensor([-10.0, -4.0, -1.0, 3.0, 4.0, 9.0], dtype=torch.float64)
+    raw = torch.tensor([5.0, -3.0, 0.2, 7.0, -7.0, 0.1], dtype=torch.float64)
+    out = _shifted(lams, raw, 0.5)
+    assert out.tolist() == pytest.approx([-10.0, -4.5, -0.8, 3.5, 3.5, 9.1])
+    assert bool((torch.diff(out) >= 0).all())
+
+
 def test_decoupled_refine_beats_fixed_and_plain_refine_on_held_out_noise(setup):
     """unipc at NFE 5 on the exact mixture, against a converged reference independent of the teacher: refine with
     LD3's decoupled model times, sampled through diffsteps.sample(model_timesteps=…), is ≥ 30 % better than the

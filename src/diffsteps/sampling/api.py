@@ -129,7 +129,7 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     state is held in float64 in this case (the level coefficients are float64 tensors) and the result returned in
     ``noise``'s dtype. Integer-step samplers (ddpm, ddim) round each row as they round a shared spacing.
 
-    ``model_timesteps``: decoupled model-evaluation times (LD3, Tong et al. 2025, §3.3; what
+    ``model_timesteps``: decoupled model-evaluation times (LD3, Tong et al. 2025: its code's ``timesteps2``; what
     ``optimize_schedule(..., method="refine", decoupled=True)`` learns) — one per model call, the n-th call made at
     model_timesteps[n] (the network gets that t and x̂_0, ε̂ are formed with its α, σ) while the solver's
     coefficients stay those of the step levels. For samplers that call the model once per level, in order

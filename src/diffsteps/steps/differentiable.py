@@ -142,8 +142,8 @@ def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule,
     increasing; float64 tensor, may require grad) and then into the data — what ``diffsteps.sample(...,
     spacing=t(lams), **options)`` returns, differentiable w.r.t. ``lams``. ``fd``: the time step of the t-derivative;
     ``options``: sampler options (only for the registry-backed dpmpp_3m and unipc). ``model_lams`` (K,): decoupled
-    model-evaluation levels (LD3 §3.3) — the n-th model call is made at model_lams[n] (its t, α, σ) instead of the
-    level the solver stands on; for samplers that call the model once per level, in order."""
+    model-evaluation levels (LD3's ``timesteps2``) — the n-th model call is made at model_lams[n] (its t, α, σ)
+    instead of the level the solver stands on; for samplers that call the model once per level, in order."""
     if sampler not in DIFFERENTIABLE:
         raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
                          f"{', '.join(DIFFERENTIABLE)}")

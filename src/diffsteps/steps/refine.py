@@ -36,7 +36,8 @@ def _levels(logits: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def _shifted(lams: torch.Tensor, shift: torch.Tensor, window: float) -> torch.Tensor:
-    """LD3's decoupled model-evaluation levels (§3.3, "decoupled timesteps" — code: ``discretize_model_wrapper``):
+    """LD3's decoupled model-evaluation levels (its reference code's second timestep list, ``timesteps2`` of
+    ``discretize_model_wrapper`` in github.com/vinhsuhi/LD3 trainer.py):
     λ'_i = λ_i + clamp(δ_i, ±window · min gap), the first level fixed, so each evaluation level stays between its
     neighbours' midpoints for window ≤ ½."""
     gap = torch.diff(lams.detach()).min() * window
@@ -54,7 +55,7 @@ def refine_timesteps(model: Callable, schedule: Schedule, sampler: str, init: to
     """Refine ``init`` (K decreasing timesteps, the first at T−1, then the data) for ``sampler``.
 
     Parameters: K logits whose softmax gives the log-SNR increments from λ(T−1) to λ(0), the free levels their
-    cumulative sums (LD3 §3.2's softmax-and-cumsum parameterisation, on the log-SNR as its ``lambda`` mode). Loss:
+    cumulative sums (LD3's softmax-and-cumsum parameterisation, on the log-SNR as its code's ``lambda`` mode). Loss:
     the mean squared distance of the K-step output from the teacher's endpoint ``train = (noise, target)``, on a
     random ``batch`` of the training noises per iteration (all of them if None), minimised with Adam. Every
     ``eval_every`` iterations the RMS error on ``heldout`` decides which parameters are kept; after ``patience``
@@ -64,16 +65,18 @@ def refine_timesteps(model: Callable, schedule: Schedule, sampler: str, init: to
 
     LD3's two additions, both off by default:
       - ``decoupled``: the model is evaluated at its own levels λ'_i = λ_i + δ_i, |δ_i| ≤ ``window`` × the smallest
-        gap (LD3 §3.3): the solver steps between the λ_i but the network is told λ'_i, and x̂_0 is formed with λ'_i's
-        α, σ (as LD3's ``model_fn`` at ``timesteps2``). Trained jointly with the levels from the first iteration
-        (LD3 adds them in a second round; on the 64-D mixture joint training was as good or better in 3 of 4
-        sampler/NFE cases, docs/step_schedules.md). Needs one model call per level, in order (dpmpp_2m, dpmpp_3m, unipc); the result carries
-        ``model_timesteps``, which :func:`diffsteps.sample` takes as ``model_timesteps=``.
-      - ``radius`` > 0: LD3's soft teacher forcing (§3.2, eq. 7, the relaxed objective): each training noise x_T may
-        move to x'_T within ‖x'_T − x_T‖ ≤ ``radius`` · √D so the K-step output from x'_T matches the teacher's from
-        x_T; x'_T takes one gradient step per iteration and is projected back onto the ball. The student then
-        need not reproduce the teacher exactly where it cannot (a noise near a boundary between modes); held-out
-        errors are always measured from the original noise.
+        gap (LD3's ``timesteps2``): the solver steps between the λ_i but the network is told λ'_i, and x̂_0 is
+        formed with λ'_i's α, σ (as LD3's ``model_fn`` at ``timesteps2``). Trained jointly with the levels from the
+        first iteration (LD3 adds them in a second round; on the 64-D mixture joint training was as good or better
+        in 3 of 4 sampler/NFE cases, docs/step_schedules.md). Needs one model call per level, in order (dpmpp_2m,
+        dpmpp_3m, unipc); the result carries ``model_timesteps``, which :func:`diffsteps.sample` takes as
+        ``model_timesteps=``.
+      - ``radius`` > 0: LD3's soft teacher forcing (the paper's relaxed, ball-constrained objective; code:
+        ``_update_latents`` with ``prior_bound``): each training noise x_T may move to x'_T within
+        ‖x'_T − x_T‖ ≤ ``radius`` · √D so the K-step output from x'_T matches the teacher's from x_T; x'_T takes one
+        gradient step per iteration and is projected back onto the ball. The student then need not reproduce the
+        teacher exactly where it cannot (a noise near a boundary between modes); held-out errors are always
+        measured from the original noise.
     Supported samplers: those in :data:`~diffsteps.steps.differentiable.DIFFERENTIABLE`; ``options`` are sampler
     options (dpmpp_3m, unipc)."""
     if sampler not in DIFFERENTIABLE:
