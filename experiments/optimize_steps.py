@@ -5,14 +5,16 @@ Model: :class:`~diffsteps.ExactEpsilon` for the 2-D three-mode mixture of tests/
 16-D eight-mode one, ``--dim 64`` for the 10-component 64-D one of ``sampler_accuracy.py``), linear schedule,
 T = 1000 — no training error, so every error is the sampler's own. For each
 sampler and NFE, :func:`diffsteps.optimize_schedule` fits on the first 2/3 of ``--noises`` noises and reports the
-RMS distance of the final sample from the teacher's endpoint (``teacher_substeps`` dpmpp_3m steps between 48
-log-SNR candidates) on the last 1/3, held out. Columns: the best of trailing/karras/logsnr/linspace on the held-out
-noises (its name), DP, refine (started from the DP path; samplers without a differentiable form show "—"), the ratios
-to the best fixed spacing, and the cost of each method in model calls and seconds (the teacher and DP costs are
-shared by all budgets of a sampler and counted in each row; refine's include the DP it starts from).
+RMS distance of the final sample from the teacher's endpoint (``--teacher-substeps`` dpmpp_3m steps between 48
+log-SNR candidates) on the training noises and on the last 1/3, held out, and from the exact ODE solution (1000
+log-SNR dpmpp_3m steps) on the held-out noises. Rows: the best of trailing/karras/logsnr/linspace on the held-out
+noises (its name), DP, refine (LD3-style, from the DP path and the best fixed spacing; samplers with a differentiable
+form) and refine with decoupled model times (LD3's ``timesteps2``; dpmpp_2m, dpmpp_3m, unipc), with ratios to the
+best fixed spacing and the cost of each method in model calls and seconds (the teacher and DP costs are shared by all budgets
+of a sampler and counted in each row; refine's include the DP it starts from).
 
-Run: ``python experiments/optimize_steps.py [--nfe 5 10 20] [--samplers dpmpp_2m ddim] [--noises 768] [--dim 2]
-[--out docs/benchmarks/optimize_steps.txt]``.
+Run: ``nice -n 10 python experiments/optimize_steps.py [--nfe 5 10 20] [--samplers dpmpp_2m unipc] [--noises 768]
+[--dim 64] [--out docs/benchmarks/optimize_steps.txt]``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import datetime
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 import diffsteps as ds
+from diffsteps.core.spacings import make_timesteps
+from diffsteps.sampling.api import ONE_CALL_PER_LEVEL
 from diffsteps.steps.differentiable import DIFFERENTIABLE
+from diffsteps.steps.teacher import candidate_timesteps, teacher_solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_accuracy import make_mixture  # noqa: E402
@@ -49,11 +55,12 @@ def mixture(dim: int) -> ds.GaussianMixture:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
-    p.add_argument("--samplers", nargs="+", default=["dpmpp_2m", "ddim"] + (["unipc"] if "unipc" in ds.SAMPLERS
-                                                                             else []))
+    p.add_argument("--samplers", nargs="+", default=["dpmpp_2m", "ddim", "unipc"])
     p.add_argument("--noises", type=int, default=768)
     p.add_argument("--dim", type=int, default=2)
     p.add_argument("--candidates", type=int, default=48)
+    p.add_argument("--teacher-substeps", type=int, default=8)
+    p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/benchmarks/optimize_steps.txt")
     a = p.parse_args()
@@ -61,40 +68,65 @@ def main() -> None:
     sch = ds.make_schedule("linear", 1000)
     model = ds.ExactEpsilon(mixture(a.dim), sch)
     noise = torch.randn(a.noises, a.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    common = {"noise": noise, "candidates": a.candidates, "holdout": 1 / 3, "iterations": 150, "patience": 6}
-    head = (f"{'sampler':<9} {'NFE':>3}  {'best fixed (held-out RMS)':<26} {'DP':>7} {'refine':>7} {'DP/fix':>6} "
-            f"{'ref/fix':>7} {'train ref/fix':>13} {'median ref/fix':>14}  {'DP calls':>8} {'DP s':>5} {'ref calls':>9} {'ref s':>6}")
+    n_held = round(a.noises / 3)
+    held = noise[-n_held:]
+    t0 = time.perf_counter()
+    # the exact ODE solution from the held-out noises, independent of the teacher's grid
+    exact = ds.sample(model, held, schedule=sch, sampler="dpmpp_3m", steps=a.ref_steps, spacing="logsnr")
+    ref_s = time.perf_counter() - t0
+    common = {"noise": noise, "candidates": a.candidates, "holdout": 1 / 3, "iterations": 300, "patience": 6,
+              "teacher_substeps": a.teacher_substeps}
+
+    def vs_exact(smp, ts, rep=None):
+        extra = {"model_timesteps": rep["model_timesteps"]} if rep and "model_timesteps" in rep else {}
+        out = ds.sample(model, held, schedule=sch, sampler=smp, spacing=ts, **extra)
+        return (out - exact).square().mean().sqrt().item()
+
+    head = (f"{'sampler':<9} {'NFE':>3} {'schedule':<22} {'train':>7} {'held-out':>8} {'ratio':>6} "
+            f"{'train ratio':>11} {'median ratio':>12} {'vs exact':>8} {'ratio':>6} {'calls':>7} {'s':>6}")
     lines = [head, "-" * len(head)]
     print(head, flush=True)
+    teacher_vs_exact = []
     for smp in a.samplers:
-        dp = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dp", **common)
-        ref = (ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine", **common)
-               if smp in DIFFERENTIABLE else [None] * len(dp))
-        for (_, d), r in zip(dp, ref):
+        runs = {"dp": ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dp", **common)}
+        if smp in DIFFERENTIABLE:
+            runs["refine"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine", **common)
+        if smp in ONE_CALL_PER_LEVEL:
+            runs["refine, decoupled"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine",
+                                                             decoupled=True, **common)
+        if not teacher_vs_exact:
+            # the teacher's own endpoint against the exact solution, from the same held-out noises
+            cand = candidate_timesteps(sch, a.candidates)
+            te = teacher_solve(model, held, sch, cand, substeps=a.teacher_substeps)
+            teacher_vs_exact.append((te.states[-1] - exact).square().mean().sqrt().item())
+        for b, nfe in enumerate(a.nfe):
+            d = runs["dp"][b][1]
             best = d["best_fixed"]
-            fixed = d["fixed"][best]
-            best_col = f"{best} {fixed['heldout']:.4f}"
-            line = f"{smp:<9} {d['nfe']:>3}  {best_col:<26} {d['heldout_error']:7.4f} "
-            dc = d["cost"]
-            if r is None:
-                line += (f"{'—':>7} {d['ratio']:6.3f} {'—':>7} {'—':>13} {'—':>14}  {dc['model_calls']:8d} "
-                         f"{dc['seconds']:5.1f} {'—':>9} {'—':>6}")
-            else:
-                r = r[1]
-                line += (f"{r['heldout_error']:7.4f} {d['ratio']:6.3f} {r['ratio']:7.3f} "
-                         f"{r['train_error'] / fixed['train']:13.3f} {r['median_ratio']:14.3f}  "
-                         f"{dc['model_calls']:8d} {dc['seconds']:5.1f} "
-                         f"{r['cost']['model_calls']:9d} {r['cost']['seconds']:6.1f}")
+            fx = d["fixed"][best]
+            fx_exact = vs_exact(smp, make_timesteps(best, d["steps"], sch))
+            line = (f"{smp:<9} {nfe:>3} {'fixed: ' + best:<22} {fx['train']:7.4f} {fx['heldout']:8.4f} {1:6.3f} "
+                    f"{1:11.3f} {1:12.3f} {fx_exact:8.4f} {1:6.3f} {0:7d} {0:6.1f}")
             lines.append(line)
             print(line, flush=True)
+            for name, res in runs.items():
+                ts, r = res[b]
+                e = vs_exact(smp, ts, r)
+                line = (f"{smp:<9} {nfe:>3} {name:<22} {r['train_error']:7.4f} {r['heldout_error']:8.4f} "
+                        f"{r['ratio']:6.3f} {r['train_error'] / fx['train']:11.3f} {r['median_ratio']:12.3f} "
+                        f"{e:8.4f} {e / fx_exact:6.3f} {r['cost']['model_calls']:7d} {r['cost']['seconds']:6.1f}")
+                lines.append(line)
+                print(line, flush=True)
     header = [(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}, "
                f"torch {torch.__version__}, {a.threads} thread(s)"),
               f"# python {shlex.join(['experiments/optimize_steps.py', *sys.argv[1:]])}",
               (f"# {a.dim}-D exact mixture, linear T=1000; {a.noises} noises, 2/3 train, 1/3 held out; "
-               f"{a.candidates} log-SNR candidates, teacher dpmpp_3m × 8 substeps; errors: RMS vs the teacher's "
-               "endpoint"),
-              ("# ratios: held-out RMS error / best fixed spacing's held-out RMS (train ref/fix: the same on the "
-               "training noises; median ref/fix: median per-sample held-out error / the best fixed spacing's median)"),
+               f"{a.candidates} log-SNR candidates, teacher dpmpp_3m × {a.teacher_substeps} substeps; train, "
+               "held-out: RMS vs the teacher's endpoint"),
+              (f"# vs exact: held-out RMS vs the exact ODE solution ({a.ref_steps} log-SNR dpmpp_3m steps, "
+               f"{ref_s:.0f} s); the teacher's endpoint is {teacher_vs_exact[0]:.1e} RMS from it"),
+              ("# ratios: / the best fixed spacing of trailing, karras, logsnr, linspace (chosen on held-out RMS) at "
+               "the same NFE; median ratio: median per-sample held-out error / the best fixed spacing's median; "
+               "calls, s: the method's cost, the teacher and DP it starts from included"),
               ""]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:

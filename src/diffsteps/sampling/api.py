@@ -101,7 +101,8 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
            dynamic_threshold: float | None = None, threshold_max: float | None = None, denoise_final: bool = True,
            generator: torch.Generator | None = None, return_info: bool = False, progress: bool = False,
            guidance_scale: float | None = None, guidance_interval: Sequence[float] | None = None,
-           fuse: bool = False, **options) -> torch.Tensor | SampleResult:
+           fuse: bool = False, model_timesteps: Sequence[float] | torch.Tensor | None = None,
+           **options) -> torch.Tensor | SampleResult:
     """Generate samples from ``noise`` (x at the first visited timestep, i.e. N(0, I) when that is T−1).
 
     ``sampler``: a name in ``SAMPLERS``; ``steps`` (default 50) timesteps chosen by ``spacing`` (a name in
@@ -134,6 +135,12 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     compiles, seconds; eager with a warning where no compiler works). Without a ``callback`` the sampler reuses the
     memory of states and x̂_0's it no longer needs, so ``model`` must not keep a reference to its input x beyond
     the call (clone it); its output is never written to.
+
+    ``model_timesteps``: decoupled model-evaluation times (LD3, Tong et al. 2025: its code's ``timesteps2``; what
+    ``optimize_schedule(..., method="refine", decoupled=True)`` learns) — one per model call, the n-th call made at
+    model_timesteps[n] (the network gets that t and x̂_0, ε̂ are formed with its α, σ) while the solver's
+    coefficients stay those of the step levels. For samplers that call the model once per level, in order
+    (``dpmpp_2m``, ``dpmpp_3m``, ``unipc``), with shared timesteps.
     """
     spec, lv, timesteps = plan_sampling(schedule, sampler, steps, spacing, denoise_final=denoise_final, **options)
     if lv.per_sample and timesteps.shape[0] != noise.shape[0]:
@@ -146,6 +153,8 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
                        dynamic_threshold=dynamic_threshold, threshold_max=threshold_max,
                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                        num_timesteps=schedule.num_timesteps, arith=Arith(fuse, recycle=callback is None))
+    if model_timesteps is not None:
+        denoise = _ModelTimes(denoise, _model_levels(model_timesteps, schedule, sampler, lv))
     x = noise
     if lv.per_sample:
         lv, x = lv.like(noise), noise.to(torch.float64)
@@ -168,6 +177,42 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     if return_info:
         return SampleResult(x, denoise.nfe, visited, nfe.cpu(), accepted.cpu(), rejected.cpu())
     return x
+
+
+# samplers whose n-th model call is at the n-th level: decoupled model times map one to one
+ONE_CALL_PER_LEVEL = ("dpmpp_2m", "dpmpp_3m", "unipc")
+
+
+def _model_levels(model_timesteps, schedule: Schedule, sampler: str, lv: Levels) -> list[tuple[float, float, float]]:
+    """(t, α, σ) for each model call from ``model_timesteps``, validated before any model call."""
+    if sampler not in ONE_CALL_PER_LEVEL:
+        raise ValueError(f"model_timesteps needs a sampler that calls the model once per level "
+                         f"({', '.join(ONE_CALL_PER_LEVEL)}), got {sampler!r}")
+    if lv.per_sample:
+        raise ValueError("model_timesteps needs shared timesteps, not a per-sample table")
+    mt = torch.as_tensor(model_timesteps, dtype=torch.float64)
+    calls = len(lv) - 1 if lv.abar[-1] == 1.0 else len(lv)
+    if mt.ndim != 1 or len(mt) != calls:
+        raise ValueError(f"model_timesteps must list one time per model call ({calls}), got shape {tuple(mt.shape)}")
+    if not bool(torch.isfinite(mt).all()) or mt.min() < 0 or mt.max() > schedule.num_timesteps - 1:
+        raise ValueError(f"model_timesteps must lie in [0, {schedule.num_timesteps - 1}]")
+    abar = schedule.alpha_bar_at(mt).tolist()
+    return [(t, a ** 0.5, (1 - a) ** 0.5) for t, a in zip(mt.tolist(), abar)]
+
+
+class _ModelTimes:
+    """A Denoiser whose n-th call is made at the n-th decoupled level instead of the sampler's."""
+
+    def __init__(self, inner: Denoiser, levels: list[tuple[float, float, float]]):
+        self.inner, self.levels, self.calls = inner, levels, 0
+
+    def __call__(self, x, t, alpha, sigma, want: str = "both", rows=None):
+        t, alpha, sigma = self.levels[self.calls]
+        self.calls += 1
+        return self.inner(x, t, alpha, sigma, want, rows)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _adaptive_range(spacing, schedule: Schedule) -> torch.Tensor:

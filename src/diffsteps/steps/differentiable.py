@@ -5,7 +5,12 @@ re-implement the same updates on float64 tensor levels, parameterised by the log
 
 The model's own dependence on t enters through a forward difference in t, (f(x, t + δ) − f(x, t))/δ, attached to
 the exact forward value — networks that detach t (as :class:`~diffsteps.ExactEpsilon` does) still get the term.
-It costs one more model call per step when gradients are wanted."""
+It costs one more model call per step when gradients are wanted.
+
+The multistep solvers with per-step coefficient tables (``dpmpp_3m``, ``unipc``) are not re-implemented: their
+registry functions already take per-sample levels as float64 tensors (:mod:`diffsteps.sampling.levels`), so they
+run unchanged on 0-D tensor levels that carry gradients, with a denoiser that attaches the t-derivative — the same
+arithmetic as :func:`diffsteps.sample`, option for option (``variant``, ``order``, ``final``, …)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 
 from ..core.parameterizations import to_x0_eps
 from ..core.schedules import Schedule
+from ..sampling.levels import Levels
+from ..sampling.registry import get_sampler
 
 __all__ = ["DIFFERENTIABLE", "run_differentiable"]
 
@@ -22,21 +29,39 @@ _F64 = torch.float64
 
 
 def _denoiser(model: Callable, schedule: Schedule, prediction: str, fd: float):
+    """``call(x, lam)`` → (x̂_0, ε̂) at log-SNR ``lam``, and ``call.at(x, t, alpha, sigma)`` at a level given as
+    (t, √ᾱ, √(1 − ᾱ)) tensors — the form the registry's samplers call their denoiser in."""
     params = model.parameters() if isinstance(model, torch.nn.Module) else ()
     dtype = next((p.dtype for p in params if p.is_floating_point()), _F64)  # as the Denoiser casts x
 
-    def call(x: torch.Tensor, lam: torch.Tensor):
-        t = schedule.t_from_log_snr(lam.clamp(*_lam_range(schedule)))
-        abar = torch.sigmoid(lam)
+    def at(x: torch.Tensor, t: torch.Tensor, alpha, sigma):
         tt = t.detach().expand(x.shape[0]).to(torch.promote_types(dtype, torch.float32))
         out = model(x.to(dtype), tt).to(_F64)
-        if lam.requires_grad:
+        if t.requires_grad:
             with torch.no_grad():
                 up = tt + fd if float(tt[0]) + fd <= schedule.num_timesteps - 1 else tt - fd
                 slope = (model(x.detach().to(dtype), up).to(_F64) - out.detach()) / (up[0] - tt[0]).item()
             out = out + (t - t.detach()) * slope
-        return to_x0_eps(out, x, abar.sqrt(), (1 - abar).sqrt(), prediction)
+        return to_x0_eps(out, x, alpha, sigma, prediction)
 
+    def call(x: torch.Tensor, lam: torch.Tensor):
+        abar = torch.sigmoid(lam)
+        return at(x, schedule.t_from_log_snr(lam.clamp(*_lam_range(schedule))), abar.sqrt(), (1 - abar).sqrt())
+
+    call.at = at
+    return call
+
+
+def _decoupled(denoise, model_lams: torch.Tensor):
+    calls = iter(range(len(model_lams)))
+
+    def call(x, lam):
+        return denoise(x, model_lams[next(calls)])
+
+    def at(x, t, alpha, sigma):
+        return call(x, None)
+
+    call.at = at
     return call
 
 
@@ -91,15 +116,44 @@ def _heun(denoise, x, lams):
     return x
 
 
-DIFFERENTIABLE: dict[str, Callable] = {"ddim": _ddim, "euler": _ddim, "dpmpp_2m": _dpmpp_2m, "heun": _heun}
+def _registry(name: str, **options):
+    """The registry's ``name`` sampler on tensor levels: λ → (t(λ), ᾱ = sigmoid(λ)) per visited level, then the
+    data (t = −1, ᾱ = 1) — what :func:`~diffsteps.sampling.levels.make_levels` builds from t(λ), as 0-D tensors."""
+    fn = get_sampler(name).fn
+
+    def run(denoise, x, lams, schedule):
+        one = torch.ones((), dtype=_F64)
+        t = schedule.t_from_log_snr(lams.clamp(*_lam_range(schedule)))
+        lv = Levels(tuple(t.unbind()) + (-one,), tuple(torch.sigmoid(lams).unbind()) + (one,))
+        return fn(lambda x, t, alpha, sigma, want="both": denoise.at(x, t, alpha, sigma), x, lv, **options)
+
+    run.needs_schedule = True
+    return run
+
+
+DIFFERENTIABLE: dict[str, Callable] = {"ddim": _ddim, "euler": _ddim, "dpmpp_2m": _dpmpp_2m, "heun": _heun,
+                                       "dpmpp_3m": _registry("dpmpp_3m"), "unipc": _registry("unipc")}
 
 
 def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule, sampler: str, lams: torch.Tensor, *,
-                       prediction: str = "epsilon", fd: float = 1e-3) -> torch.Tensor:
+                       prediction: str = "epsilon", fd: float = 1e-3, model_lams: torch.Tensor | None = None,
+                       **options) -> torch.Tensor:
     """The output of ``sampler`` from ``noise`` (x at λ = lams[0]) through the visited log-SNRs ``lams`` (K,
     increasing; float64 tensor, may require grad) and then into the data — what ``diffsteps.sample(...,
-    spacing=t(lams))`` returns, differentiable w.r.t. ``lams``. ``fd``: the time step of the t-derivative."""
+    spacing=t(lams), **options)`` returns, differentiable w.r.t. ``lams``. ``fd``: the time step of the t-derivative;
+    ``options``: sampler options (only for the registry-backed dpmpp_3m and unipc). ``model_lams`` (K,): decoupled
+    model-evaluation levels (LD3's ``timesteps2``) — the n-th model call is made at model_lams[n] (its t, α, σ)
+    instead of the level the solver stands on; for samplers that call the model once per level, in order."""
     if sampler not in DIFFERENTIABLE:
         raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
                          f"{', '.join(DIFFERENTIABLE)}")
-    return DIFFERENTIABLE[sampler](_denoiser(model, schedule, prediction, fd), noise.to(_F64), lams.to(_F64))
+    fn = DIFFERENTIABLE[sampler]
+    denoise = _denoiser(model, schedule, prediction, fd)
+    if model_lams is not None:
+        denoise = _decoupled(denoise, model_lams.to(_F64))
+    if getattr(fn, "needs_schedule", False):
+        fn = _registry(sampler, **options) if options else fn
+        return fn(denoise, noise.to(_F64), lams.to(_F64), schedule)
+    if options:
+        raise ValueError(f"the differentiable {sampler!r} takes no sampler options, got {sorted(options)}")
+    return fn(denoise, noise.to(_F64), lams.to(_F64))

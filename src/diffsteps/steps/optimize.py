@@ -9,6 +9,7 @@ import torch
 
 from ..core.schedules import Schedule
 from ..core.spacings import make_timesteps, to_integer_timesteps
+from ..sampling.api import ONE_CALL_PER_LEVEL
 from ..sampling.registry import get_sampler
 from .costs import HISTORY_COSTS, step_costs
 from .differentiable import DIFFERENTIABLE
@@ -38,8 +39,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                       teacher_substeps: int = 8, holdout: float = 0.25, init: str = "best", iterations: int = 150,
                       lr: float = 0.05, patience: int = 6, fixed: Sequence[str] = FIXED_SPACINGS,
                       data: torch.Tensor | None = None, variance: str = "posterior", seed: int = 0,
-                      history: bool = True,
-                      sampler_options: dict | None = None):
+                      history: bool = True, decoupled: bool = False, radius: float = 0.0,
+                      batch: int | None = None, sampler_options: dict | None = None):
     """Timesteps for ``sampler`` at budget ``nfe`` (model evaluations; a list gives one schedule per budget),
     optimised for ``model`` under ``schedule``. Returns ``(timesteps, report)`` — float64, decreasing, for
     ``diffsteps.sample(..., spacing=timesteps)`` — or, for a list of budgets, a list of such pairs.
@@ -51,10 +52,15 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         solver's step is its history-free first step); and the shortest K-step path for every K at once
         (:func:`~diffsteps.steps.dp.dp_paths`).
       - ``refine`` (LD3, Tong et al. 2025): gradient descent on the levels through a differentiable copy of the
-        sampler (:mod:`~diffsteps.steps.differentiable`: ddim, euler, dpmpp_2m, heun) to the teacher's endpoint,
-        early-stopped on the held-out noises; starts from ``init``: ``dp``, a fixed spacing's name, or ``best``
-        (default: from both the DP path and the fixed spacing with the lowest training error, keeping the run
-        with the lower held-out error — a selection on the held-out noises, like the early stop).
+        sampler (:mod:`~diffsteps.steps.differentiable`: ddim, euler, dpmpp_2m, heun, dpmpp_3m, unipc) to the
+        teacher's endpoint, validated on the held-out noises, with the learning rate decayed on plateaus
+        (:func:`~diffsteps.steps.refine.refine_timesteps`); starts from ``init``: ``dp``, a fixed spacing's name, or
+        ``best`` (default: from both the DP path and the fixed spacing with the lowest training error, keeping the
+        run with the lower held-out error — a selection on the held-out noises, like the early stop).
+        ``decoupled=True`` also learns LD3's separate model-evaluation times (dpmpp_2m, dpmpp_3m, unipc): the
+        report then holds ``model_timesteps``, to pass as ``diffsteps.sample(..., spacing=timesteps,
+        model_timesteps=report["model_timesteps"])``. ``radius``: LD3's soft teacher forcing (off at 0);
+        ``batch``: training noises per iteration (all if None).
       - ``elbo`` (Watson et al. 2021): for the ancestral ``ddpm`` sampler, the integer chain minimising the K-step
         ELBO on ``data`` (``noise`` unused), by a DP over pairwise KL terms (:func:`~diffsteps.steps.elbo.elbo_chains`).
 
@@ -81,6 +87,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     if method == "refine" and sampler not in DIFFERENTIABLE:
         raise ValueError(f"method 'refine' supports samplers: {', '.join(DIFFERENTIABLE)}; got {sampler!r} "
                          "(use method='dp', which works for every deterministic sampler)")
+    if method == "refine" and decoupled and sampler not in ONE_CALL_PER_LEVEL:
+        raise ValueError(f"decoupled model times need one model call per level ({', '.join(ONE_CALL_PER_LEVEL)}); "
+                         f"got {sampler!r}")
     if method == "refine" and init not in ("dp", "best"):
         make_timesteps(init, 2, schedule)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
@@ -124,15 +133,19 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                                     prediction, opts)
             runs = [(name, refine_timesteps(counter, schedule, sampler, start, (noise[tr], target[tr]),
                                             (noise[ho], target[ho]), prediction=prediction, iterations=iterations,
-                                            lr=lr, patience=patience)) for name, start in starts]
+                                            lr=lr, patience=patience, decoupled=decoupled, radius=radius,
+                                            batch=batch, seed=seed, options=opts)) for name, start in starts]
             # the validation (held-out) noises pick the run, as they pick the early-stopping iteration
             start_name, r = min(runs, key=lambda nr: nr[1].heldout_error)
             ts = to_integer_timesteps(r.timesteps) if spec.integer_steps else r.timesteps
             report.update(init=start_name, iterations=r.iterations, best_iteration=r.best_iteration,
                           refine_heldout_error_continuous=r.heldout_error)
+            if r.model_timesteps is not None:
+                report["model_timesteps"] = [float(v) for v in r.model_timesteps]
         calls, seconds = counter.calls - c0, time.perf_counter() - t0
         report["timesteps"] = [float(v) for v in ts]
-        report.update(_evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction, fixed, opts))
+        report.update(_evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction, fixed, opts,
+                                report.get("model_timesteps")))
         report["teacher"] = {**teacher.settings, "grid": grid, "calls": teacher_calls, "train_noises": n_train,
                              "heldout_noises": n_held}
         report["cost"] = {"model_calls": shared_calls + calls, "seconds": shared_seconds + seconds,
@@ -161,16 +174,19 @@ def _refine_starts(init, dp_ts, k, schedule, fixed, model, sampler, noise, targe
     return [("dp", dp_ts), (best, options[best])]
 
 
-def _evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction, fixed, opts) -> dict:
-    """Train and held-out RMS errors of ``ts`` and of every fixed spacing at the same step count."""
-    def errors(timesteps):
-        out = run_schedule(model, noise, schedule, sampler, timesteps, prediction, **opts)
+def _evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction, fixed, opts,
+              model_ts=None) -> dict:
+    """Train and held-out RMS errors of ``ts`` (with its decoupled ``model_ts``, if any) and of every fixed
+    spacing at the same step count."""
+    def errors(timesteps, model_timesteps=None):
+        extra = {} if model_timesteps is None else {"model_timesteps": model_timesteps}
+        out = run_schedule(model, noise, schedule, sampler, timesteps, prediction, **opts, **extra)
         # the median per-sample error too: a noise near a boundary between modes can flip mode and dominate an RMS
         per = (out[ho] - target[ho]).reshape(len(out[ho]), -1).square().mean(1).sqrt()
         return {"train": rms_error(out[tr], target[tr]), "heldout": rms_error(out[ho], target[ho]),
                 "heldout_median": per.median().item()}
 
-    mine = errors(ts)
+    mine = errors(ts, model_ts)
     table = {}
     for name in fixed:
         try:
