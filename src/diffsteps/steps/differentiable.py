@@ -21,6 +21,7 @@ import torch
 from ..core.parameterizations import to_x0_eps
 from ..core.schedules import Schedule
 from ..sampling.levels import Levels
+from ..sampling.arith import Arith
 from ..sampling.registry import get_sampler
 
 __all__ = ["DIFFERENTIABLE", "run_differentiable"]
@@ -116,6 +117,17 @@ def _heun(denoise, x, lams):
     return x
 
 
+class _RegistryDenoiser:
+    """The registry samplers' denoiser contract on tensor levels: called at a level (t, √ᾱ, √(1 − ᾱ)), with an
+    :class:`~diffsteps.sampling.arith.Arith` that makes new tensors (no buffer reuse, which autograd cannot follow)."""
+
+    def __init__(self, denoise):
+        self.denoise, self.arith = denoise, Arith()
+
+    def __call__(self, x, t, alpha, sigma, want="both", rows=None):
+        return self.denoise.at(x, t, alpha, sigma)
+
+
 def _registry(name: str, **options):
     """The registry's ``name`` sampler on tensor levels: λ → (t(λ), ᾱ = sigmoid(λ)) per visited level, then the
     data (t = −1, ᾱ = 1) — what :func:`~diffsteps.sampling.levels.make_levels` builds from t(λ), as 0-D tensors."""
@@ -125,7 +137,7 @@ def _registry(name: str, **options):
         one = torch.ones((), dtype=_F64)
         t = schedule.t_from_log_snr(lams.clamp(*_lam_range(schedule)))
         lv = Levels(tuple(t.unbind()) + (-one,), tuple(torch.sigmoid(lams).unbind()) + (one,))
-        return fn(lambda x, t, alpha, sigma, want="both": denoise.at(x, t, alpha, sigma), x, lv, **options)
+        return fn(_RegistryDenoiser(denoise), x, lv, **options)
 
     run.needs_schedule = True
     return run
