@@ -168,11 +168,12 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     # not loosest-first on purpose; the target lies between the 90th-percentile MSE on the calibration noise at rtol
     # 0.05 and 0.02 (measured 8.5e-6, 4.1e-6; 1.2e-5 at 0.1, 2.2e-6 at 0.01), 8× above the reference's own (7e-7)
     rtols, target = (0.01, 0.1, 0.05, 0.02), 6e-6
-    s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, batch_size=128, single_samples=2)
+    s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, adaptive_caps=(0.5,), batch_size=128,
+                       single_samples=2)
 
-    def direct(noise, ref_, rtol):  # the sampler called on its own, the whole set in one batch
+    def direct(noise, ref_, rtol, cap=0.5):  # the sampler called on its own, the whole set in one batch
         counter = CountingModel(model)
-        r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol,
+        r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol, h_max_noisy=cap,
                       atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe, return_info=True)
         return (r.sample - ref_).pow(2).mean(1), r.nfe_per_sample, counter.rows
 
@@ -181,14 +182,16 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     chosen = max(r for r in rtols if cal_cov[r] >= 0.9)  # the loosest meeting the target on calibration noise
     assert chosen == 0.02 and cal_cov[0.01] >= 0.9  # a first-meeting-in-list-order choice would take 0.01
 
-    rows, curve = _adaptive_row(SimpleNamespace(net=model, mixture=model.mixture), s, cal, test, ref_cal, ref_test,
-                                {"schedule": linear, "prediction": "epsilon"}, {}, {"evals": 7, "seconds": 0.0}, 0.9)
-    [row] = rows
+    args = (cal, test, ref_cal, ref_test, {"schedule": linear, "prediction": "epsilon"}, {},
+            {"evals": 7, "seconds": 0.0}, 0.9)
+    M = SimpleNamespace(net=model, mixture=model.mixture)
+    rows, curves = _adaptive_row(M, s, *args)
+    [row], curve = rows, curves["adaptive, cap 0.5"]
     err, nfe, _ = direct(test, ref_test, chosen)
     cov = float((err <= target).double().mean())
     print(f"adaptive rtol {chosen}: mean NFE {row['nfe_mean']:.2f} (per sample {nfe.min()}…{nfe.max()}), "
           f"coverage {row['coverage']:.3f} on test noise, {cal_cov[chosen]:.3f} on calibration noise")
-    assert row["knob"] == f"rtol = {chosen:g}"
+    assert row["knob"] == f"rtol = {chosen:g}, cap 0.5"
     assert nfe.min() < nfe.max()  # samples differ, so the batch's model calls are not the per-sample NFE
     assert row["nfe_mean"] == pytest.approx(float(nfe.double().mean()), abs=1e-12)
     assert (row["nfe_p95"], row["nfe_max"]) == (float(torch.quantile(nfe.double(), 0.95)), float(nfe.max()))
@@ -199,7 +202,20 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     # the knob curve: every rtol, on the test noise
     assert len(curve) == len(rtols) and curve[[0.1, 0.05, 0.02, 0.01].index(chosen)] == pytest.approx(
         (row["nfe_mean"], row["mse"], row["coverage"]), rel=1e-9)
+    # with a second cap (none), each cap's loosest meeting rtol, and of the two the one cheaper on calibration noise
+    uncapped = {rtol: direct(cal, ref_cal, rtol, math.inf) for rtol in (0.1, 0.05, 0.02)}
+    rtol_inf = next((r for r in (0.1, 0.05, 0.02) if float((uncapped[r][0] <= target).double().mean()) >= 0.9), None)
+    nfe_capped = float(cal_runs[chosen][1].double().mean())
+    nfe_inf = math.inf if rtol_inf is None else float(uncapped[rtol_inf][1].double().mean())
+    print(f"calibration mean NFE: cap 0.5 at rtol {chosen} {nfe_capped:.1f}, no cap at rtol {rtol_inf} {nfe_inf:.1f}")
+    knobs = {}
+    [row2], curves2 = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": (0.1, 0.05, 0.02),
+                                                          "adaptive_caps": (0.5, math.inf)}), *args, knobs=knobs)
+    expect = (chosen, 0.5) if nfe_capped <= nfe_inf else (rtol_inf, math.inf)
+    assert (knobs["adaptive_rtol"], knobs["adaptive_cap"]) == expect and set(curves2) == {"adaptive, cap 0.5",
+                                                                                          "adaptive, no cap"}
     for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
+                       ({"adaptive_caps": [0.5, 0]}, "adaptive_caps must be λ-step caps > 0"),
                        ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):
         with pytest.raises(ValueError, match=match):  # before any model call
             PolicySettings.from_cfg(OmegaConf.create({"policies": bad}))
@@ -324,9 +340,9 @@ def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch, 
     assert (nearest == y).double().mean() > 0.95
     unconditional = ds.sample(model, x_T, sampler="ddim", steps=n_star, **{**kw, "guidance_scale": 0})
     assert not torch.allclose(unconditional, fixed, atol=1e-3)
-    rtol = diag["adaptive_rtol"]
-    adaptive = ds.sample(model, x_T, sampler="adaptive", rtol=rtol, atol=0.156 * rtol, max_nfe=500, **kw,
-                         return_info=True)
+    rtol, cap = diag["adaptive_rtol"], diag["adaptive_cap"] or math.inf
+    adaptive = ds.sample(model, x_T, sampler="adaptive", rtol=rtol, atol=0.156 * rtol, max_nfe=500, h_max_noisy=cap,
+                         **kw, return_info=True)
     assert torch.allclose(rows["adaptive"]["samples"], adaptive.sample, rtol=0, atol=1e-10)
     assert torch.equal(rows["adaptive"]["nfe"].long(), adaptive.nfe_per_sample)
     assert int(rows["fixed N*"]["nfe"][0]) == n_star * (1 if guidance is None else 2)  # a guided step costs 2

@@ -9,8 +9,9 @@ test noise the row reports. Rows:
 - **fixed N\\***: the smallest step count of the ladder whose calibration coverage is ≥ 1 − α;
 - **optimised schedule**: the smallest cached ``task=optimize_steps`` schedule for this model and sampler meeting it
   (omitted, with a logged line, when there is none);
-- **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol)`` at the loosest
-  rtol meeting it, its NFE each sample's own (``nfe_per_sample``);
+- **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol, h_max_noisy=cap)``
+  at the loosest rtol meeting it, for each cap of ``adaptive_caps`` the one whose calibration mean NFE is lowest;
+  its NFE each sample's own (``nfe_per_sample``);
 - **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
 - **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
   quantile knob chosen on the other third.
@@ -68,6 +69,7 @@ class PolicySettings:
     adaptive_rtols: tuple = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
     adaptive_atol_per_rtol: float = 0.156
     adaptive_max_nfe: int = 500
+    adaptive_caps: tuple = (0.5, math.inf)
     batch_size: int = 256
     single_samples: int = 16
     condition: str = "auto"
@@ -104,6 +106,9 @@ class PolicySettings:
             raise ValueError(f"policies.adaptive_rtols must be finite tolerances > 0, got {list(s.adaptive_rtols)}")
         if not 0 <= s.adaptive_atol_per_rtol < math.inf:
             raise ValueError(f"policies.adaptive_atol_per_rtol must be ≥ 0, got {s.adaptive_atol_per_rtol!r}")
+        if not s.adaptive_caps or not all(isinstance(c, (int, float)) and c > 0 for c in s.adaptive_caps):
+            raise ValueError(f"policies.adaptive_caps must be λ-step caps > 0 (.inf: no cap), got "
+                             f"{list(s.adaptive_caps)}")
         if isinstance(s.adaptive_max_nfe, bool) or not isinstance(s.adaptive_max_nfe, int) or s.adaptive_max_nfe < 4:
             raise ValueError(f"policies.adaptive_max_nfe must be an integer ≥ 4 (one order-3 step and the final "
                              f"evaluation), got {s.adaptive_max_nfe!r}")
@@ -397,12 +402,12 @@ def policies_task(cfg: DictConfig) -> float:
 
     # adaptive: the loosest rtol meeting the target on calibration noise (kept behind the registry check so that a
     # build without that sampler still writes the other rows)
-    knobs: dict = {"adaptive_rtol": None}
+    knobs: dict = {"adaptive_rtol": None, "adaptive_cap": None}
     if "adaptive" in SAMPLERS:
-        rows_a, curve_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level,
-                                        cond_cal=cond_cal, knobs=knobs, **measure)
+        rows_a, curves_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level,
+                                         cond_cal=cond_cal, knobs=knobs, **measure)
         rows += rows_a
-        curves["adaptive"] = curve_a
+        curves.update(curves_a)
     else:
         log.info("adaptive sampler not available")
 
@@ -504,6 +509,7 @@ def policies_task(cfg: DictConfig) -> float:
         "label_counts": torch.bincount(labels_cal, minlength=len(ladder) + 1).tolist(),
         "predictor_train_seconds": train_seconds,
         "adaptive_rtol": knobs["adaptive_rtol"],
+        "adaptive_cap": None if knobs["adaptive_cap"] in (None, math.inf) else knobs["adaptive_cap"],  # None: no cap
         "stopping_tau": rule.tau, "stopping_grid": K, "stopping_grids_tried": grids, "stopping_calibration_coverage": rule.calibration_coverage,
         "fixed_n_star": n_star, "model_key": M.key, "exact_model": M.exact,
         "error_target": s.error_target, "alpha": s.alpha, "sampler": sampler.name, "spacing": sampler.spacing,
@@ -576,19 +582,22 @@ def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple
 
 def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level, *, cond_cal=None,
                   cond=None, quality=None, keep=None, knobs=None):
-    """The adaptive sampler's row: the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is
-    ≥ 1 − α, measured on the test noise with each sample's own NFE (``SampleResult.nfe_per_sample``; ``nfe`` would
-    be the batch's model calls). Returns ([row] or [], the (mean NFE, MSE, coverage) curve on the test noise over
-    every rtol). atol scales with rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed
-    atol the absolute floor δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` /
-    ``cond``: the calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs``
-    gets ``adaptive_rtol``."""
+    """The adaptive sampler's row. For each λ-step cap of ``policies.adaptive_caps`` (the sampler's
+    ``h_max_noisy``), the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is ≥ 1 − α; of
+    those, the (cap, rtol) with the lowest calibration mean NFE — the cap trades a floor on the NFE for fewer mode
+    flips, and which side wins depends on the target. Measured on the test noise with each sample's own NFE
+    (``SampleResult.nfe_per_sample``; ``nfe`` would be the batch's model calls). Returns ([row] or [], {curve name:
+    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one curve per cap). atol scales with
+    rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
+    δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` / ``cond``: the
+    calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs`` gets
+    ``adaptive_rtol`` and ``adaptive_cap``."""
     from ..sampling.api import sample
 
-    def run_at(rtol):
+    def run_at(rtol, cap):
         def run(noise, c=None):
             res = sample(M.net, noise, sampler="adaptive", rtol=rtol, atol=s.adaptive_atol_per_rtol * rtol,
-                         max_nfe=s.adaptive_max_nfe, cond=c, return_info=True, **kw, **denoiser)
+                         h_max_noisy=cap, max_nfe=s.adaptive_max_nfe, cond=c, return_info=True, **kw, **denoiser)
             return res.sample, res.nfe_per_sample
         return run
 
@@ -598,24 +607,31 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
         x, nfe = torch.cat([o[0] for o in out]), torch.cat([torch.as_tensor(o[1]).reshape(-1) for o in out])
         return (x.to(_F64) - ref.to(_F64)).pow(2).flatten(1).mean(1), nfe
 
-    curve, chosen, seconds, evals = [], None, 0.0, 0
-    for rtol in sorted(s.adaptive_rtols, reverse=True):  # loosest first: the first meeting the target is chosen
-        t0 = time.perf_counter()
-        err_c, nfe_c = errors(run_at(rtol), cal, ref_cal, cond_cal)
-        seconds += time.perf_counter() - t0
-        evals += int(nfe_c.sum())
-        err_t, nfe_t = errors(run_at(rtol), test, ref_test, cond)
-        curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
-        if chosen is None and _coverage(err_c, s.error_target) >= level:
-            chosen = rtol
-    if chosen is None:
-        log.info("adaptive: no rtol in policies.adaptive_rtols meets the target on calibration noise; row omitted")
-        return [], curve
+    curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap)
+    for cap in s.adaptive_caps:
+        name = "adaptive" + (f", cap {cap:g}" if cap < math.inf else ", no cap")
+        curve, chosen = curves.setdefault(name, []), None
+        for rtol in sorted(s.adaptive_rtols, reverse=True):  # loosest first: the first meeting the target is chosen
+            t0 = time.perf_counter()
+            err_c, nfe_c = errors(run_at(rtol, cap), cal, ref_cal, cond_cal)
+            seconds += time.perf_counter() - t0
+            evals += int(nfe_c.sum())
+            err_t, nfe_t = errors(run_at(rtol, cap), test, ref_test, cond)
+            curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
+            if chosen is None and _coverage(err_c, s.error_target) >= level:
+                chosen = (float(nfe_c.double().mean()), rtol, cap)
+        if chosen is not None and (best is None or chosen[0] < best[0]):
+            best = chosen
+    if best is None:
+        log.info("adaptive: no (cap, rtol) in policies.adaptive_caps × adaptive_rtols meets the target on calibration "
+                 "noise; row omitted")
+        return [], curves
+    _, rtol, cap = best
     cost = {"evals": teacher_cost["evals"] + evals, "seconds": teacher_cost["seconds"] + seconds}
     if knobs is not None:
-        knobs["adaptive_rtol"] = chosen
-    return [_measure("adaptive", f"rtol = {chosen:g}", run_at(chosen), test, ref_test, s, M.mixture, cost, cond,
-                     quality, keep)], curve
+        knobs["adaptive_rtol"], knobs["adaptive_cap"] = rtol, cap
+    return [_measure("adaptive", f"rtol = {rtol:g}, " + (f"cap {cap:g}" if cap < math.inf else "no cap"), run_at(rtol, cap), test, ref_test, s, M.mixture,
+                     cost, cond, quality, keep)], curves
 
 
 _COLUMNS = [("policy", "policy", "{}"), ("knob", "knob", "{}"), ("mse", "MSE", "{:.3g}"),
