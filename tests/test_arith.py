@@ -139,3 +139,15 @@ def test_spare_buffers_outlive_a_run_within_their_budget(gmm, linear, monkeypatc
     monkeypatch.setattr(arith, "SPARE_BYTES", kept[0].nbytes)  # room for one
     _run(model, x, linear, "dpmpp_3m")
     assert len(arith._SPARE) == 1
+
+
+def test_spares_made_in_inference_mode_are_not_handed_to_a_normal_run(gmm, linear, monkeypatch):
+    # a Lightning evaluation samples under torch.inference_mode; its spare buffers cannot be written outside it
+    model, x = gmm
+    monkeypatch.setattr(arith, "_SPARE", [])
+    with torch.inference_mode():
+        inside = _run(model, x, linear, "dpmpp_3m")
+    assert arith._SPARE and all(t.is_inference() for t in arith._SPARE)
+    with torch.no_grad():
+        outside = _run(model, x, linear, "dpmpp_3m")  # would raise "Inplace update to inference tensor"
+    assert torch.equal(outside, inside)

@@ -237,9 +237,12 @@ class Arith:
 
 
 def _take(pool: list, x: torch.Tensor) -> torch.Tensor | None:
-    """Pop a buffer of x's shape, dtype and device from ``pool``, the last handed back first (still in cache)."""
+    """Pop a buffer of x's shape, dtype and device from ``pool``, the last handed back first (still in cache). A
+    buffer made under ``torch.inference_mode`` (a Lightning evaluation) can only be written in that mode again."""
+    writable_inference = torch.is_inference_mode_enabled()
     for k in range(len(pool) - 1, -1, -1):
         b = pool[k]
-        if b.shape == x.shape and b.dtype == x.dtype and b.device == x.device:
+        if (b.shape == x.shape and b.dtype == x.dtype and b.device == x.device
+                and (writable_inference or not b.is_inference())):
             return pool.pop(k)
     return None
