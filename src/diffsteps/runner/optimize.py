@@ -142,9 +142,9 @@ def optimize_task(cfg: DictConfig) -> float:
     import lightning as L
     from hydra.utils import instantiate
 
+    from ..sampling.api import ONE_CALL_PER_LEVEL
     from ..steps.differentiable import DIFFERENTIABLE
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
-    from ..sampling.api import ONE_CALL_PER_LEVEL
     from ..steps.teacher import check_request
     from .build import build
     from .loggers import check_loggers, log_artifact, make_loggers, print_sync_hint
