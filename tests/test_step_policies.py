@@ -363,6 +363,32 @@ def test_policies_condition_every_row_on_the_same_labels(tmp_path, monkeypatch, 
     assert "conditioned on the same class labels (3 classes" in table and "FID" not in table and "NLL" in table
 
 
+def test_policies_optimised_row_samples_a_decoupled_schedule_with_its_model_times(tmp_path, monkeypatch):
+    """A cached decoupled artefact (optimize.decoupled=true: timesteps and model_timesteps) gives the optimised row
+    diffsteps.sample(..., spacing=timesteps, model_timesteps=...) on the test noise, not the timesteps alone. The
+    exact model has no cache (its key names no checkpoint), so the artefact is handed in."""
+    from hydra.utils import instantiate
+
+    import diffsteps.runner.policies as policies
+
+    cfg = compose_policies(tmp_path, monkeypatch, *[a for a in COND_GMM if a != "data.conditional=true"],
+                           "sampler.name=dpmpp_2m", "sampler.spacing=logsnr", "~sampler.options.eta")
+    schedule = instantiate(cfg.schedule)
+    ts = ds.make_timesteps("logsnr", 20, schedule)
+    mts = (ts - 1.0).clamp(min=0.0)  # each model call a little later than its level
+    entry = {"method": "refine_decoupled", "steps": 20, "timesteps": ts.tolist(), "model_timesteps": mts.tolist(),
+             "heldout_error": 0.01, "cost": {"model_calls": 7, "seconds": 0.5}}
+    monkeypatch.setattr(policies, "_optimised_schedules", lambda *a: [(20, entry)])
+    policies.policies_task(cfg)
+    saved = torch.load(tmp_path / "run" / "policies_samples.pt", weights_only=False)
+    model = ds.ExactEpsilon(instantiate(cfg.data).mixture, schedule)
+    kw = {"schedule": schedule, "sampler": "dpmpp_2m", "spacing": ts}
+    want = ds.sample(model, saved["noise"], model_timesteps=mts, **kw)
+    row = saved["rows"]["optimised schedule"]["samples"]
+    assert torch.allclose(row, want, rtol=0, atol=1e-12)
+    assert (row - ds.sample(model, saved["noise"], **kw)).abs().max() > 1e-6  # the model times mattered
+
+
 def test_policies_condition_refused_for_an_unconditional_model_before_any_model_call(tmp_path, monkeypatch):
     from diffsteps.runner import min_steps
     from diffsteps.runner.policies import policies_task

@@ -357,7 +357,27 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
                   name="use")
     assert "Epoch" not in proc.stderr  # the checkpoint was reused
     row = json.loads((tmp_path / "use" / "metrics.json").read_text())[0]
-    assert row["spacing"] == ts and row["nfe"] == 5
+    assert row["spacing"] == ts and row["nfe"] == 5 and "model_timesteps" not in row
+
+    # optimize.decoupled=true: LD3's model-evaluation times too, in an artefact of its own beside the plain one
+    run_py(tmp_path, *FAST, "logger=none", *opt[1:4], "optimize.noises=48", "optimize.iterations=10",
+           "optimize.decoupled=true", "steps=5", name="opt_dec")
+    dec_path = cached[1].with_name("dpmpp_2m_nfe5_refine_decoupled.yaml")
+    dec = yaml.safe_load(dec_path.read_text())
+    assert dec == yaml.safe_load((tmp_path / "opt_dec" / "schedules" / dec_path.name).read_text())
+    mts = dec["model_timesteps"]
+    assert dec["method"] == "refine_decoupled" and dec["steps"] == 5 and len(mts) == 5 and mts != dec["timesteps"]
+    # with only the decoupled artefact left for 5 steps, sampler.spacing=optimized samples with its model times:
+    # the evaluator's samples are diffsteps.sample's with spacing=timesteps, model_timesteps=model_timesteps
+    cached[1].rename(tmp_path / "plain5.yaml")
+    run_py(tmp_path, *FAST, "logger=none", "sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=5", name="use_dec")
+    row = json.loads((tmp_path / "use_dec" / "metrics.json").read_text())[0]
+    assert row["spacing"] == dec["timesteps"] and row["model_timesteps"] == mts
+    saved = torch.load(tmp_path / "use_dec" / "samples_dpmpp_2m_5.pt", weights_only=True)
+    mine, plain = _resample(tmp_path / "use_dec", dec["timesteps"], mts)
+    assert saved.shape == mine.shape == (256, 2) and torch.allclose(saved, mine, rtol=0, atol=1e-6)
+    assert (saved - plain).abs().max() > 1e-3  # the model times mattered
+    (tmp_path / "plain5.yaml").rename(cached[1])
 
     bad = [(("sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=7"),
             "no optimised dpmpp_2m schedule with 7 steps.*python run.py task=optimize_steps sampler=dpmpp_2m"),
@@ -373,6 +393,106 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
         proc = run_py(tmp_path, *FAST, "logger=none", *args, name="bad", check=False)
         assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-2000:]
         assert "Epoch" not in proc.stderr
+
+
+def _resample(run_dir, timesteps, model_timesteps):
+    """The evaluation noise of ``run_dir``'s config through its checkpoint with diffsteps.sample directly: with the
+    decoupled model times and without them."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from diffsteps.evaluation.plan import chunk_noise
+    from diffsteps.runner.build import build
+    from diffsteps.runner.checkpoints import load_weights
+    from diffsteps.runner.evaluate import make_plan
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    schedule = instantiate(cfg.schedule)
+    datamodule, module = build(cfg, schedule)
+    load_weights(module, run_dir / "checkpoint.ckpt")
+    plan = make_plan(cfg, datamodule, [5])
+    noise = torch.cat([chunk_noise(plan, c) for c in range(plan.num_chunks)])
+    kw = dict(schedule=schedule, sampler="dpmpp_2m", spacing=timesteps, prediction=module.prediction)
+    net = module.net.eval()
+    return ds.sample(net, noise, model_timesteps=model_timesteps, **kw), ds.sample(net, noise, **kw)
+
+
+def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_error_is_lower(tmp_path, monkeypatch):
+    """Both artefacts cached for one budget: the decoupled one (with model_timesteps) wins only on a lower recorded
+    held-out error; model_times=False (task=restore) never takes it; the sampler object checks the model times; and
+    task=optimize_steps refuses optimize.decoupled=true for a sampler or method without them before any training."""
+    from pathlib import Path
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from diffsteps.runner.optimize import model_key, resolve_spacing, schedule_cache_dir
+    from diffsteps.runner.resolvers import register_resolvers
+
+    register_resolvers()
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    args = ["data=toy2d", "model=mlp", "logger=none", "sampler=dpmpp_2m", "steps=3", "sampler.spacing=optimized"]
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        base = compose("config", overrides=args)
+    key = model_key(base)
+    cache = schedule_cache_dir(base, key)
+    cache.mkdir(parents=True)
+    common = {"training_key": key, "sampler": "dpmpp_2m", "nfe": 3, "steps": 3}
+    plain, dp_ts, dec_ts, dec_mts = [999.0, 400.0, 50.0], [999.0, 300.0, 20.0], [999.0, 450.0, 60.0], [990.0, 420.0, 70.0]
+
+    def write(name, **entry):
+        (cache / name).write_text(yaml.safe_dump({**common, **entry}))
+
+    write("dpmpp_2m_nfe3_refine.yaml", method="refine", timesteps=plain, heldout_error=0.2)
+    write("dpmpp_2m_nfe3_dp.yaml", method="dp", timesteps=dp_ts, heldout_error=0.1)  # refine is preferred as before
+
+    def resolved(model_times=True):
+        cfg = base.copy()
+        resolve_spacing(cfg, model_times=model_times)
+        return list(cfg.sampler.spacing), cfg.sampler.model_timesteps, cfg
+
+    assert resolved()[:2] == (plain, None)
+    write("dpmpp_2m_nfe3_refine_decoupled.yaml", method="refine_decoupled", timesteps=dec_ts,
+          model_timesteps=dec_mts, heldout_error=0.15)
+    ts, mts, cfg = resolved()
+    assert ts == dec_ts and list(mts) == dec_mts
+    assert instantiate(cfg.sampler).model_timesteps == dec_mts
+    assert resolved(model_times=False)[:2] == (plain, None)
+    write("dpmpp_2m_nfe3_refine_decoupled.yaml", method="refine_decoupled", timesteps=dec_ts,
+          model_timesteps=dec_mts, heldout_error=0.25)
+    assert resolved()[:2] == (plain, None)
+    # a decoupled file: taken as it is, except where the task's samplers take no model times
+    file_cfg = base.copy()
+    file_cfg.sampler.spacing = str(cache / "dpmpp_2m_nfe3_refine_decoupled.yaml")
+    with pytest.raises(ValueError, match="holds decoupled model times"):
+        resolve_spacing(file_cfg.copy(), model_times=False)
+    resolve_spacing(file_cfg)
+    assert list(file_cfg.sampler.model_timesteps) == dec_mts
+    from diffsteps.runner.objects import SamplerChoice
+
+    with pytest.raises(ValueError, match="calls the model once per level"):
+        SamplerChoice(name="heun", spacing=dec_ts, model_timesteps=dec_mts)
+    with pytest.raises(ValueError, match="explicit sampler.spacing list of as many"):
+        SamplerChoice(name="dpmpp_2m", spacing=dec_ts[:2], model_timesteps=dec_mts)
+
+    import diffsteps.runner.build as build_module
+    from diffsteps.runner.optimize import optimize_task
+
+    def no_build(*a, **k):
+        raise AssertionError("the request reached the model build")
+
+    monkeypatch.setattr(build_module, "build", no_build)
+    for sampler, method in (("euler", "refine"), ("dpmpp_2m", "dp")):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=[*args[:3], "task=optimize_steps", f"sampler={sampler}", "steps=5",
+                                               "+optimize=default", "optimize.decoupled=true",
+                                               f"optimize.method={method}", f"paths.output_dir={tmp_path}/bad"])
+        with pytest.raises(ValueError, match="optimize.decoupled=true .*needs optimize.method=refine and one of the "
+                                             "samplers dpmpp_2m, dpmpp_3m, unipc; got method "
+                                             f"'{method}', sampler '{sampler}'"):
+            optimize_task(cfg)
 
 
 def test_spacing_optimized_finds_the_schedule_of_a_model_auto_run(tmp_path, monkeypatch):

@@ -166,6 +166,8 @@ class Evaluator:
                "nfe": round(float(t["nfe_sum"]) / count), "num_samples": int(count),
                "sample_seconds": float(t["sample_seconds"]), "model_seconds": float(t["model_seconds"]),
                "seconds_per_sample": float(t["sample_seconds"]) / count}
+        if self.plan.options.get("model_timesteps") is not None:  # a decoupled optimised schedule's model times
+            row["model_timesteps"] = list(self.plan.options["model_timesteps"])
         if self.plan.options.get("guidance_scale") is not None:  # a guided conditional evaluation: say how guided
             row["guidance_scale"] = float(self.plan.options["guidance_scale"])
         if math.isfinite(float(t["peak_memory"])):

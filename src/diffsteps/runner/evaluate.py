@@ -36,6 +36,11 @@ def sampler_options(cfg: DictConfig, datamodule) -> dict:
             options[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     if OmegaConf.select(cfg, "sampler.fuse"):  # sample()'s own option, for any sampler (diffsteps.sampling.arith)
         options["fuse"] = True
+    # decoupled model times of an optimised schedule (runner.optimize.resolve_spacing): the run's sampler only, so
+    # not a denoiser option (the trajectory reference and the policies' teacher must not get them)
+    model_times = OmegaConf.select(cfg, "sampler.model_timesteps")
+    if model_times is not None:
+        options["model_timesteps"] = [float(v) for v in model_times]
     return options
 
 

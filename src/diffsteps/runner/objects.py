@@ -25,7 +25,9 @@ class SamplerChoice:
     explicit decreasing list) and its options (e.g. ``eta`` for ddim). The name, the option names and the option
     values are checked here; steps against the schedule by :func:`diffsteps.plan_sampling` in the runner.
     ``guidance_scale`` / ``guidance_interval``: classifier-free guidance of a class-conditional model (any
-    sampler; :mod:`diffsteps.sampling.guidance`), None for none. ``fuse``: :func:`diffsteps.sample`'s ``fuse``."""
+    sampler; :mod:`diffsteps.sampling.guidance`), None for none. ``fuse``: :func:`diffsteps.sample`'s ``fuse``.
+    ``model_timesteps``: :func:`diffsteps.sample`'s decoupled model-evaluation times, next to an explicit
+    ``spacing`` (set from a decoupled schedule artefact by :func:`~diffsteps.runner.optimize.resolve_spacing`)."""
 
     name: str
     spacing: Any = "trailing"
@@ -33,6 +35,7 @@ class SamplerChoice:
     guidance_scale: float | None = None
     guidance_interval: Any = None
     fuse: bool = False  # the sampler's arithmetic as torch.compile'd loops (diffsteps.sampling.arith)
+    model_timesteps: Any = None
 
     def __post_init__(self):
         options = OmegaConf.to_container(self.options, resolve=True) if OmegaConf.is_config(self.options) else dict(
@@ -45,6 +48,8 @@ class SamplerChoice:
         if unknown:
             raise ValueError(f"sampler {self.name!r} has no option(s) {unknown}; its options: "
                              f"{', '.join(spec.options) or 'none'}")
+        if self.model_timesteps is not None:
+            self._check_model_timesteps()
         if isinstance(self.spacing, str) and self.spacing not in SPACINGS:
             raise ValueError(f"unknown sampler.spacing {self.spacing!r}; valid choices: {', '.join(SPACINGS)} or a "
                              "list of timesteps")
@@ -58,6 +63,20 @@ class SamplerChoice:
         scale, interval = check_guidance_options(self.guidance_scale, self.guidance_interval)
         object.__setattr__(self, "guidance_scale", scale)
         object.__setattr__(self, "guidance_interval", None if interval is None else list(interval))
+
+    def _check_model_timesteps(self) -> None:
+        from ..sampling.api import ONE_CALL_PER_LEVEL
+
+        mt = self.model_timesteps
+        mt = OmegaConf.to_container(mt, resolve=True) if OmegaConf.is_config(mt) else mt
+        object.__setattr__(self, "model_timesteps", [float(v) for v in mt])
+        if self.name not in ONE_CALL_PER_LEVEL:
+            raise ValueError(f"sampler.model_timesteps needs a sampler that calls the model once per level "
+                             f"({', '.join(ONE_CALL_PER_LEVEL)}), got {self.name!r}")
+        # one model call per timestep (the last step's call is the one into the data)
+        if not isinstance(self.spacing, list) or len(self.spacing) != len(self.model_timesteps):
+            raise ValueError(f"sampler.model_timesteps ({len(self.model_timesteps)} times) needs an explicit "
+                             f"sampler.spacing list of as many timesteps, got {self.spacing!r}")
 
     @property
     def deterministic(self) -> bool:

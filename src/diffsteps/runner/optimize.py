@@ -2,7 +2,8 @@
 budget in ``steps`` (NFE), compare them with every fixed spacing on held-out noise, and write one YAML artefact per
 (model, sampler, NFE, method) — in the run folder and in a cache next to the checkpoint, where
 ``sampler.spacing=optimized`` finds it — plus a figure. Also :func:`resolve_spacing`, which turns
-``sampler.spacing=optimized`` or ``=path/to/schedule.yaml`` into explicit timesteps before anything else runs."""
+``sampler.spacing=optimized`` or ``=path/to/schedule.yaml`` into explicit timesteps (and, from a decoupled
+artefact, ``sampler.model_timesteps``) before anything else runs."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class OptimizeSettings:
     holdout: float = 1 / 3
     iterations: int = 150
     patience: int = 6
+    decoupled: bool = False
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
@@ -40,6 +42,8 @@ class OptimizeSettings:
         if s.method not in ("dp", "refine"):
             raise ValueError(f"optimize.method must be one of: dp, refine (elbo: call diffsteps.optimize_schedule "
                              f"with sampler='ddpm'); got {s.method!r}")
+        if not isinstance(s.decoupled, bool):
+            raise ValueError(f"optimize.decoupled must be true or false, got {s.decoupled!r}")
         return s
 
 
@@ -68,10 +72,32 @@ def _file_name(sampler: str, nfe: int, method: str) -> str:
     return f"{sampler}_nfe{nfe}_{method}.yaml"
 
 
-def resolve_spacing(cfg: DictConfig) -> None:
+def _is_decoupled(entry: dict) -> bool:
+    return entry.get("model_timesteps") is not None
+
+
+def _choose(match: list[tuple[Path, dict]]) -> tuple[Path, dict]:
+    """Of the artefacts for one budget: refine over dp (refine starts from the DP path and keeps it unless the
+    held-out noises say otherwise); a decoupled one only where its recorded held-out error is lower than that."""
+    plain = [m for m in match if not _is_decoupled(m[1])]
+    decoupled = [m for m in match if _is_decoupled(m[1])]
+    best = min(plain, key=lambda m: m[1].get("method") != "refine") if plain else None
+    if decoupled:
+        d = min(decoupled, key=lambda m: m[1].get("heldout_error", math.inf))
+        if best is None or d[1].get("heldout_error", math.inf) < best[1].get("heldout_error", math.inf):
+            return d
+    return best
+
+
+def resolve_spacing(cfg: DictConfig, model_times: bool = True) -> None:
     """``sampler.spacing=optimized`` → the cached schedule for this model (training key), sampler and step count;
     ``sampler.spacing=<file>.yaml`` → that file's timesteps, checked against the model key and sampler. Replaces
-    the spacing with the explicit list in place; errors name the command that makes the missing schedule."""
+    the spacing with the explicit list in place, and sets ``sampler.model_timesteps`` from a decoupled artefact
+    (``optimize.decoupled=true``; LD3's separate model-evaluation times, which every ``diffsteps.sample`` of the run
+    then gets as ``model_timesteps=``). For ``optimized``, a budget with both a plain and a decoupled artefact uses
+    the decoupled one only if its recorded held-out error is lower. ``model_times=False`` (a task whose samplers
+    take no decoupled times) ignores decoupled artefacts and refuses a decoupled file. Errors name the command that
+    makes the missing schedule."""
     spacing = cfg.sampler.get("spacing")
     if not isinstance(spacing, str) or not (spacing == "optimized" or spacing.endswith((".yaml", ".yml"))):
         return
@@ -83,13 +109,13 @@ def resolve_spacing(cfg: DictConfig) -> None:
     if spacing == "optimized":
         found = sorted(schedule_cache_dir(cfg, key).glob(f"{sampler}_nfe*.yaml"))
         entries = [(p, yaml.safe_load(p.read_text())) for p in found]
-        match = [(p, e) for p, e in entries if e.get("steps") == steps[0]]
+        match = [(p, e) for p, e in entries if e.get("steps") == steps[0] and (model_times or not _is_decoupled(e))]
         if not match:
             raise ValueError(f"no optimised {sampler} schedule with {steps[0]} steps for this model (training key "
                              f"{key}) in {schedule_cache_dir(cfg, key)}; make it with: python run.py "
                              f"task=optimize_steps sampler={sampler} steps=<the NFE> (and the same "
                              f"data/model/schedule/loss/train overrides)")
-        path, entry = min(match, key=lambda m: m[1].get("method") != "refine")
+        path, entry = _choose(match)
     else:
         path = Path(spacing)
         if not path.is_file():
@@ -102,8 +128,12 @@ def resolve_spacing(cfg: DictConfig) -> None:
             raise ValueError(f"{path} was optimised for sampler {entry.get('sampler')!r}, not {sampler!r}")
         if entry.get("steps") != steps[0]:
             raise ValueError(f"{path} holds {entry.get('steps')} timesteps but steps={steps[0]}")
+        if _is_decoupled(entry) and not model_times:
+            raise ValueError(f"{path} holds decoupled model times (optimize.decoupled=true), which task={cfg.task} "
+                             "cannot use; give the plain schedule (method refine or dp) instead")
     with open_dict(cfg.sampler):
         cfg.sampler.spacing = [float(v) for v in entry["timesteps"]]
+        cfg.sampler.model_timesteps = [float(v) for v in entry["model_timesteps"]] if _is_decoupled(entry) else None
 
 
 def optimize_task(cfg: DictConfig) -> float:
@@ -112,6 +142,7 @@ def optimize_task(cfg: DictConfig) -> float:
     import lightning as L
     from hydra.utils import instantiate
 
+    from ..sampling.api import ONE_CALL_PER_LEVEL
     from ..steps.differentiable import DIFFERENTIABLE
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
     from ..steps.teacher import check_request
@@ -132,6 +163,10 @@ def optimize_task(cfg: DictConfig) -> float:
     if settings.method == "refine" and sampler.name not in DIFFERENTIABLE:
         raise ValueError(f"optimize.method=refine supports samplers {', '.join(DIFFERENTIABLE)}; use "
                          f"optimize.method=dp for {sampler.name!r}")
+    if settings.decoupled and (settings.method != "refine" or sampler.name not in ONE_CALL_PER_LEVEL):
+        raise ValueError(f"optimize.decoupled=true (LD3's separate model-evaluation times) needs "
+                         f"optimize.method=refine and one of the samplers {', '.join(ONE_CALL_PER_LEVEL)}; got "
+                         f"method {settings.method!r}, sampler {sampler.name!r}")
     n_held = round(settings.holdout * settings.noises)
     if settings.noises - n_held < MIN_TRAIN or n_held < MIN_HELDOUT:
         raise ValueError(f"too few teacher noises: optimize.noises={settings.noises} with holdout "
@@ -157,21 +192,25 @@ def optimize_task(cfg: DictConfig) -> float:
                                 grid=settings.grid, teacher_solver=settings.teacher_solver,
                                 teacher_substeps=settings.teacher_substeps, holdout=settings.holdout,
                                 iterations=settings.iterations, patience=settings.patience,
-                                sampler_options=dict(sampler.options))
+                                decoupled=settings.decoupled, sampler_options=dict(sampler.options))
     key = training_key(cfg)
     cache = schedule_cache_dir(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     (out_dir / "schedules").mkdir(exist_ok=True)
     for ts, rep in results:
+        # its own method name, so a decoupled artefact is cached beside the plain one of the same budget
+        method = f"{rep['method']}_decoupled" if "model_timesteps" in rep else rep["method"]
         entry = {"training_key": key, "sampler": sampler.name, "sampler_options": dict(sampler.options),
-                 "nfe": rep["nfe"], "steps": rep["steps"], "method": rep["method"],
-                 "timesteps": [float(v) for v in ts], "prediction": module.prediction,
+                 "nfe": rep["nfe"], "steps": rep["steps"], "method": method,
+                 "timesteps": [float(v) for v in ts],
+                 **({"model_timesteps": rep["model_timesteps"]} if "model_timesteps" in rep else {}),
+                 "prediction": module.prediction,
                  "teacher": rep["teacher"], "train_error": rep["train_error"], "heldout_error": rep["heldout_error"],
                  "heldout_median": rep["heldout_median"], "best_fixed": rep["best_fixed"],
                  "ratio": rep.get("ratio"), "median_ratio": rep.get("median_ratio"), "fixed": rep["fixed"],
                  "cost": rep["cost"], "settings": asdict(settings)}
         text = yaml.safe_dump(entry, sort_keys=False)
-        name = _file_name(sampler.name, rep["nfe"], rep["method"])
+        name = _file_name(sampler.name, rep["nfe"], method)
         (out_dir / "schedules" / name).write_text(text)
         (cache / name).write_text(text)
         log_artifact(loggers, f"schedule-{key}-{Path(name).stem}", "schedule", [out_dir / "schedules" / name],

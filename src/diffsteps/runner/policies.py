@@ -345,10 +345,12 @@ def policies_task(cfg: DictConfig) -> float:
     def plus(*costs):
         return {"evals": sum(c["evals"] for c in costs), "seconds": sum(c["seconds"] for c in costs)}
 
-    def fixed(n, spacing=sampler.spacing, net=counted):
+    def fixed(n, spacing=sampler.spacing, net=counted, model_timesteps=None):
+        extra = {} if model_timesteps is None else {"model_timesteps": model_timesteps}
+
         def run(noise, cond):
             res = sample(net, noise, sampler=sampler.name, steps=None if not isinstance(spacing, str) else n,
-                         spacing=spacing, cond=cond, return_info=True, **kw, **opts)
+                         spacing=spacing, cond=cond, return_info=True, **kw, **opts, **extra)
             return res.sample, res.nfe
         return run
 
@@ -384,14 +386,17 @@ def policies_task(cfg: DictConfig) -> float:
     best = None
     for steps_, entry in optimised:
         ts = torch.tensor(entry["timesteps"], dtype=_F64)
-        x = on_cal(fixed(steps_, ts))
+        # a decoupled artefact (optimize.decoupled=true) is sampled with its own model-evaluation times
+        mts = entry.get("model_timesteps")
+        x = on_cal(fixed(steps_, ts, model_timesteps=mts))
         c = _coverage((x.to(_F64) - ref_cal.to(_F64)).pow(2).flatten(1).mean(1), s.error_target)
         if c >= level:
             best = (steps_, ts, entry)
             break
     if best is not None:
         cost = best[2].get("cost", {})
-        rows.append(_measure("optimised schedule", f"{best[2].get('method')}, {best[0]} steps", fixed(best[0], best[1], M.net),
+        rows.append(_measure("optimised schedule", f"{best[2].get('method')}, {best[0]} steps",
+                             fixed(best[0], best[1], M.net, best[2].get("model_timesteps")),
                              test, ref_test, s, M.mixture,
                              {"evals": cost.get("model_calls", 0), "seconds": cost.get("seconds", 0.0)}, **measure))
     elif optimised:
@@ -565,7 +570,8 @@ def _cat_traces(traces):
 
 
 def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple[int, dict]]:
-    """The cached optimised schedules of this model and sampler, fewest steps first (none for the exact model)."""
+    """The cached optimised schedules of this model and sampler, fewest steps first and, at one step count, the
+    lowest recorded held-out error first (a plain and a decoupled artefact; none for the exact model)."""
     import yaml
 
     if M.exact:
@@ -577,7 +583,7 @@ def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple
         entry = yaml.safe_load(p.read_text())
         if entry.get("training_key") == M.key and entry.get("sampler") == sampler:
             found.append((int(entry["steps"]), entry))
-    return sorted(found, key=lambda f: f[0])
+    return sorted(found, key=lambda f: (f[0], f[1].get("heldout_error", math.inf)))
 
 
 def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level, *, cond_cal=None,

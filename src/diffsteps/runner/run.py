@@ -54,7 +54,9 @@ def run(cfg: DictConfig) -> float:
 
         return policies_task(cfg)
     pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
-    resolve_spacing(cfg)  # sampler.spacing=optimized or a schedule file → explicit timesteps
+    # sampler.spacing=optimized or a schedule file → explicit timesteps (and decoupled model times, which the
+    # restoration samplers do not take)
+    resolve_spacing(cfg, model_times=cfg.task != "restore")
     if cfg.task == "restore":
         from .restore import restore_task
 
