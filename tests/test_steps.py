@@ -417,25 +417,31 @@ def _resample(run_dir, timesteps, model_timesteps):
     return ds.sample(net, noise, model_timesteps=model_timesteps, **kw), ds.sample(net, noise, **kw)
 
 
-def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_error_is_lower(tmp_path, monkeypatch):
-    """Both artefacts cached for one budget: the decoupled one (with model_timesteps) wins only on a lower recorded
-    held-out error; model_times=False (task=restore) never takes it; the sampler object checks the model times; and
-    task=optimize_steps refuses optimize.decoupled=true for a sampler or method without them before any training."""
+def _compose(tmp_path, monkeypatch, *overrides):
+    """One Hydra config of conf/ per override list, as run.py composes it, with every path under ``tmp_path``."""
     from pathlib import Path
 
-    import yaml
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    from diffsteps.runner.optimize import model_key, resolve_spacing, schedule_cache_dir
     from diffsteps.runner.resolvers import register_resolvers
 
     register_resolvers()
     monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return [compose("config", overrides=list(o)) for o in overrides]
+
+
+def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_error_is_lower(tmp_path, monkeypatch):
+    """Both artefacts cached for one budget: the decoupled one (with model_timesteps) wins only on a lower recorded
+    held-out error; model_times=False (task=restore) never takes it; the sampler object checks the model times; and
+    task=optimize_steps refuses optimize.decoupled=true for a sampler or method without them before any training."""
+    import yaml
+    from hydra.utils import instantiate
+
+    from diffsteps.runner.optimize import model_key, resolve_spacing, schedule_cache_dir
+
     args = ["data=toy2d", "model=mlp", "logger=none", "sampler=dpmpp_2m", "steps=3", "sampler.spacing=optimized"]
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        base = compose("config", overrides=args)
+    [base] = _compose(tmp_path, monkeypatch, args)
     key = model_key(base)
     cache = schedule_cache_dir(base, key)
     cache.mkdir(parents=True)
@@ -485,10 +491,9 @@ def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_er
 
     monkeypatch.setattr(build_module, "build", no_build)
     for sampler, method in (("euler", "refine"), ("dpmpp_2m", "dp")):
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose("config", overrides=[*args[:3], "task=optimize_steps", f"sampler={sampler}", "steps=5",
-                                               "+optimize=default", "optimize.decoupled=true",
-                                               f"optimize.method={method}", f"paths.output_dir={tmp_path}/bad"])
+        [cfg] = _compose(tmp_path, monkeypatch, [*args[:3], "task=optimize_steps", f"sampler={sampler}", "steps=5",
+                                                 "+optimize=default", "optimize.decoupled=true",
+                                                 f"optimize.method={method}", f"paths.output_dir={tmp_path}/bad"])
         with pytest.raises(ValueError, match="optimize.decoupled=true .*needs optimize.method=refine and one of the "
                                              "samplers dpmpp_2m, dpmpp_3m, unipc; got method "
                                              f"'{method}', sampler '{sampler}'"):
@@ -499,24 +504,15 @@ def test_spacing_optimized_finds_the_schedule_of_a_model_auto_run(tmp_path, monk
     """With model=auto (the default) the checkpoint and its schedules are filed under the key of the *resolved*
     model config, which training writes into the config before keying it; sampler.spacing=optimized must look
     there, not under the key of the unresolved ``auto`` config."""
-    from pathlib import Path
-
     import yaml
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from diffsteps.runner.build import build
     from diffsteps.runner.checkpoints import training_key
     from diffsteps.runner.optimize import model_key, resolve_spacing
-    from diffsteps.runner.resolvers import register_resolvers
 
-    register_resolvers()
-    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
     args = ["data=toy2d", "data.n_train=256", "data.n_val=64", "logger=none", "sampler=dpmpp_2m", "steps=3"]
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        trained = compose("config", overrides=args)
-        use = compose("config", overrides=[*args, "sampler.spacing=optimized"])
+    trained, use = _compose(tmp_path, monkeypatch, args, [*args, "sampler.spacing=optimized"])
     assert trained.model.name == "auto"
     unresolved = training_key(trained)
     build(trained, instantiate(trained.schedule))  # resolves model=auto in place, as training does

@@ -159,16 +159,9 @@ class Arith:
                 out = self.empty_like(x)
             if self._fused(out, x, c, terms):
                 return out
-        if out is None and not self.recycle:
-            return lincomb(c, x, terms)
-        out = self.empty_like(x) if out is None else out
-        torch.mul(x, c, out=out)
-        for cj, y in terms:
-            if isinstance(cj, torch.Tensor):
-                out.addcmul_(cj, y)
-            else:
-                out.add_(y, alpha=cj)
-        return out
+        if out is None and self.recycle:
+            out = self.empty_like(x)
+        return lincomb(c, x, terms, out=out)
 
     def _fused(self, out, x, c, terms, sub_div=False) -> bool:
         """The fused loop into out; where inductor cannot build it for this device, False (and eager from now on)."""

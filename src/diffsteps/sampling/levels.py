@@ -35,10 +35,11 @@ def relu(v: Level) -> Level:
     return v.clamp(min=0.0) if isinstance(v, torch.Tensor) else max(v, 0.0)
 
 
-def lincomb(c: Level, x: torch.Tensor, terms) -> torch.Tensor:
-    """c x + Σ c_j y_j in one new tensor: one scaling, then a fused multiply-add in place per term (``alpha=`` for a
-    float coefficient, ``addcmul_`` for a per-sample one). Neither x nor any y_j is written to."""
-    out = x * c
+def lincomb(c: Level, x: torch.Tensor, terms, out: torch.Tensor | None = None) -> torch.Tensor:
+    """c x + Σ c_j y_j in one new tensor (or in ``out``, which may be x but none of the y_j): one scaling, then a
+    fused multiply-add in place per term (``alpha=`` for a float coefficient, ``addcmul_`` for a per-sample one).
+    No y_j, and x only when it is ``out``, is written to."""
+    out = x * c if out is None else torch.mul(x, c, out=out)
     for cj, y in terms:
         if isinstance(cj, torch.Tensor):
             out.addcmul_(cj, y)
