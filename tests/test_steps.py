@@ -292,27 +292,42 @@ def test_decoupled_refine_beats_fixed_and_plain_refine_on_held_out_noise(setup):
     assert rep["heldout_error"] == pytest.approx(mine, rel=0.02)
 
 
-def test_elbo_dp_equals_elbo_bpd_on_its_chain_and_beats_even_chains(gaussian):
+@pytest.mark.parametrize("discrete", [False, True])
+def test_elbo_dp_equals_elbo_bpd_on_its_chain_and_beats_even_chains(gaussian, discrete):
+    """For each decoder the DP's value is elbo_bpd's on the returned chain (same draws), and no other chain — evenly
+    spaced, or the other decoder's optimum — has a lower bound. discrete: the data on a 17-level grid, scored with
+    the discretised decoder."""
     sch = ds.make_schedule("linear", 100)
     model = ds.ExactEpsilon(gaussian, sch)
     x0 = gaussian.sample(256, generator=torch.Generator().manual_seed(1))
-    chains, calls = elbo_chains(model, x0, sch, torch.arange(100), 6, generator=torch.Generator().manual_seed(5))
+    if discrete:
+        x0 = ((x0.clamp(-1, 1) + 1) * 8).round() / 8 - 1
+    chains, calls = elbo_chains(model, x0, sch, torch.arange(100), 6, discrete=discrete, levels=17,
+                                generator=torch.Generator().manual_seed(5))
     assert calls == 600
+    other, _ = elbo_chains(model, x0, sch, torch.arange(100), 6, discrete=not discrete, levels=17,
+                           generator=torch.Generator().manual_seed(5)) if discrete else (None, 0)
 
     def bound(chain):
         return ds.elbo_bpd(model, x0, sch, timesteps=chain, generator=torch.Generator().manual_seed(5),
-                           batch_size=1024)["elbo_bpd"]
+                           batch_size=1024, discrete=discrete, levels=17)["elbo_bpd"]
 
     for k in range(1, 7):
         ch = chains[k]
         assert len(ch.timesteps) == k
         assert ch.bpd == pytest.approx(bound(ch.timesteps), abs=1e-12)
-        even = [to_integer_timesteps(ds.make_timesteps(s, k, sch)).flip(0).long() for s in ("linspace", "trailing")]
-        for chain in even:
+        rivals = [to_integer_timesteps(ds.make_timesteps(s, k, sch)).flip(0).long() for s in ("linspace", "trailing")]
+        if other is not None:
+            rivals.append(other[k].timesteps)
+        for chain in rivals:
             assert ch.bpd <= bound(chain) + 1e-12
+    if discrete:  # the two decoders want different chains here, so the choice matters
+        assert any(chains[k].timesteps.tolist() != other[k].timesteps.tolist() for k in range(2, 7))
+        with pytest.raises(ValueError, match="17-level grid"):
+            elbo_chains(model, 0.99 * x0, sch, torch.arange(100), 2, discrete=True, levels=17)
     # and through the public API: decreasing float timesteps for ddpm
     ts, rep = ds.optimize_schedule(model, sch, sampler="ddpm", nfe=4, noise=None, method="elbo", data=x0,
-                                   candidates=100, seed=5)
+                                   candidates=100, seed=5, discrete=discrete, levels=17)
     assert ts.tolist() == chains[4].timesteps.flip(0).double().tolist() and rep["elbo_bpd"] == chains[4].bpd
 
 

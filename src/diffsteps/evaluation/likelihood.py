@@ -58,7 +58,7 @@ from ..core.process import posterior_coefficients, q_posterior, q_sample
 from ..core.schedules import Schedule
 from ..sampling.denoiser import Denoiser
 
-__all__ = ["ELBO", "VARIANCES", "elbo", "elbo_bpd", "discretized_gaussian_log_likelihood"]
+__all__ = ["ELBO", "VARIANCES", "check_discrete_data", "elbo", "elbo_bpd", "discretized_gaussian_log_likelihood"]
 
 _F64 = torch.float64
 _LN2 = math.log(2.0)
@@ -142,7 +142,9 @@ def _check_timesteps(timesteps, T: int) -> torch.Tensor:
     return ts
 
 
-def _check_discrete_data(x0: torch.Tensor, levels: int) -> None:
+def check_discrete_data(x0: torch.Tensor, levels: int) -> None:
+    """Raises unless ``x0`` lies on the ``levels``-value grid −1 + 2k/(levels − 1) that the discretised decoder
+    scores (``levels`` an integer ≥ 2)."""
     if isinstance(levels, bool) or int(levels) != levels or levels < 2:
         raise ValueError(f"levels must be an integer ≥ 2, got {levels!r}")
     if float(x0.min()) < -1.0 - 1e-6 or float(x0.max()) > 1.0 + 1e-6:
@@ -217,7 +219,7 @@ def elbo(model: Callable, x0: torch.Tensor, schedule: Schedule, *, prediction: s
     ts = _check_timesteps(timesteps, schedule.num_timesteps)
     discrete = x0.ndim == 4 if discrete is None else bool(discrete)
     if discrete:
-        _check_discrete_data(x0, levels)
+        check_discrete_data(x0, levels)
 
     N, D = x0.shape[0], x0[0].numel()
     device = x0.device

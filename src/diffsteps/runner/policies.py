@@ -330,6 +330,8 @@ def policies_task(cfg: DictConfig) -> float:
     ref_cal = teacher(cal, cond_cal, counted)
     teacher_cost = {"evals": counted.rows, "seconds": time.perf_counter() - t0}
     ref_test = teacher(test, cond_test, M.net)
+    log.info("teacher (%s, %d steps) on %d calibration + %d fresh noises: %.1f s", e.reference_sampler,
+             e.reference_steps, len(cal), len(test), time.perf_counter() - t0)
     ladder = list(s.ladder)
     counted.rows = 0
     t0 = time.perf_counter()
@@ -338,6 +340,8 @@ def policies_task(cfg: DictConfig) -> float:
     ladder_cost = {"evals": counted.rows, "seconds": time.perf_counter() - t0}
     err_test, _ = ladder_errors(M.net, test, ref_test, ladder, sampler=sampler.name, spacing=sampler.spacing,
                                 batch_size=s.batch_size, cond=cond_test, **kw, **opts)
+    log.info("ladder of %d step counts (%s … %s) on calibration and fresh noise: %.1f s", len(ladder), ladder[0],
+             ladder[-1], time.perf_counter() - t0)
     level = 1 - s.alpha
     keep: dict = {}
     measure = dict(cond=cond_test, quality=quality, keep=keep)

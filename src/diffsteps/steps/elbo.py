@@ -13,6 +13,7 @@ import torch
 
 from ..core.process import posterior_coefficients
 from ..core.schedules import Schedule
+from ..evaluation.likelihood import check_discrete_data, discretized_gaussian_log_likelihood
 from ..sampling.denoiser import Denoiser
 
 __all__ = ["ElboChain", "elbo_chains"]
@@ -31,10 +32,12 @@ class ElboChain:
 
 @torch.no_grad()
 def elbo_chains(model: Callable, data: torch.Tensor, schedule: Schedule, candidates, k_max: int, *,
-                prediction: str = "epsilon", variance: str = "posterior",
-                generator: torch.Generator | None = None) -> tuple[dict[int, ElboChain], int]:
-    """The chains over integer ``candidates`` minimising the K-step bound of :func:`~diffsteps.elbo` (continuous
-    data, ``variance`` ``posterior`` or ``beta``) for every K ≤ ``k_max``; returns ({K: chain}, model calls).
+                prediction: str = "epsilon", variance: str = "posterior", discrete: bool = False,
+                levels: int = 256, generator: torch.Generator | None = None) -> tuple[dict[int, ElboChain], int]:
+    """The chains over integer ``candidates`` minimising the K-step bound of :func:`~diffsteps.elbo` (``variance``
+    ``posterior`` or ``beta``) for every K ≤ ``k_max``; returns ({K: chain}, model calls). The decoder is
+    ``elbo``'s: a Gaussian density, or with ``discrete`` the discretised Gaussian on ``levels`` values in [−1, 1]
+    (Ho et al. 2020, eq. 13; digits: 17) — the bound on the discrete NLL that the runner reports for such data.
 
     L = L_prior(τ_K) + Σ_i L(τ_{i−1} | τ_i) + L_dec(τ_1), each term estimated as :func:`~diffsteps.elbo` estimates
     it: L(s | t) = E KL(q(x_s | x_t, x_0) ‖ p(x_s | x_t)) with x_t drawn from q(x_t | x_0). ``elbo`` draws one noise
@@ -49,6 +52,8 @@ def elbo_chains(model: Callable, data: torch.Tensor, schedule: Schedule, candida
     T = schedule.num_timesteps
     if cand.numel() < 1 or int(cand.min()) < 0 or int(cand.max()) > T - 1:
         raise ValueError(f"ELBO candidates must be integers in [0, {T - 1}]")
+    if discrete:
+        check_discrete_data(data, levels)
     x0 = data.to(_F64)
     n_data, D = x0.shape[0], x0[0].numel()
     bits = D * math.log(2.0)
@@ -58,8 +63,10 @@ def elbo_chains(model: Callable, data: torch.Tensor, schedule: Schedule, candida
     aK = abar
     prior = (0.5 * (1 - aK[None] + aK[None] * x0.reshape(n_data, -1, 1).square() - 1 - torch.log1p(-aK)[None])
              ).sum(1).mean(0) / bits  # (N,)
-    # d2[p, j]: mean over the data of ‖x_0 − x̂_0‖² at candidate j with draw p
+    # d2[p, j]: mean over the data of ‖x_0 − x̂_0‖² at candidate j with draw p; nll[p, j] the discretised
+    # decoder's −log P(x_0) there (its variance 1 − ᾱ_j as in elbo), which, unlike the density, is not a function of d2
     d2 = torch.zeros(k_max, N, dtype=_F64)
+    nll = torch.zeros(k_max, N, dtype=_F64)
     calls = 0
     denoise = Denoiser(model, prediction)  # as elbo calls the model: x in the model's dtype, t a float tensor
     for p in range(k_max):
@@ -70,6 +77,9 @@ def elbo_chains(model: Callable, data: torch.Tensor, schedule: Schedule, candida
             x0_hat, _ = denoise(x_t, float(cand[j]), math.sqrt(a), math.sqrt(1 - a))
             calls += 1
             d2[p, j] = (x0 - x0_hat).reshape(n_data, -1).square().sum(1).mean()
+            if discrete:
+                logp = discretized_gaussian_log_likelihood(x0, x0_hat, 1.0 - a, levels)
+                nll[p, j] = -logp.reshape(n_data, -1).sum(1).mean()
     # transition t = cand[j] → s = cand[i], i < j
     at, as_ = abar[None, :], abar[:, None]  # [i, j]
     c0, _, post, beta = posterior_coefficients(at, as_)
@@ -77,7 +87,10 @@ def elbo_chains(model: Callable, data: torch.Tensor, schedule: Schedule, candida
     fixed = 0.5 * D * (torch.log(var_p) - torch.log(post) + post / var_p - 1.0)
     lower = torch.tril(torch.ones(N, N, dtype=torch.bool), -1).T  # i < j
     dec_var = 1.0 - abar
-    decoder = 0.5 * (d2 / dec_var[None] + D * (torch.log(dec_var)[None] + math.log(2 * math.pi))) / bits  # (k, N)
+    if discrete:
+        decoder = nll / bits  # (k, N)
+    else:
+        decoder = 0.5 * (d2 / dec_var[None] + D * (torch.log(dec_var)[None] + math.log(2 * math.pi))) / bits
     value = prior.numpy().copy()  # depth 1: the top of the chain
     back: list[np.ndarray] = []
     chains: dict[int, ElboChain] = {}

@@ -38,7 +38,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                       candidates: int = 64, grid: str = "logsnr", teacher_solver: str = "dpmpp_3m",
                       teacher_substeps: int = 8, holdout: float = 0.25, init: str = "best", iterations: int = 150,
                       lr: float = 0.05, patience: int = 6, fixed: Sequence[str] = FIXED_SPACINGS,
-                      data: torch.Tensor | None = None, variance: str = "posterior", seed: int = 0,
+                      data: torch.Tensor | None = None, variance: str = "posterior", discrete: bool = False,
+                      levels: int = 256, seed: int = 0,
                       history: bool = True, decoupled: bool = False, radius: float = 0.0,
                       batch: int | None = None, sampler_options: dict | None = None):
     """Timesteps for ``sampler`` at budget ``nfe`` (model evaluations; a list gives one schedule per budget),
@@ -62,7 +63,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         model_timesteps=report["model_timesteps"])``. ``radius``: LD3's soft teacher forcing (off at 0);
         ``batch``: training noises per iteration (all if None).
       - ``elbo`` (Watson et al. 2021): for the ancestral ``ddpm`` sampler, the integer chain minimising the K-step
-        ELBO on ``data`` (``noise`` unused), by a DP over pairwise KL terms (:func:`~diffsteps.steps.elbo.elbo_chains`).
+        ELBO on ``data`` (``noise`` unused), by a DP over pairwise KL terms (:func:`~diffsteps.steps.elbo.elbo_chains`);
+        ``discrete=True`` scores the data with the discretised decoder on ``levels`` values (digits: 17), the bound
+        the runner reports for discrete data, instead of the Gaussian density.
 
     ``noise`` (B, …): x at t = T−1; the last ``holdout`` fraction is held out (never used to optimise) and both
     errors are reported, each the RMS distance of the sampler's output from the teacher's endpoint, next to every
@@ -79,7 +82,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     for name in fixed:
         make_timesteps(name, 2, schedule)  # unknown names and spacings this schedule cannot do fail here
     if method == "elbo":
-        return _elbo(model, schedule, sampler, nfe, budgets, data, prediction, candidates, variance, seed, t_start)
+        return _elbo(model, schedule, sampler, nfe, budgets, data, prediction, candidates, variance, seed, t_start,
+                     discrete, levels)
     if not spec.is_deterministic(**opts):
         raise ValueError(f"method {method!r} needs a deterministic sampler (the step costs and the teacher's "
                          f"endpoint are functions of the noise); {sampler!r} with {opts or 'its defaults'} is "
@@ -203,7 +207,8 @@ def _evaluate(model, schedule, sampler, ts, noise, target, tr, ho, k, prediction
     return out
 
 
-def _elbo(model, schedule, sampler, nfe, budgets, data, prediction, candidates, variance, seed, t_start):
+def _elbo(model, schedule, sampler, nfe, budgets, data, prediction, candidates, variance, seed, t_start,
+          discrete, levels):
     if sampler != "ddpm":
         raise ValueError(f"method 'elbo' optimises the chain of the ancestral sampler 'ddpm', got {sampler!r}")
     if not isinstance(data, torch.Tensor) or data.ndim < 2 or len(data) < MIN_TRAIN:
@@ -212,13 +217,15 @@ def _elbo(model, schedule, sampler, nfe, budgets, data, prediction, candidates, 
     cand = torch.arange(T) if candidates >= T else torch.linspace(0, T - 1, candidates).round().long().unique()
     counter = CountingModel(model)
     chains, calls = elbo_chains(counter, data, schedule, cand, max(budgets.values()), prediction=prediction,
-                                variance=variance, generator=torch.Generator().manual_seed(seed))
+                                variance=variance, discrete=discrete, levels=levels,
+                                generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - t_start
     results = []
     for n, k in budgets.items():
         ch = chains[k]
         ts = ch.timesteps.flip(0).to(_F64)
         results.append((ts, {"method": "elbo", "sampler": sampler, "nfe": n, "steps": k, "elbo_bpd": ch.bpd,
-                             "variance": variance, "seed": seed, "timesteps": [float(v) for v in ts],
+                             "variance": variance, "decoder": f"discretised, {levels} levels" if discrete else "gaussian",
+                             "seed": seed, "timesteps": [float(v) for v in ts],
                              "cost": {"model_calls": calls, "seconds": seconds}}))
     return results[0] if isinstance(nfe, int) else results
