@@ -162,8 +162,21 @@ def test_registry_backed_differentiable_samplers_match_sample(setup, sampler, op
             out = run_differentiable(model, x, sch, sampler, sch.alpha_bar_at(ts).logit(), **options)
             ref = ds.sample(model, x, schedule=sch, sampler=sampler, spacing=ts, **options)
             assert (out - ref).abs().max().item() < 1e-10, (spacing, k)
-    with pytest.raises(ValueError, match="takes no sampler options"):
-        run_differentiable(model, x, sch, "dpmpp_2m", sch.alpha_bar_at(ts).logit(), final="ode")
+    # the hand-written forms are their samplers at the defaults: those options, spelled out (as a config's
+    # `eta: 0.0` is), are accepted; any other value is refused — by optimize_schedule before its first model call
+    lam = sch.alpha_bar_at(ts).logit()
+    for name, ok in (("ddim", {"eta": 0.0}), ("dpmpp_2m", {"final": "tweedie", "lower_order_final": True})):
+        ref = ds.sample(model, x, schedule=sch, sampler=name, spacing=ts)
+        assert (run_differentiable(model, x, sch, name, lam, **ok) - ref).abs().max().item() < 1e-10
+    with pytest.raises(ValueError, match=r"'dpmpp_2m' is the sampler at its defaults .*final='tweedie'.*got final='ode'"):
+        run_differentiable(model, x, sch, "dpmpp_2m", lam, final="ode")
+
+    def never(*a, **k):
+        raise AssertionError("the model was called before the options were checked")
+
+    with pytest.raises(ValueError, match=r"'dpmpp_2m' is the sampler at its defaults .*got final='ode'"):
+        ds.optimize_schedule(never, sch, sampler="dpmpp_2m", nfe=4, noise=noise(16, 2, seed=1), method="refine",
+                             sampler_options={"final": "ode"})
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "unipc"])

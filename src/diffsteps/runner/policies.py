@@ -66,7 +66,7 @@ class PolicySettings:
     predictor_quantiles: tuple = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
     predictor_hidden: int = 64
     predictor_epochs: int = 150
-    adaptive_rtols: tuple = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+    adaptive_rtols: tuple = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
     adaptive_atol_per_rtol: float = 0.156
     adaptive_max_nfe: int = 500
     adaptive_caps: tuple = (0.5, math.inf)
@@ -628,6 +628,8 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
             evals += int(nfe_c.sum())
             err_t, nfe_t = errors(run_at(rtol, cap), test, ref_test, cond)
             curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
+            log.info("%s, rtol %g: calibration coverage %.3f at mean NFE %.1f (%.1f s so far)", name, rtol,
+                     _coverage(err_c, s.error_target), float(nfe_c.double().mean()), seconds)
             if chosen is None and _coverage(err_c, s.error_target) >= level:
                 chosen = (float(nfe_c.double().mean()), rtol, cap)
         if chosen is not None and (best is None or chosen[0] < best[0]):

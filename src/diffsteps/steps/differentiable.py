@@ -14,6 +14,7 @@ arithmetic as :func:`diffsteps.sample`, option for option (``variant``, ``order`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,7 @@ from ..sampling.levels import Levels
 from ..sampling.arith import Arith
 from ..sampling.registry import get_sampler
 
-__all__ = ["DIFFERENTIABLE", "run_differentiable"]
+__all__ = ["DIFFERENTIABLE", "check_differentiable_options", "run_differentiable"]
 
 _F64 = torch.float64
 
@@ -147,18 +148,37 @@ DIFFERENTIABLE: dict[str, Callable] = {"ddim": _ddim, "euler": _ddim, "dpmpp_2m"
                                        "dpmpp_3m": _registry("dpmpp_3m"), "unipc": _registry("unipc")}
 
 
+def check_differentiable_options(sampler: str, options: dict) -> None:
+    """Raises unless ``sampler`` has a differentiable form that computes what ``diffsteps.sample`` does with these
+    sampler ``options``. The registry-backed ones (dpmpp_3m, unipc) run the sampler itself, so take any option it
+    takes; the hand-written ones (ddim, euler, dpmpp_2m, heun) are the sampler at its defaults, so an option is
+    accepted only at its default value (a config's explicit ``eta: 0.0`` for ddim)."""
+    if sampler not in DIFFERENTIABLE:
+        raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
+                         f"{', '.join(DIFFERENTIABLE)}")
+    if getattr(DIFFERENTIABLE[sampler], "needs_schedule", False) or not options:
+        return
+    params = inspect.signature(get_sampler(sampler).fn).parameters.values()
+    defaults = {p.name: p.default for p in params
+                if p.kind is p.KEYWORD_ONLY and p.name not in ("progress", "callback", "generator")}
+    bad = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
+    if bad:
+        raise ValueError(f"the differentiable {sampler!r} is the sampler at its defaults "
+                         f"({', '.join(f'{k}={v!r}' for k, v in defaults.items()) or 'it has no options'}); got "
+                         f"{', '.join(f'{k}={v!r}' for k, v in bad.items())} — use method='dp', which runs the "
+                         "sampler itself with any options")
+
+
 def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule, sampler: str, lams: torch.Tensor, *,
                        prediction: str = "epsilon", fd: float = 1e-3, model_lams: torch.Tensor | None = None,
                        **options) -> torch.Tensor:
     """The output of ``sampler`` from ``noise`` (x at λ = lams[0]) through the visited log-SNRs ``lams`` (K,
     increasing; float64 tensor, may require grad) and then into the data — what ``diffsteps.sample(...,
     spacing=t(lams), **options)`` returns, differentiable w.r.t. ``lams``. ``fd``: the time step of the t-derivative;
-    ``options``: sampler options (only for the registry-backed dpmpp_3m and unipc). ``model_lams`` (K,): decoupled
+    ``options``: sampler options (:func:`check_differentiable_options`). ``model_lams`` (K,): decoupled
     model-evaluation levels (LD3's ``timesteps2``) — the n-th model call is made at model_lams[n] (its t, α, σ)
     instead of the level the solver stands on; for samplers that call the model once per level, in order."""
-    if sampler not in DIFFERENTIABLE:
-        raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
-                         f"{', '.join(DIFFERENTIABLE)}")
+    check_differentiable_options(sampler, options)
     fn = DIFFERENTIABLE[sampler]
     denoise = _denoiser(model, schedule, prediction, fd)
     if model_lams is not None:
@@ -166,6 +186,4 @@ def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule,
     if getattr(fn, "needs_schedule", False):
         fn = _registry(sampler, **options) if options else fn
         return fn(denoise, noise.to(_F64), lams.to(_F64), schedule)
-    if options:
-        raise ValueError(f"the differentiable {sampler!r} takes no sampler options, got {sorted(options)}")
     return fn(denoise, noise.to(_F64), lams.to(_F64))
