@@ -54,7 +54,8 @@ SPARE_BYTES = 64 * 2**20
 _SPARE: list[torch.Tensor] = []
 _SPARE_LOCK = threading.Lock()
 
-# (sub_div, term count, per-sample, shape, dtype, device) → (compiled callable, coefficient vector, its numpy view)
+# (kind, per-sample, shape, dtype, device, input dtypes) → (compiled callable, coefficient vector, its numpy view);
+# kind (sub_div, term count) for _fused, ("rows", pattern) for _fused_rows
 _COMPILED: dict[tuple, tuple] = {}
 _FILL_LOCK = threading.Lock()
 _STATUS: dict[str, object] = {}  # "ok": bool, "why": the compiler's error, once probed
@@ -90,34 +91,85 @@ def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = F
     B = x.shape[0]
     cs = [c] + [cj for cj, _ in terms]
     ys = [y.reshape(B, -1).contiguous() for _, y in terms]  # the compiled code assumes the strides it saw
-    per_sample = any(isinstance(v, torch.Tensor) for v in cs)
     args = [out.view(B, -1), x.reshape(B, -1).contiguous()]
-    key = (sub_div, len(terms), per_sample, args[1].shape, x.dtype, x.device)
+    _run_compiled((sub_div, len(terms)), lambda: _graph(len(terms), sub_div), args, cs, ys)
+
+
+def _rows_graph(pattern: tuple):
+    """The function that is compiled for :func:`_fused_rows`: row k ← (Σ_j C_kj v_j) · s_k over the present terms of
+    ``pattern`` (v: the inputs, then the rows before k, as values in registers — never read back from memory), each
+    row summed in order (as :func:`~.levels.lincomb` would), all K written in one loop."""
+    K = len(pattern)
+
+    def fn(*args):
+        outs, cs, vals = args[:K], args[K], list(args[K + 1:])
+        p = 0
+        for k, (terms, scaled) in enumerate(pattern):
+            acc = None
+            for j, present in enumerate(terms):
+                if present:
+                    term = vals[j] * cs[p]
+                    acc = term if acc is None else acc + term
+                    p += 1
+            if scaled:
+                acc = acc * cs[p]
+                p += 1
+            outs[k].copy_(acc)
+            vals.append(acc)
+        return ()
+    return fn
+
+
+def _fused_rows(outs: list, ins: list, rows: list, scales: list) -> None:
+    """Row k = (Σ_j rows[k][j] v_j) · scales[k] into outs[k], for every k in one compiled loop that reads each input
+    once and writes each output once; v_j the J inputs, then rows 0 … k − 1 (their values, not re-read). Float64
+    coefficients (floats, or per-sample tensors); None where a term or scale is absent — part of the cache key, so
+    an absent term is never read. Compiled and cached as :func:`_fused` (one kernel per pattern, per-sample layout,
+    shape, dtype, device; the coefficients a tensor input)."""
+    B = ins[0].shape[0]
+    pattern = tuple((tuple(c is not None for c in row), s is not None) for row, s in zip(rows, scales))
+    if len(scales) != len(rows) or any(len(t) != len(ins) + k or not any(t) for k, (t, _) in enumerate(pattern)):
+        raise ValueError(f"row k needs one coefficient (or None) per input and per row before it, and one term at "
+                         f"least, and one scale (or None) per row: {pattern}")
+    cs = [c for row, s in zip(rows, scales) for c in list(row) + [s] if c is not None]
+    args = [o.view(B, -1) for o in outs]
+    ys = [y.reshape(B, -1).contiguous() for y in ins]
+    _run_compiled(("rows", pattern), lambda: _rows_graph(pattern), args, cs, ys)
+
+
+def _run_compiled(kind: tuple, graph, args: list, cs: list, ys: list) -> None:
+    """Call fn(*args, coefficients, *ys) compiled for ``kind`` (built on first use): ``args`` the outputs (and,
+    last, x for :func:`_fused`; all (B, n) like the last), ``cs`` the float64 coefficients as floats or per-sample
+    tensors, ``ys`` the other inputs."""
+    ref = args[-1]
+    B, device = ref.shape[0], ref.device
+    per_sample = any(isinstance(v, torch.Tensor) for v in cs)
+    key = kind + (per_sample, ref.shape, ref.dtype, device, tuple(y.dtype for y in ys))
     if per_sample:
-        coefs = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=x.device).reshape(-1, 1).expand(B, 1)
+        coefs = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1, 1).expand(B, 1)
                              for v in cs])
     if key not in _COMPILED:
         from torch._inductor import compile as inductor_compile
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        buf = None if per_sample else torch.zeros(len(cs), dtype=torch.float64, device=x.device)
+        buf = None if per_sample else torch.zeros(len(cs), dtype=torch.float64, device=device)
         example = args + [coefs if per_sample else buf] + ys
         example = [t.clone() for t in example]  # tracing and compiling run the graph: not on the caller's tensors
         try:
-            gm = make_fx(_graph(len(terms), sub_div))(example[0], example[1], example[2], *example[3:])
+            gm = make_fx(graph())(*example)
             compiled = inductor_compile(gm, example)
         except Exception as e:  # noqa: BLE001 — no compiler for this device (e.g. no triton for a GPU)
             raise _CompileError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         _COMPILED[key] = (compiled, buf, None if buf is None or buf.device.type != "cpu" else buf.numpy())
     fn, buf, view = _COMPILED[key]
     if per_sample:
-        fn(args[0], args[1], coefs, *ys)
+        fn(*args, coefs, *ys)
     elif view is not None:
         with _FILL_LOCK:  # the CPU kernel reads the vector synchronously: refilling the one buffer is safe per thread
             view[:] = cs
-            fn(args[0], args[1], buf, *ys)
+            fn(*args, buf, *ys)
     else:  # on an accelerator the kernel runs later: a fresh vector per call, copied in stream order
-        fn(args[0], args[1], torch.tensor(cs, dtype=torch.float64).to(x.device), *ys)
+        fn(*args, torch.tensor(cs, dtype=torch.float64).to(device), *ys)
 
 
 class Arith:
@@ -163,15 +215,47 @@ class Arith:
             out = self.empty_like(x)
         return lincomb(c, x, terms, out=out)
 
+    def lincombs(self, rows, ins: list, scales: list | None = None, eager: bool = True) -> list | None:
+        """K linear combinations into K new or recycled tensors: row k = (Σ_j rows[k][j] v_j) · scales[k], v_j the J
+        inputs and then the rows before k (so a row can build on an earlier one, as x_next on x̂_0). Coefficients
+        float64, floats or per-sample tensors; None: the term (or the scale) is absent. Fused: one compiled loop that
+        reads each input once and writes each row once (:func:`_fused_rows`) — J + K streams over memory where K
+        lincombs take Σ_k (terms_k + 1). Otherwise, or where that loop cannot be built, row by row as
+        :meth:`lincomb` eagerly computes it (first term scaled, the rest added in order; then the scale); with
+        ``eager=False`` None instead, for a caller whose eager path is another sequence of operators. No input is
+        written to."""
+        rows = [list(row) for row in rows]
+        scales = [None] * len(rows) if scales is None else list(scales)
+        if self.fuse and not torch.is_grad_enabled():
+            outs = [self.empty_like(ins[0]) for _ in rows]
+            try:
+                _fused_rows(outs, ins, rows, scales)
+                return outs
+            except _CompileError as e:
+                self._give_up(e, ins[0].device)
+                self.release(*outs)
+        if not eager:
+            return None
+        vals = list(ins)
+        for row, s in zip(rows, scales):
+            terms = [(c, y) for c, y in zip(row, vals) if c is not None]
+            (c0, y0), rest = terms[0], terms[1:]
+            out = lincomb(c0, y0, rest, out=self.empty_like(y0) if self.recycle else None)
+            vals.append(out if s is None else out.mul_(s))
+        return vals[len(ins):]
+
+    def _give_up(self, e: Exception, device) -> None:
+        warnings.warn(f"fuse=True: inductor cannot build the fused kernel for {device} ({e}); using the eager "
+                      "operators instead", RuntimeWarning, stacklevel=5)
+        self.fuse = False
+
     def _fused(self, out, x, c, terms, sub_div=False) -> bool:
         """The fused loop into out; where inductor cannot build it for this device, False (and eager from now on)."""
         try:
             _fused(out, x, c, terms, sub_div)
             return True
         except _CompileError as e:
-            warnings.warn(f"fuse=True: inductor cannot build the fused kernel for {x.device} ({e}); using the eager "
-                          "operators instead", RuntimeWarning, stacklevel=4)
-            self.fuse = False
+            self._give_up(e, x.device)
             return False
 
     def update(self, c, x: torch.Tensor, terms) -> torch.Tensor:
