@@ -126,15 +126,29 @@ def _fused_rows(outs: list, ins: list, rows: list, scales: list) -> None:
     coefficients (floats, or per-sample tensors); None where a term or scale is absent — part of the cache key, so
     an absent term is never read. Compiled and cached as :func:`_fused` (one kernel per pattern, per-sample layout,
     shape, dtype, device; the coefficients a tensor input)."""
-    B = ins[0].shape[0]
-    pattern = tuple((tuple(c is not None for c in row), s is not None) for row, s in zip(rows, scales))
-    if len(scales) != len(rows) or any(len(t) != len(ins) + k or not any(t) for k, (t, _) in enumerate(pattern)):
-        raise ValueError(f"row k needs one coefficient (or None) per input and per row before it, and one term at "
-                         f"least, and one scale (or None) per row: {pattern}")
-    cs = [c for row, s in zip(rows, scales) for c in list(row) + [s] if c is not None]
-    args = [o.view(B, -1) for o in outs]
-    ys = [y.reshape(B, -1).contiguous() for y in ins]
-    _run_compiled(("rows", pattern), lambda: _rows_graph(pattern), args, cs, ys)
+    B, cs, pattern = ins[0].shape[0], [], []
+    for row, s in zip(rows, scales):
+        pattern.append((tuple(c is not None for c in row), s is not None))
+        cs.extend(c for c in row if c is not None)
+        if s is not None:
+            cs.append(s)
+    pattern = tuple(pattern)
+    if pattern not in _VALID:  # checked once per pattern (the cache key holds it)
+        if len(scales) != len(rows) or any(len(t) != len(ins) + k or not any(t) for k, (t, _) in enumerate(pattern)):
+            raise ValueError(f"row k needs one coefficient (or None) per input and per row before it, one term at "
+                             f"least, and one scale (or None) per row: {pattern}")
+        _VALID.add(pattern)
+    _run_compiled(("rows", pattern), lambda: _rows_graph(pattern), [_flat(o, B) for o in outs], cs,
+                  [_flat(y, B) for y in ins])
+
+
+_VALID: set = set()
+
+
+def _flat(t: torch.Tensor, B: int) -> torch.Tensor:
+    """t seen as (B, n), contiguous — the compiled code assumes the strides it saw (a view where it can be one: an
+    output is written through it)."""
+    return t if t.dim() == 2 and t.is_contiguous() else t.reshape(B, -1).contiguous()
 
 
 def _run_compiled(kind: tuple, graph, args: list, cs: list, ys: list) -> None:
