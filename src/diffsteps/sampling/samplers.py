@@ -209,7 +209,13 @@ def _dpmpp_multistep(denoise: Denoiser, x: torch.Tensor, lv: Levels, order: int,
         x0, x_next = y, None
         if conv is not None:
             cx, cm = coeffs[i]
-            x0, x_next = _x0_and_step(ar, conv, x, y, cx, cm[0], cm[1:], hist)
+            # between steps only the last order − 1 x̂_0's are needed (the update, or the final step into the data,
+            # adds the new one): the oldest this step reads is spent with it, and x with it
+            x0, x_next = _x0_and_step(ar, conv, x, y, cx, cm[0], cm[1:], hist, spent=[x] + hist[order - 2:])
+            if x_next is not None:
+                hist, x = [x0] + hist[:order - 2], x_next
+                callback(i, x, x0)
+                continue
         hist = _push(ar, hist, x0, order)
         if x_next is None:
             if coeffs[i] is None:
@@ -291,10 +297,12 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
                 c0 = c0 + cx * ct
                 cs = [(cs[k] if k < len(cs) else 0.0) + (cx * dl[k] if k < len(dl) else 0.0)
                       for k in range(max(len(cs), len(dl)))]
-            x0, x_next = _x0_and_step(ar, conv, x, y, cx, c0, cs, hist)
+            # the corrector of the next step needs the last `order` x̂_0's: the one that drops out is spent, and x
+            x0, x_next = _x0_and_step(ar, conv, x, y, cx, c0, cs, hist, spent=[x] + hist[order - 1:])
         if x_next is not None:
-            hist = _push(ar, hist, x0, order)
-            ar.release(x, x_prev)
+            hist = [x0] + hist[:order - 1]
+            if x_prev is not x:  # a corrected state an eager step left (the caller's noise at the start: x itself)
+                ar.release(x_prev)
             x, x_prev = x_next, None
             callback(i, x, x0)
             continue
@@ -473,18 +481,27 @@ def _push(ar: Arith, hist: list, v: torch.Tensor, keep: int) -> list:
     return hist[:keep]
 
 
-def _x0_and_step(ar: Arith, conv: X0Map, x: torch.Tensor, out: torch.Tensor, cx, c0, cs: list, hist: list):
+def _x0_and_step(ar: Arith, conv: X0Map, x: torch.Tensor, out: torch.Tensor, cx, c0, cs: list, hist: list,
+                 spent: list):
     """A data-prediction step from the network output: x̂_0 = (p x + q·out)·s (``conv``) and the update
     c_x x + c_0 x̂_0 + Σ_j c_j hist_j, as (x̂_0, x_next), in one fused loop over x, out and hist that writes both (the
     update takes x̂_0 from the register, rounded as the eager path rounds it). With x0-prediction x̂_0 is out itself
-    and the update one linear combination. (x̂_0 formed as the Denoiser forms it, None) where the fused loop cannot
-    be built: the caller then takes its eager path."""
+    and the update one linear combination. ``spent`` (x, old x̂_0's) is not needed afterwards: handed back, and where
+    the loop reads it, written over (:meth:`~.arith.Arith.lincombs`). (x̂_0 formed as the Denoiser forms it, None),
+    nothing handed back, where the fused loop cannot be built: the caller then takes its eager path."""
     others = list(hist[:len(cs)])
+    ins = [x, out] + others
     if conv.is_output:
-        return out, ar.lincomb(cx, x, [(c0, out)] + list(zip(cs, others)))
+        x_next = ar.lincomb(cx, x, [(c0, out)] + list(zip(cs, others)))
+        ar.release(*spent)
+        return out, x_next
     rows = [[conv.p, conv.q] + [None] * len(others), [cx, None] + list(cs) + [c0]]
-    res = ar.lincombs(rows, [x, out] + others, scales=[conv.s, None], eager=False)
-    return (conv.x0(ar, x, out), None) if res is None else tuple(res)
+    read = [j for t in spent for j, y in enumerate(ins) if y is t and j != 1]  # never the network's output
+    res = ar.lincombs(rows, ins, scales=[conv.s, None], eager=False, spent=read[1:] + read[:1])  # x̂_0 over an x̂_0
+    if res is None:
+        return conv.x0(ar, x, out), None
+    ar.release(*(t for t in spent if not any(t is y for y in ins)))
+    return tuple(res)
 
 
 def _probe(denoise: Denoiser, x: torch.Tensor, *level):
