@@ -293,3 +293,52 @@ def test_lincombs_rows_build_on_earlier_rows():
 def lincomb_ref(c, x, terms, s):
     from diffsteps.sampling.levels import lincomb
     return lincomb(c, x, terms).mul_(s)
+
+
+def test_alias_check_catches_a_kernel_that_writes_before_it_reads():
+    # _alias_safe runs a compiled loop once with output k written over input alias[k]; a kernel made of two loops
+    # (the first output written before the second loop reads the input it overwrote) must fail it
+    def one_loop(o0, o1, cs, x, y):
+        a, b = x * cs[0] + y * cs[1], x * cs[2]
+        o0.copy_(a)
+        o1.copy_(b)
+
+    def two_loops(o0, o1, cs, x, y):
+        o0.copy_(x * cs[0] + y * cs[1])
+        o1.copy_(x * cs[2])  # reads x after o0 was written: wrong if o0 is x
+
+    example = [torch.empty(8, 4), torch.empty(8, 4), torch.zeros(3, dtype=torch.float64),
+               torch.empty(8, 4), torch.empty(8, 4)]
+    assert arith._alias_safe(one_loop, (0, 1), example, 2)
+    assert not arith._alias_safe(two_loops, (0, None), example, 2)
+    assert arith._alias_safe(two_loops, (1, None), example, 2)  # y is not read after o0 is written
+
+
+@pytest.mark.skipif(not fused_available()[0], reason=f"no working torch.compile here: {fused_available()[1]}")
+def test_fused_rows_write_over_spent_inputs_only_where_safe(monkeypatch):
+    # with recycling, a row is written over an input the caller has spent, if that input is the Arith's own; where
+    # the alias check fails, into separate memory — the same numbers either way
+    rows, scales = [[1.0, -0.5, None], [0.9, None, 0.2, 0.3]], [2.0, None]
+    results = []
+    with torch.no_grad():
+        for safe in (True, False):
+            g = torch.Generator().manual_seed(4)
+            monkeypatch.setattr(arith, "_COMPILED", {})
+            if not safe:
+                monkeypatch.setattr(arith, "_alias_safe", lambda *a: False)
+            ar = Arith(fuse=True, recycle=True)
+            x, m = ar.empty_like(torch.empty(16, 8)), ar.empty_like(torch.empty(16, 8))
+            x.copy_(torch.randn(16, 8, generator=g))
+            m.copy_(torch.randn(16, 8, generator=g))
+            out = torch.randn(16, 8, generator=g)  # not the Arith's: never written over
+            r0 = (x.double() - 0.5 * out.double()) * 2.0
+            want = [r0, 0.9 * x.double() + 0.2 * m.double() + 0.3 * r0]
+            out_copy = out.clone()
+            got = ar.lincombs(rows, [x, out, m], scales=scales, spent=[2, 1, 0])
+            assert all((a.double() - b).abs().max().item() <= 1e-6 * b.abs().max().item() for a, b in zip(got, want))
+            assert torch.equal(out, out_copy)
+            assert (got[0] is m and got[1] is x) == safe
+            assert all(not any(g_ is o for o in (x, m)) for g_ in got) != safe
+            assert len(ar._pool) == (0 if safe else 2)  # spent and not written over: handed back
+            results.append(got)
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # the same loop, whichever memory it writes

@@ -9,7 +9,9 @@ dynamic thresholding and counts evaluations.
 Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one linear
 combination c x + Σ c_j y_j through the Denoiser's :class:`~.arith.Arith` — one scaling and one fused multiply-add
 per term, or one compiled loop with ``fuse`` — into a tensor of its own. The ε-solvers fold x̂_0 = (x − σ ε̂)/α into
-their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. The samplers hand back
+their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. With ``fuse`` the data-prediction
+solvers take the network output as it is (``want="linear"``) and form x̂_0 and the update (unipc: and its corrector)
+in one two-output loop (:func:`_x0_and_step`). The samplers hand back
 (``release``, ``update``, :func:`_push`) what they no longer need; with recycling on (:func:`~.api.sample` without a
 callback) the next step writes into it. Nothing else is written in place: the caller's noise, the model's output and
 what a callback saw stay as they were.
