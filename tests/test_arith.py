@@ -342,3 +342,18 @@ def test_fused_rows_write_over_spent_inputs_only_where_safe(monkeypatch):
             assert len(ar._pool) == (0 if safe else 2)  # spent and not written over: handed back
             results.append(got)
     assert all(torch.equal(a, b) for a, b in zip(*results))  # the same loop, whichever memory it writes
+
+
+@pytest.mark.skipif(not fused_available()[0], reason=f"no working torch.compile here: {fused_available()[1]}")
+def test_fused_at_a_zero_terminal_snr_start_gives_what_eager_gives(gmm):
+    # ε-prediction's x̂_0 = (x − σ ε̂)/α at α = 0 is no linear map (the fold falls back) and 1/α no float: the fused
+    # conversion divides eagerly, as eager does, instead of raising ZeroDivisionError
+    _, x = gmm
+    zsnr = ds.make_schedule("linear", 1000, zero_terminal_snr=True)
+
+    def eps(x, t):  # the exact ε of N(0, ¼ I) data
+        a = zsnr.alpha_bar_at(t.double()).to(x.dtype).reshape(-1, 1)
+        return (x - a.sqrt() * 0.25 * a.sqrt() * x / (0.25 * a + 1 - a)) / (1 - a).sqrt()
+
+    runs = [ds.sample(eps, x, schedule=zsnr, sampler="dpmpp_2m", steps=10, fuse=f) for f in (False, True)]
+    assert torch.equal(runs[0].isnan(), runs[1].isnan())

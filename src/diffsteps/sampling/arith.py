@@ -338,8 +338,9 @@ class Arith:
 
     def sub_div(self, x: torch.Tensor, c, y: torch.Tensor, d) -> torch.Tensor:
         """(x − c y)/d: eagerly one fused multiply-add and one in-place division (the rounding the samplers always
-        had), fused one loop computing (x − c y) · (1/d)."""
-        if self.fuse and not torch.is_grad_enabled():
+        had), fused one loop computing (x − c y) · (1/d). A float d = 0 (ε-prediction's x̂_0 at a zero-terminal-SNR
+        start) divides eagerly, to the infinities eager gives, where 1/d would raise."""
+        if self.fuse and not torch.is_grad_enabled() and (isinstance(d, torch.Tensor) or d != 0):
             out = self.empty_like(x)
             if self._fused(out, x, c, [(1 / d, y)], sub_div=True):
                 return out
