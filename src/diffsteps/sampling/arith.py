@@ -11,13 +11,6 @@ state-sized tensors with float64 coefficients. :class:`Arith` computes it
   call). Where inductor cannot build it (no C++ compiler, no triton) it falls back to the eager path with a warning
   (:func:`fused_available`, :meth:`Arith._fused`).
 
-Several combinations over the same inputs — a data-prediction solver's x̂_0 = (x − σ ε̂)/α and its update
-c x + c_0 x̂_0 + Σ c_j x̂_0^{(j)} — are one linear map with K outputs (:meth:`Arith.lincombs`; a row may build on the
-rows before it, from the register): fused, one loop that reads each input once and writes K outputs
-(:func:`_fused_rows`), eagerly K lincombs. Its outputs may be written over inputs the caller has spent (``spent``:
-the state it replaces, the x̂_0 that drops out of the history) — memory just read, so still in cache — where they are
-this Arith's own; the compiled loop is checked once per kernel to give the same result that way (:func:`_alias_safe`).
-
 and stores it in a new tensor, or, with ``recycle=True`` (:func:`~.api.sample` without a callback), in a buffer it
 made earlier and the sampler handed back (:meth:`Arith.release`) once nothing refers to it. A 2.5 MB state that is
 freed and allocated again every step makes glibc return the memory to the kernel and fault it in again, zeroed, on
@@ -25,6 +18,13 @@ the next allocation: measured here that costs more than the arithmetic itself (d
 tensors this Arith made are ever recycled — never the caller's noise, a model output or anything a callback saw — and
 a state whose memory the model's output shares is not recycled either (a model may return its input). A model must
 not keep a reference to its input x beyond the call when ``recycle`` is on.
+
+Several combinations over the same inputs — a data-prediction solver's x̂_0 = (x − σ ε̂)/α and its update
+c x + c_0 x̂_0 + Σ c_j x̂_0^{(j)} — are one linear map with K outputs (:meth:`Arith.lincombs`; a row may build on the
+rows before it, from the register): fused, one loop that reads each input once and writes K outputs
+(:func:`_fused_rows`), eagerly K lincombs. Its outputs may be written over inputs the caller has spent (``spent``:
+the state it replaces, the x̂_0 that drops out of the history) — memory just read, so still in cache — where they are
+this Arith's own; the compiled loop is checked once per kernel to give the same result that way (:func:`_alias_safe`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ _SPARE: list[torch.Tensor] = []
 _SPARE_LOCK = threading.Lock()
 
 # (kind, per-sample, shape, dtype, device, input dtypes) → (compiled callable, coefficient vector, its numpy view);
-# kind (sub_div, term count) for _fused, ("rows", pattern) for _fused_rows
+# kind (sub_div, term count) for _fused, ("rows", pattern, alias) for _fused_rows; callable None: aliasing unsafe
 _COMPILED: dict[tuple, tuple] = {}
 _FILL_LOCK = threading.Lock()
 _STATUS: dict[str, object] = {}  # "ok": bool, "why": the compiler's error, once probed
