@@ -28,7 +28,11 @@ out=buf)``) and one noise draw (``torch.randn`` of the state's size, what ddpm a
 (``time.thread_time``; page faults included): on a shared 2-core machine wall time also counts the time the
 process waits for a core, which best-of-3 does not remove (``--clock wall`` for wall time).
 
-    python experiments/sampler_overhead.py --vs-diffusers [--repeats 5] [--clock cpu]
+    python experiments/sampler_overhead.py --vs-diffusers [--repeats 5] [--clock cpu] [--outputs 6]
+
+``--outputs k``: the zero-cost model returns k preallocated tensors in turn (default 1: the same tensor every call).
+With one, a multistep ε-solver's history is k copies of one buffer, which flatters it; k = 6 is what a network gives
+(a new output per call), without the allocation. The table is appended under its own title (one per k).
 """
 
 from __future__ import annotations
@@ -142,16 +146,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks/sampler_overhead.txt"))
     ap.add_argument("--vs-diffusers", action="store_true", help="ours next to diffusers' schedulers (module doc)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="--vs-diffusers: thread CPU or wall time")
+    ap.add_argument("--outputs", type=int, default=1, help="--vs-diffusers: the model returns this many tensors in turn")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.inner, args.per_sample)))
         return
     if args.vs_diffusers:
-        text = vs_diffusers(args.repeats, time.thread_time if args.clock == "cpu" else time.perf_counter)
+        text = vs_diffusers(args.repeats, time.thread_time if args.clock == "cpu" else time.perf_counter,
+                            args.outputs)
         print(text)
         old = Path(args.out).read_text() if Path(args.out).exists() else ""
-        old = old.split(VS_TITLE)[0].rstrip("\n")
-        Path(args.out).write_text((old + "\n\n" if old else "") + text)
+        Path(args.out).write_text((old.rstrip("\n") + "\n\n" if old else "") + text)
         return
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp)
@@ -228,7 +233,7 @@ def _diffusers_pairs():
     }
 
 
-def vs_diffusers(repeats: int, clock=time.thread_time) -> str:
+def vs_diffusers(repeats: int, clock=time.thread_time, outputs: int = 1) -> str:
     import torch
 
     import diffsteps as ds
@@ -238,11 +243,14 @@ def vs_diffusers(repeats: int, clock=time.thread_time) -> str:
     shape = (10_000, 64)
     g = torch.Generator().manual_seed(0)
     x, fixed = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    turn = [fixed] + [torch.randn(shape, generator=g) for _ in range(outputs - 1)]
     schedule = ds.make_schedule("linear", 1000)
     pairs = _diffusers_pairs()
+    calls = [0]
 
-    def model(x, t):
-        return fixed
+    def model(x, t):  # zero cost: one of ``outputs`` fixed tensors, in turn
+        calls[0] += 1
+        return turn[calls[0] % outputs]
 
     def ours(name, opts, fuse=False):
         def run():
@@ -259,8 +267,9 @@ def vs_diffusers(repeats: int, clock=time.thread_time) -> str:
             for t in sch.timesteps:
                 sch.scale_model_input(y, t)
                 n += 1
-                y = sch.step(fixed, t, y, generator=gen).prev_sample if "generator" in \
-                    sch.step.__code__.co_varnames else sch.step(fixed, t, y).prev_sample
+                out = model(y, t)
+                y = sch.step(out, t, y, generator=gen).prev_sample if "generator" in \
+                    sch.step.__code__.co_varnames else sch.step(out, t, y).prev_sample
             return n
         return run
 
@@ -306,7 +315,9 @@ def vs_diffusers(repeats: int, clock=time.thread_time) -> str:
         print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
     f, z = statistics.median(fused_t), statistics.median(noise_t)
     clock_name = "thread CPU time" if clock is time.thread_time else "wall time"
-    lines = [VS_TITLE + f" (ms per model call, zero-cost model, 10,000 × 64 float32, {STEPS} trailing steps, 1 thread)",
+    returns = "the same tensor every call" if outputs == 1 else f"{outputs} tensors in turn"
+    lines = [VS_TITLE + f" (ms per model call, zero-cost model returning {returns}, 10,000 × 64 float32, {STEPS} "
+             "trailing steps, 1 thread)",
              "", f"{clock_name}, median over {repeats} interleaved repeats of the best of 3; torch {torch.__version__}. "
              f"One fused elementwise pass over the state (torch.add(x, y, alpha=a, out=buf), {STEPS} in a row as a "
              f"sampler run has {STEPS} steps): {f * 1e3:.3f} ms. One noise draw (torch.randn of the state's size "

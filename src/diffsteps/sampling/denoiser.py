@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ..core.parameterizations import check_prediction
 from .arith import Arith
 from .guidance import check_guidance, guided_call
-from .levels import every
+from .levels import Level, every
 
 
 class Denoiser:
@@ -61,6 +62,20 @@ class Denoiser:
         """Whether x̂_0 is clipped or thresholded after the network (so ε̂ is re-derived from it)."""
         return self.clip_denoised is not None or self.dynamic_threshold is not None
 
+    def _x0_map(self, alpha, sigma) -> X0Map | None:
+        """x̂_0 = (p x + q·out)·s for this prediction at level (α, σ) (:func:`_convert`'s formulas; guidance combines the
+        network outputs before this, so it stays linear), or None where x̂_0 is no linear function of them."""
+        if self.transforms_x0:
+            return None
+        if self.prediction == "epsilon":  # x̂_0 = (x − σ ε̂) · (1/α), as the fused sub_div computes it
+            if not (bool((alpha > 0).all()) if isinstance(alpha, torch.Tensor) else alpha > 0):
+                return None
+            return X0Map(1.0, -sigma, 1 / alpha, alpha, sigma, self.prediction)
+        if self.prediction == "x0":
+            return X0Map(0.0, 1.0, 1.0, alpha, sigma, self.prediction)
+        # v: x̂_0 = α x − σ v̂ (times s = 1, exact: one fused kernel for both parameterisations)
+        return X0Map(alpha, -sigma, 1.0, alpha, sigma, self.prediction)
+
     def _cond_as(self, dtype: torch.dtype) -> dict:
         if self._cond_cast[0] is not dtype:
             self._cond_cast = (dtype, {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.cond.items()})
@@ -72,6 +87,9 @@ class Denoiser:
         other is returned as None — so a data-prediction solver does not pay for ε̂ nor an ε-solver for x̂_0 (with
         ε-prediction ε̂ is the network output itself, no pass over the state at all). Clipping and thresholding act on
         x̂_0, so with either the pair is formed whatever ``want`` says, and ε̂ re-derived from the clipped x̂_0.
+        ``want="linear"``: (network output, :class:`X0Map`) where x̂_0 is a linear function (p x + q·out)·s of the two,
+        so a sampler can fold the conversion into its own update (one loop instead of two); where it is not — clipping,
+        thresholding, or ε-prediction at α = 0 — (x̂_0, None), exactly as ``"x0"`` gives it.
         ``rows``: which samples of the batch x holds (a sampler that evaluates only some), so ``cond`` follows."""
         if want not in WANTS:
             raise ValueError(f"want must be one of: {', '.join(WANTS)}; got {want!r}")
@@ -93,6 +111,11 @@ class Denoiser:
         out = out.to(x.dtype)
         self.arith.disown_if_aliased(x, out)
         self.nfe += cost
+        if want == "linear":
+            m = self._x0_map(alpha, sigma)
+            if m is not None:
+                return out, m
+            want = "x0"
         if self.clip_denoised is None and self.dynamic_threshold is None:
             return _convert(self.arith, out, x, alpha, sigma, self.prediction, want)
         x0 = _convert(self.arith, out, x, alpha, sigma, self.prediction, "x0")[0]
@@ -112,7 +135,31 @@ class Denoiser:
         return (None if want == "eps" else x0), eps
 
 
-WANTS = ("both", "x0", "eps")
+WANTS = ("both", "x0", "eps", "linear")
+
+
+@dataclass(frozen=True)
+class X0Map:
+    """x̂_0 = (p x + q·out) · s, the network output's conversion at one level
+    (``Denoiser(..., want="linear")``); float64 floats, or per-sample tensors. ``alpha``, ``sigma``,
+    ``prediction``: that level and parameterisation, so :meth:`x0` can form x̂_0 with the operators the Denoiser
+    itself uses."""
+
+    p: Level
+    q: Level
+    s: Level
+    alpha: Level
+    sigma: Level
+    prediction: str
+
+    @property
+    def is_output(self) -> bool:
+        """x̂_0 is the network output itself (x0-prediction): nothing to form."""
+        return self.prediction == "x0"
+
+    def x0(self, ar: Arith, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x̂_0 exactly as ``Denoiser(..., want="x0")`` forms it (its operators, its rounding)."""
+        return _convert(ar, out, x, self.alpha, self.sigma, self.prediction, "x0")[0]
 
 
 def _convert(ar: Arith, out: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str, want: str):

@@ -9,7 +9,9 @@ dynamic thresholding and counts evaluations.
 Lean loops: each sampler computes its per-step coefficients once per call, in float64, and a step is one linear
 combination c x + Σ c_j y_j through the Denoiser's :class:`~.arith.Arith` — one scaling and one fused multiply-add
 per term, or one compiled loop with ``fuse`` — into a tensor of its own. The ε-solvers fold x̂_0 = (x − σ ε̂)/α into
-their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. The samplers hand back
+their coefficients (:func:`_step_eps`), so with an ε-network they convert nothing. With ``fuse`` the data-prediction
+solvers take the network output as it is (``want="linear"``) and form x̂_0 and the update (unipc: and its corrector)
+in one two-output loop (:func:`_x0_and_step`). The samplers hand back
 (``release``, ``update``, :func:`_push`) what they no longer need; with recycling on (:func:`~.api.sample` without a
 callback) the next step writes into it. Nothing else is written in place: the caller's noise, the model's output and
 what a callback saw stay as they were.
@@ -58,7 +60,7 @@ import torch
 
 from ..core.process import posterior_coefficients
 from .arith import Arith
-from .denoiser import Denoiser
+from .denoiser import Denoiser, X0Map
 from .levels import Levels, every, expm1, log, relu, sqrt
 
 
@@ -202,15 +204,28 @@ def _dpmpp_multistep(denoise: Denoiser, x: torch.Tensor, lv: Levels, order: int,
     orders = _multistep_orders(n, order, lower_order_final)
     coeffs = [None if every(sg[i + 1] == 0) else _dpmpp_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
+    ar = denoise.arith if n > 0 else None  # plan_sampling validates the options with no Denoiser and no levels
     for i in progress(range(n)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
-        hist = _push(denoise.arith, hist, x0, order)
-        if coeffs[i] is None:
-            x_next = _to_data(denoise.arith, final, hist, lv, i, orders[i])
-        else:
+        fold = ar.fuse and coeffs[i] is not None  # x̂_0 and the update in one loop (_x0_and_step)
+        y, conv = denoise(x, lv.t[i], al[i], sg[i], "linear" if fold else "x0")
+        x0, x_next = y, None
+        if conv is not None:
             cx, cm = coeffs[i]
-            x_next = denoise.arith.lincomb(cx, x, list(zip(cm, hist)))
-        denoise.arith.release(x)
+            # between steps only the last order − 1 x̂_0's are needed (the update, or the final step into the data,
+            # adds the new one): the oldest this step reads is spent with it, and x with it
+            x0, x_next = _x0_and_step(ar, conv, x, y, cx, cm[0], cm[1:], hist, spent=[x] + hist[order - 2:])
+            if x_next is not None:
+                hist, x = [x0] + hist[:order - 2], x_next
+                callback(i, x, x0)
+                continue
+        hist = _push(ar, hist, x0, order)
+        if x_next is None:
+            if coeffs[i] is None:
+                x_next = _to_data(ar, final, hist, lv, i, orders[i])
+            else:
+                cx, cm = coeffs[i]
+                x_next = ar.lincomb(cx, x, list(zip(cm, hist)))
+        ar.release(x)
         x = x_next
         callback(i, x, x0)
     return x
@@ -267,14 +282,39 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
             continue
         pred.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=False))
         corr.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=True) if corrector else None)
+    # with fuse: the corrector as an offset from the predicted state (_unipc_offset), folded into the next predictor
+    offset = [None if c is None else _unipc_offset(p, c) for p, c in zip(pred, corr)]
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     ar = denoise.arith if n > 0 else None
-    x_prev = x  # the (corrected) state at the last level: the corrector starts from it
+    x_prev = x  # the (corrected) state at the last level: the corrector starts from it; None after a folded step
     for i in progress(range(n)):
-        x0, _ = denoise(x, lv.t[i], al[i], sg[i], "x0")
-        if i > 0 and corr[i - 1] is not None:
+        fold = ar.fuse and pred[i] is not None  # x̂_0, the corrector and the predictor in one loop
+        y, conv = denoise(x, lv.t[i], al[i], sg[i], "linear" if fold else "x0")
+        x0, x_next = y, None
+        if conv is not None:
+            cx, cm = pred[i]
+            c0, cs = cm[0], list(cm[1:])
+            if i > 0 and offset[i - 1] is not None:  # predict from x + Σ Δ_k m_{i−1−k} + c_t x̂_0, the corrected x
+                ct, dl = offset[i - 1]
+                c0 = c0 + cx * ct
+                cs = [(cs[k] if k < len(cs) else 0.0) + (cx * dl[k] if k < len(dl) else 0.0)
+                      for k in range(max(len(cs), len(dl)))]
+            # the corrector of the next step needs the last `order` x̂_0's: the one that drops out is spent, and x
+            x0, x_next = _x0_and_step(ar, conv, x, y, cx, c0, cs, hist, spent=[x] + hist[order - 1:])
+        if x_next is not None:
+            hist = [x0] + hist[:order - 1]
+            if x_prev is not x:  # a corrected state an eager step left (the caller's noise at the start: x itself)
+                ar.release(x_prev)
+            x, x_prev = x_next, None
+            callback(i, x, x0)
+            continue
+        if i > 0 and corr[i - 1] is not None and (x_prev is not None or pred[i] is not None):
             cx, cm, ct = corr[i - 1]
-            x_pred, x = x, ar.lincomb(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
+            if x_prev is None:  # the step before was folded: correct x by its offset
+                ct, dl = offset[i - 1]
+                x_pred, x = x, ar.lincomb(1.0, x, list(zip(dl, hist)) + [(ct, x0)])
+            else:
+                x_pred, x = x, ar.lincomb(cx, x_prev, list(zip(cm, hist)) + [(ct, x0)])
             ar.release(x_pred)  # replaced by the corrected state
         hist = _push(ar, hist, x0, order)
         if x_prev is not x:
@@ -287,6 +327,14 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
             x = ar.lincomb(cx, x, list(zip(cm, hist)))
         callback(i, x, x0)
     return x
+
+
+def _unipc_offset(pred: tuple, corr: tuple) -> tuple:
+    """UniPC's corrector as an offset from the predicted state: both step from the same state x_s with the same
+    c_x = σ_n/σ_s, so x_n^c = x_n^pred + Σ_k (c_k^corr − c_k^pred) m_k + c_t m_n. (c_t, [Δ_k]): the state it
+    corrects is the predictor's output, and the one it starts from need not be kept."""
+    (_, cp), (_, cc, ct) = pred, corr
+    return ct, [a - b for a, b in zip(cc, cp)]
 
 
 def sample_ipndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int = 4, lower_order_final: bool = True,
@@ -433,6 +481,29 @@ def _push(ar: Arith, hist: list, v: torch.Tensor, keep: int) -> list:
     hist = [v] + hist
     ar.release(*hist[keep:])
     return hist[:keep]
+
+
+def _x0_and_step(ar: Arith, conv: X0Map, x: torch.Tensor, out: torch.Tensor, cx, c0, cs: list, hist: list,
+                 spent: list):
+    """A data-prediction step from the network output: x̂_0 = (p x + q·out)·s (``conv``) and the update
+    c_x x + c_0 x̂_0 + Σ_j c_j hist_j, as (x̂_0, x_next), in one fused loop over x, out and hist that writes both (the
+    update takes x̂_0 from the register, rounded as the eager path rounds it). With x0-prediction x̂_0 is out itself
+    and the update one linear combination. ``spent`` (x, old x̂_0's) is not needed afterwards: handed back, and where
+    the loop reads it, written over (:meth:`~.arith.Arith.lincombs`). (x̂_0 formed as the Denoiser forms it, None),
+    nothing handed back, where the fused loop cannot be built: the caller then takes its eager path."""
+    others = list(hist[:len(cs)])
+    ins = [x, out] + others
+    if conv.is_output:
+        x_next = ar.lincomb(cx, x, [(c0, out)] + list(zip(cs, others)))
+        ar.release(*spent)
+        return out, x_next
+    rows = [[conv.p, conv.q] + [None] * len(others), [cx, None] + list(cs) + [c0]]
+    read = [j for t in spent for j, y in enumerate(ins) if y is t and j != 1]  # never the network's output
+    res = ar.lincombs(rows, ins, scales=[conv.s, None], eager=False, spent=read[1:] + read[:1])  # x̂_0 over an x̂_0
+    if res is None:
+        return conv.x0(ar, x, out), None
+    ar.release(*(t for t in spent if not any(t is y for y in ins)))
+    return tuple(res)
 
 
 def _probe(denoise: Denoiser, x: torch.Tensor, *level):
