@@ -126,7 +126,10 @@ class _RegistryDenoiser:
         self.denoise, self.arith = denoise, Arith()
 
     def __call__(self, x, t, alpha, sigma, want="both", rows=None):
-        return self.denoise.at(x, t, alpha, sigma)
+        # the Denoiser's contract: the pair, or the one asked for with the other None (never "linear": this Arith
+        # does not fuse, so the samplers do not ask for it)
+        x0, eps = self.denoise.at(x, t, alpha, sigma)
+        return (None if want == "eps" else x0), (None if want == "x0" else eps)
 
 
 def _registry(name: str, **options):
