@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,6 +30,7 @@ from .teacher import (
 __all__ = ["FIXED_SPACINGS", "METHODS", "MIN_HELDOUT", "MIN_TRAIN", "optimize_schedule"]
 
 _F64 = torch.float64
+log = logging.getLogger("diffsteps")
 METHODS = ("dp", "refine", "elbo")
 FIXED_SPACINGS = ("trailing", "karras", "logsnr", "linspace")
 MIN_TRAIN, MIN_HELDOUT = 8, 4
@@ -116,6 +119,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     teacher = teacher_solve(counter, noise, schedule, cand, solver=teacher_solver, substeps=teacher_substeps,
                             prediction=prediction)
     teacher_calls = counter.calls
+    log.info("teacher (%s, %d levels × %d substeps) on %d noises: %d model calls, %.1f s", teacher_solver,
+             len(cand), teacher_substeps, len(noise), teacher_calls, time.perf_counter() - t_start)
     tr, ho = slice(0, n_train), slice(n_train, None)
     train_teacher = type(teacher)(teacher.t, teacher.states[:, tr], teacher.x0[:, tr], teacher.calls,
                                   teacher.settings)
@@ -157,6 +162,10 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         report["cost"] = {"model_calls": shared_calls + calls, "seconds": shared_seconds + seconds,
                           "shared_model_calls": shared_calls, "shared_seconds": shared_seconds}
         results.append((ts, report))
+        log.info("%s NFE %d (%d steps, %s): held-out RMS %.4g against the best fixed spacing's %.4g (%s); %d model "
+                 "calls, %.1f s", sampler, n, k, method, report["heldout_error"],
+                 report["fixed"].get(report["best_fixed"], {}).get("heldout", math.nan), report["best_fixed"],
+                 calls, seconds)
     return results[0] if isinstance(nfe, int) else results
 
 

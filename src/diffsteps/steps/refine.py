@@ -3,6 +3,7 @@ on the visited levels so the K-step sampler lands on the teacher's endpoint, val
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +12,8 @@ import torch
 from ..core.schedules import Schedule
 from ..sampling.api import ONE_CALL_PER_LEVEL
 from .differentiable import DIFFERENTIABLE, run_differentiable
+
+log = logging.getLogger("diffsteps")
 
 __all__ = ["RefineResult", "refine_timesteps"]
 
@@ -135,6 +138,9 @@ def refine_timesteps(model: Callable, schedule: Schedule, sampler: str, init: to
         if it % eval_every == 0 or it == iterations:
             val = evaluate(*heldout)
             history.append((it, loss.sqrt().item(), val))
+            if it % (4 * eval_every) == 0:  # a line every ~20 iterations: minutes apart on a real network
+                log.info("refine %s, %d levels: iteration %d/%d, train RMS %.4g, held-out %.4g (best %.4g), lr %.3g",
+                         sampler, len(init), it, iterations, loss.sqrt().item(), val, min(val, best[0]), rate)
             if val < best[0]:
                 best, stale = (val, logits.detach().clone(), shift.detach().clone(), it), 0
                 continue
