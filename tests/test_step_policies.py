@@ -216,6 +216,7 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
                                                                                           "adaptive, no cap"}
     for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
                        ({"adaptive_caps": [0.5, 0]}, "adaptive_caps must be λ-step caps > 0"),
+                       ({"adaptive_caps": [".inf"]}, r"no cap: inf on the command line, \.inf in YAML\), got \['\.inf'\]"),
                        ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):
         with pytest.raises(ValueError, match=match):  # before any model call
             PolicySettings.from_cfg(OmegaConf.create({"policies": bad}))

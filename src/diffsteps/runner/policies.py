@@ -107,8 +107,8 @@ class PolicySettings:
         if not 0 <= s.adaptive_atol_per_rtol < math.inf:
             raise ValueError(f"policies.adaptive_atol_per_rtol must be ≥ 0, got {s.adaptive_atol_per_rtol!r}")
         if not s.adaptive_caps or not all(isinstance(c, (int, float)) and c > 0 for c in s.adaptive_caps):
-            raise ValueError(f"policies.adaptive_caps must be λ-step caps > 0 (.inf: no cap), got "
-                             f"{list(s.adaptive_caps)}")
+            raise ValueError(f"policies.adaptive_caps must be λ-step caps > 0 (no cap: inf on the command line, .inf "
+                             f"in YAML), got {list(s.adaptive_caps)}")
         if isinstance(s.adaptive_max_nfe, bool) or not isinstance(s.adaptive_max_nfe, int) or s.adaptive_max_nfe < 4:
             raise ValueError(f"policies.adaptive_max_nfe must be an integer ≥ 4 (one order-3 step and the final "
                              f"evaluation), got {s.adaptive_max_nfe!r}")
