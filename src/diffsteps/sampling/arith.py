@@ -331,7 +331,15 @@ class Arith:
             return False
 
     def update(self, c, x: torch.Tensor, terms) -> torch.Tensor:
-        """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards."""
+        """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards.
+        Fused, one row of :meth:`lincombs` with x spent — written over x where x is this Arith's own (memory just
+        read, still in cache; one buffer fewer in flight) and the kernel allows it, else into a buffer of its own.
+        Either way the same compiled loop, so the same bits; the y_j (a model's outputs) are never written."""
+        terms = list(terms)
+        if self.fuse and terms and not torch.is_grad_enabled():
+            out = self.lincombs([[c] + [cj for cj, _ in terms]], [x] + [y for _, y in terms], eager=False, spent=[0])
+            if out is not None:
+                return out[0]
         out = self.lincomb(c, x, terms)
         self.release(x)
         return out

@@ -143,13 +143,14 @@ def sample_heun(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         cx, ce = coeffs[i]
         ar = denoise.arith
-        x_next = ar.lincomb(cx, x, [(ce, eps)])
         if every(sv[i + 1] > 0):
-            x0, eps2 = denoise(x_next, lv.t[i + 1], al[i + 1], sg[i + 1], want)
-            x_next, x_euler = ar.lincomb(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)]), x_next
-            ar.release(x_euler, eps2)
-        ar.release(x, eps)
-        x = x_next
+            x_euler = ar.lincomb(cx, x, [(ce, eps)])
+            x0, eps2 = denoise(x_euler, lv.t[i + 1], al[i + 1], sg[i + 1], want)
+            x = ar.update(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)])  # x is spent: the corrected state over it
+            ar.release(x_euler, eps2, eps)
+        else:
+            x = ar.update(cx, x, [(ce, eps)])
+            ar.release(eps)
         callback(i, x, x0)
     return x
 
