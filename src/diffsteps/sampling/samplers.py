@@ -496,9 +496,10 @@ _MEMO_SIZE = 64
 
 
 def _memo(lv: Levels, what: tuple, make: Callable):
-    """make(), computed once per (``what``, levels) where the levels are shared; per-sample levels (tensors) always
-    compute it."""
-    if lv.per_sample:
+    """make(), computed once per (``what``, levels) where the levels are Python floats; tensor levels (per-sample,
+    or 0-D ones a differentiable run builds: a tensor hashes by identity, and would keep its graph) always compute
+    it."""
+    if not all([type(a) is float for a in lv.abar]):
         return make()
     key = what + (lv.abar,)
     hit = _MEMO.get(key)
