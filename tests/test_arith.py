@@ -45,9 +45,7 @@ CASES = [(n, "epsilon", "trailing") for n in SAMPLERS] + [
                     "CI's machine has gcc, so the test runs there")
 def test_fused_agrees_with_eager_to_float32_rounding(gmm, linear, monkeypatch):
     model, x = gmm
-    calls = []
-    inner = arith._fused
-    monkeypatch.setattr(arith, "_fused", lambda *a, **k: (calls.append(1), inner(*a, **k)))
+    counts = _counting(monkeypatch, "_fused", "_fused_rows")  # a state update is one row of _fused_rows
     for name, prediction, spacing in CASES:
         kw = {"prediction": prediction}
         if spacing == "per-sample":  # (B, K) timesteps: float64 state, per-sample coefficient columns
@@ -55,9 +53,9 @@ def test_fused_agrees_with_eager_to_float32_rounding(gmm, linear, monkeypatch):
                       steps=None)
         ref = _run(model, x.double(), linear, name, **kw)  # float64 throughout: the truth for both
         eager = _run(model, x, linear, name, **kw)
-        n = len(calls)
+        n = sum(counts.values())
         fused = _run(model, x, linear, name, fuse=True, **kw)
-        assert len(calls) > n, f"{name}: the fused kernel never ran"
+        assert sum(counts.values()) > n, f"{name}: the fused kernel never ran"
         scale = ref.abs().max().item()
         eager_err = (eager.double() - ref).abs().max().item()
         # as accurate as eager float32, and as far from it as two float32 roundings of the same sum can be
@@ -357,3 +355,78 @@ def test_fused_at_a_zero_terminal_snr_start_gives_what_eager_gives(gmm):
 
     runs = [ds.sample(eps, x, schedule=zsnr, sampler="dpmpp_2m", steps=10, fuse=f) for f in (False, True)]
     assert torch.equal(runs[0].isnan(), runs[1].isnan())
+
+
+@pytest.mark.skipif(not fused_available()[0], reason=f"no working torch.compile here: {fused_available()[1]}")
+def test_fused_eps_solver_updates_written_over_the_old_state(gmm, linear, monkeypatch):
+    # fused and recycling, an ε-solver's new state is written over the old one (the kernel called with output 0 =
+    # input 0); with a callback (no recycling) into separate memory: the same loop, so the same bits, and nothing of
+    # the caller's or the model's is written to either way
+    model, x = gmm
+    aliases = []
+    inner = arith._run_compiled
+
+    def spy(kind, *a, **k):  # kind[-1]: a two-output kernel's alias map (output k → the input it is written over)
+        aliases.append(kind[-1])
+        return inner(kind, *a, **k)
+
+    monkeypatch.setattr(arith, "_run_compiled", spy)
+    for name, prediction in (("ipndm", "epsilon"), ("plms", "epsilon"), ("pndm", "epsilon"), ("heun", "epsilon"),
+                             ("ddim", "epsilon"), ("ipndm", "v")):
+        x_copy, outputs = x.clone(), []
+
+        def net(x, t):  # keeps (copies of) every output it returned, to check none was written to afterwards
+            out = model(x, t)
+            outputs.append((out, out.clone()))
+            return out
+
+        del aliases[:]
+        apart = _run(net, x, linear, name, prediction=prediction, fuse=True, callback=lambda info: None)
+        assert (0,) not in aliases, name  # nothing is the Arith's own to write over without recycling
+        del aliases[:]
+        over = _run(net, x, linear, name, prediction=prediction, fuse=True)
+        assert aliases.count((0,)) >= 8, (name, prediction, aliases)  # every step but the first (x: the caller's)
+        assert torch.equal(over, apart), (name, prediction)
+        assert torch.equal(x, x_copy) and all(torch.equal(o, c) for o, c in outputs), (name, prediction)
+        ref = _run(model, x.double(), linear, name, prediction=prediction)
+        eager = _run(model, x, linear, name, prediction=prediction)
+        e_max = _err(eager, ref)[0]
+        assert _err(over, ref)[0] <= 2 * e_max + 1e-6 * ref.abs().max().item(), (name, prediction)
+
+
+def test_the_models_t_is_reused_only_while_unchanged(gmm, linear):
+    # the Denoiser reuses the t column of a level across sample() calls; a model that changes its t in place gets a
+    # fresh one the next time, so every call sees the level it is at
+    model, x = gmm
+    seen = []
+
+    def net(x, t):
+        seen.append(t.clone())
+        t.add_(7.0)  # a model must not, but if it does, later calls must not see it
+        return model(x, t - 7.0)
+
+    def run(m):
+        return ds.sample(m, x, schedule=linear, sampler="ddim", steps=10)
+
+    ref = run(model)
+    for _ in range(2):
+        del seen[:]
+        assert torch.equal(run(net), ref)
+        want = ds.plan_sampling(linear, "ddim", 10, "trailing")[2][:10]
+        assert [s[0].item() for s in seen] == want.tolist() and all(bool((s == s[0]).all()) for s in seen)
+
+
+def test_memoised_coefficients_follow_the_levels(gmm, linear):
+    # the multistep coefficients are kept per (sampler options, levels): another spacing or option after a cached
+    # one gives what a fresh computation gives
+    from diffsteps.sampling import samplers
+    model, x = gmm
+    runs = [("unipc", {"spacing": "karras"}), ("unipc", {"spacing": "trailing"}), ("unipc", {"variant": "bh1"}),
+            ("ipndm", {"spacing": "karras"}), ("ipndm", {"order": 2}), ("dpmpp_3m", {"spacing": "karras"})]
+    warm = [_run(model, x, linear, n, **kw) for n, kw in runs]  # each after the others' entries
+    fresh = []
+    for n, kw in runs:
+        samplers._MEMO.clear()
+        fresh.append(_run(model, x, linear, n, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(warm, fresh))
+    assert not torch.equal(warm[0], warm[1]) and not torch.equal(warm[3], warm[4])

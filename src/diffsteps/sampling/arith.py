@@ -137,8 +137,8 @@ def _fused_rows(outs: list, ins: list, rows: list, scales: list) -> bool:
     (:func:`_alias_safe`); False, and nothing computed, where the two differ."""
     B, cs, pattern = ins[0].shape[0], [], []
     for row, s in zip(rows, scales):
-        pattern.append((tuple(c is not None for c in row), s is not None))
-        cs.extend(c for c in row if c is not None)
+        pattern.append((tuple([c is not None for c in row]), s is not None))
+        cs += [c for c in row if c is not None]
         if s is not None:
             cs.append(s)
     pattern = tuple(pattern)
@@ -147,9 +147,17 @@ def _fused_rows(outs: list, ins: list, rows: list, scales: list) -> bool:
             raise ValueError(f"row k needs one coefficient (or None) per input and per row before it, one term at "
                              f"least, and one scale (or None) per row: {pattern}")
         _VALID.add(pattern)
-    alias = tuple(next((j for j, y in enumerate(ins) if y is o), None) for o in outs)
+    alias = tuple([_index(ins, o) for o in outs])
     return _run_compiled(("rows", pattern, alias), lambda: _rows_graph(pattern), [_flat(o, B) for o in outs], cs,
                          [_flat(y, B) for y in ins], alias)
+
+
+def _index(ins: list, t: torch.Tensor) -> int | None:
+    """The position of t itself (not an equal tensor) in ``ins``, or None."""
+    for j, y in enumerate(ins):
+        if y is t:
+            return j
+    return None
 
 
 _VALID: set = set()
@@ -167,9 +175,11 @@ def _run_compiled(kind: tuple, graph, args: list, cs: list, ys: list, alias: tup
     tensors, ``ys`` the other inputs; ``alias[k]``: the input that output k is (or None). False where that
     aliasing is not safe for this kernel (nothing is computed then)."""
     ref = args[-1]
-    B, device = ref.shape[0], ref.device
-    per_sample = any(isinstance(v, torch.Tensor) for v in cs)
-    key = kind + (per_sample, ref.shape, ref.dtype, device, tuple(y.dtype for y in ys))
+    B, device, dtype = ref.shape[0], ref.device, ref.dtype
+    per_sample = not all([type(v) is float for v in cs]) and any([isinstance(v, torch.Tensor) for v in cs])
+    # the inputs' dtypes: in a sampler all the state's, so that common case is one entry of the key
+    dtypes = dtype if all([y.dtype is dtype for y in ys]) else tuple([y.dtype for y in ys])
+    key = kind + (per_sample, ref.shape, dtype, device, dtypes)
     if per_sample:
         coefs = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1, 1).expand(B, 1)
                              for v in cs])
@@ -279,21 +289,21 @@ class Arith:
         this Arith's own (each element is read before it is written): memory already in cache, one buffer fewer in
         flight. Measured here that halves the loop's cost over a 10,000 × 64 state (docs/solvers.md). Nothing is
         handed back when None is returned. No other input is written to."""
-        rows = [list(row) for row in rows]
+        rows = rows if isinstance(rows, list) else list(rows)  # the rows themselves are only read
         scales = [None] * len(rows) if scales is None else list(scales)
-        spent = list(spent or ())
+        spent = spent or ()
         if self.fuse and not torch.is_grad_enabled():
             free = []
             for j in spent:
-                if self._reusable(ins[j], ins[0]) and not any(ins[j] is f for f in free):
+                if self._reusable(ins[j], ins[0]) and _index(free, ins[j]) is None:
                     free.append(ins[j])
             outs = [free.pop(0) if free else self.empty_like(ins[0]) for _ in rows]
             try:
-                done = _fused_rows(outs, ins, rows, scales)
-                if not done:  # writing over the inputs is not safe with this kernel: separate outputs
-                    outs = [self.empty_like(ins[0]) if any(o is y for y in ins) else o for o in outs]
-                    done = _fused_rows(outs, ins, rows, scales)
-                self.release(*(ins[j] for j in spent if not any(ins[j] is o for o in outs)))
+                if not _fused_rows(outs, ins, rows, scales):  # writing over inputs is not safe here: separate outputs
+                    outs = [self.empty_like(ins[0]) if _index(ins, o) is not None else o for o in outs]
+                    _fused_rows(outs, ins, rows, scales)
+                if spent:
+                    self.release(*[ins[j] for j in spent if _index(outs, ins[j]) is None])
                 return outs
             except _CompileError as e:
                 self._give_up(e, ins[0].device)
@@ -313,8 +323,8 @@ class Arith:
         """t may be written over as an output like ``like``: this Arith's own (so recycling is on and nothing else
         holds it), contiguous, of like's shape, dtype and device."""
         ref = self._own.get(id(t))
-        return (ref is not None and ref() is t and t.is_contiguous() and t.shape == like.shape
-                and t.dtype == like.dtype and t.device == like.device)
+        return (ref is not None and ref() is t and t.is_contiguous()
+                and (t is like or (t.shape == like.shape and t.dtype == like.dtype and t.device == like.device)))
 
     def _give_up(self, e: Exception, device) -> None:
         warnings.warn(f"fuse=True: inductor cannot build the fused kernel for {device} ({e}); using the eager "
@@ -331,7 +341,15 @@ class Arith:
             return False
 
     def update(self, c, x: torch.Tensor, terms) -> torch.Tensor:
-        """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards."""
+        """A sampler's step c x + Σ c_j y_j that replaces the state x: x is handed back for reuse afterwards.
+        Fused, one row of :meth:`lincombs` with x spent — written over x where x is this Arith's own (memory just
+        read, still in cache; one buffer fewer in flight) and the kernel allows it, else into a buffer of its own.
+        Either way the same compiled loop, so the same bits; the y_j (a model's outputs) are never written."""
+        terms = list(terms)
+        if self.fuse and terms and not torch.is_grad_enabled():
+            out = self.lincombs([[c] + [cj for cj, _ in terms]], [x] + [y for _, y in terms], eager=False, spent=[0])
+            if out is not None:
+                return out[0]
         out = self.lincomb(c, x, terms)
         self.release(x)
         return out
@@ -364,8 +382,9 @@ class Arith:
         kept (anything else — the caller's noise, a model output — is ignored), each once."""
         if not self.recycle:
             return
+        own = self._own
         for t in tensors:
-            ref = self._own.pop(id(t), None) if t is not None else None
+            ref = own.pop(id(t), None) if t is not None else None
             if ref is not None and ref() is t:
                 self._pool.append(t)
 

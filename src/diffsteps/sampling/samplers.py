@@ -143,13 +143,14 @@ def sample_heun(denoise: Denoiser, x: torch.Tensor, lv: Levels, *,
         x0, eps = denoise(x, lv.t[i], al[i], sg[i], want)
         cx, ce = coeffs[i]
         ar = denoise.arith
-        x_next = ar.lincomb(cx, x, [(ce, eps)])
         if every(sv[i + 1] > 0):
-            x0, eps2 = denoise(x_next, lv.t[i + 1], al[i + 1], sg[i + 1], want)
-            x_next, x_euler = ar.lincomb(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)]), x_next
-            ar.release(x_euler, eps2)
-        ar.release(x, eps)
-        x = x_next
+            x_euler = ar.lincomb(cx, x, [(ce, eps)])
+            x0, eps2 = denoise(x_euler, lv.t[i + 1], al[i + 1], sg[i + 1], want)
+            x = ar.update(cx, x, [(0.5 * ce, eps), (0.5 * ce, eps2)])  # x is spent: the corrected state over it
+            ar.release(x_euler, eps2, eps)
+        else:
+            x = ar.update(cx, x, [(ce, eps)])
+            ar.release(eps)
         callback(i, x, x0)
     return x
 
@@ -199,10 +200,14 @@ def _dpmpp_multistep(denoise: Denoiser, x: torch.Tensor, lv: Levels, order: int,
     """The DPM-Solver++ multistep loop of order 2 (2M) or 3 (3M): step i is x_{i+1} = c_x x_i + Σ_k c_k x̂_0 at
     levels i, i − 1, …, its coefficients (:func:`_dpmpp_coeffs`) precomputed in float64."""
     _check_final(final)
-    al, sg, lam = lv.alpha, lv.sigma, lv.lam
+    al, sg = lv.alpha, lv.sigma
     n = len(lv) - 1
     orders = _multistep_orders(n, order, lower_order_final)
-    coeffs = [None if every(sg[i + 1] == 0) else _dpmpp_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
+
+    def make():
+        lam = lv.lam
+        return [None if every(sg[i + 1] == 0) else _dpmpp_coeffs(al, sg, lam, i, orders[i]) for i in range(n)]
+    coeffs = _memo(lv, ("dpmpp", order, lower_order_final), make)
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     ar = denoise.arith if n > 0 else None  # plan_sampling validates the options with no Denoiser and no levels
     for i in progress(range(n)):
@@ -270,20 +275,24 @@ def sample_unipc(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
         raise ValueError(f"unipc variant must be one of: bh1, bh2; got {variant!r}")
     _check_final(final)
     n = len(lv) - 1
-    al, sg, lam = lv.alpha, lv.sigma, lv.lam
+    al, sg = lv.alpha, lv.sigma
     orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
-    # coefficients, float64, once: step i's predictor (on x_i, m_i, m_{i−1}, …) and its corrector (on x_i, m_i, …,
-    # and the model's m_{i+1} at the predicted point), applied at step i + 1
-    pred, corr = [], []
-    for i in range(n):
-        if every(sg[i + 1] == 0):
-            pred.append(None)
-            corr.append(None)
-            continue
-        pred.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=False))
-        corr.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=True) if corrector else None)
-    # with fuse: the corrector as an offset from the predicted state (_unipc_offset), folded into the next predictor
-    offset = [None if c is None else _unipc_offset(p, c) for p, c in zip(pred, corr)]
+
+    def make():
+        # coefficients, float64, once: step i's predictor (on x_i, m_i, m_{i−1}, …) and its corrector (on x_i, m_i,
+        # …, and the model's m_{i+1} at the predicted point), applied at step i + 1
+        lam, pred, corr = lv.lam, [], []
+        for i in range(n):
+            if every(sg[i + 1] == 0):
+                pred.append(None)
+                corr.append(None)
+                continue
+            pred.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=False))
+            corr.append(_unipc_coeffs(lv, al, sg, lam, i, orders[i], variant, corrector=True) if corrector else None)
+        # with fuse: the corrector as an offset from the predicted state (_unipc_offset), folded into the next
+        # predictor
+        return pred, corr, [None if c is None else _unipc_offset(p, c) for p, c in zip(pred, corr)]
+    pred, corr, offset = _memo(lv, ("unipc", order, variant, corrector, lower_order_final), make)
     hist: list[torch.Tensor] = []  # x̂_0 at levels i, i − 1, …, newest first
     ar = denoise.arith if n > 0 else None
     x_prev = x  # the (corrected) state at the last level: the corrector starts from it; None after a folded step
@@ -352,11 +361,14 @@ def sample_ipndm(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, order: int =
     n = len(lv) - 1
     al, sg, sv = lv.alpha, lv.sigma, lv.sigma_ve
     orders = _multistep_orders(n, order, lower_order_final)
-    coeffs = []
-    for i in range(n):
-        k = 1 if final == "tweedie" and every(sv[i + 1] == 0) else orders[i]
-        w = _ab_weights([sv[i - j] for j in range(k)], sv[i], sv[i + 1])
-        coeffs.append((al[i + 1] / al[i], [al[i + 1] * v for v in w]))
+    def make():
+        coeffs = []
+        for i in range(n):
+            k = 1 if final == "tweedie" and every(sv[i + 1] == 0) else orders[i]
+            w = _ab_weights([sv[i - j] for j in range(k)], sv[i], sv[i + 1])
+            coeffs.append((al[i + 1] / al[i], [al[i + 1] * v for v in w]))
+        return coeffs
+    coeffs = _memo(lv, ("ipndm", order, lower_order_final, final), make)
     want = _want_eps(callback)
     eps_hist: list[torch.Tensor] = []
     for i in progress(range(n)):
@@ -473,6 +485,29 @@ def _add_noise(ar: Arith, x: torch.Tensor, c, generator: torch.Generator | None)
     else:
         x.add_(z, alpha=c)
     ar.release(z)
+
+
+# (what, options, ᾱ of every level) → a sampler's precomputed coefficients, for shared levels (floats: the key is
+# their values). A run of 50 steps spends up to 10 µs per step on them (unipc's order-condition solves, ipndm's AB
+# weights) — a tenth of a pass over a 10,000 × 64 state, on every sample() call with the same levels. The lists are
+# only read. At most _MEMO_SIZE kept (all dropped when full).
+_MEMO: dict[tuple, object] = {}
+_MEMO_SIZE = 64
+
+
+def _memo(lv: Levels, what: tuple, make: Callable):
+    """make(), computed once per (``what``, levels) where the levels are Python floats; tensor levels (per-sample,
+    or 0-D ones a differentiable run builds: a tensor hashes by identity, and would keep its graph) always compute
+    it."""
+    if not all([type(a) is float for a in lv.abar]):
+        return make()
+    key = what + (lv.abar,)
+    hit = _MEMO.get(key)
+    if hit is None:
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        hit = _MEMO[key] = make()
+    return hit
 
 
 def _push(ar: Arith, hist: list, v: torch.Tensor, keep: int) -> list:
