@@ -502,6 +502,20 @@ def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_er
     file_cfg.sampler.spacing = str(cache / "dpmpp_2m_nfe3_refine_decoupled.yaml")
     with pytest.raises(ValueError, match="holds decoupled model times"):
         resolve_spacing(file_cfg.copy(), model_times=False)
+    # left to the config, a restoration task decides as model_times=False — and so does the GP sweeper's pre-check
+    # of a restore trial, which calls resolve_spacing on the trial's config (it used to accept the file)
+    from hydra_plugins.diffsteps_gp_sweeper.gp_sweeper import SweepError, _check_schedule
+
+    restore_cfg = file_cfg.copy()
+    restore_cfg.task = "restore"
+    with pytest.raises(ValueError, match="task=restore cannot use"):
+        resolve_spacing(restore_cfg.copy())
+    with pytest.raises(SweepError, match="holds decoupled model times"):
+        _check_schedule(restore_cfg)
+    restore_cfg.sampler.spacing = "optimized"  # the plain artefact, as model_times=False picks
+    _check_schedule(restore_cfg)
+    resolve_spacing(restore_cfg)
+    assert (list(restore_cfg.sampler.spacing), restore_cfg.sampler.model_timesteps) == (plain, None)
     resolve_spacing(file_cfg)
     assert list(file_cfg.sampler.model_timesteps) == dec_mts
     from diffsteps.runner.objects import SamplerChoice

@@ -89,15 +89,21 @@ def _choose(match: list[tuple[Path, dict]]) -> tuple[Path, dict]:
     return best
 
 
-def resolve_spacing(cfg: DictConfig, model_times: bool = True) -> None:
+RESTORATION_TASKS = ("restore",)  # their samplers (RePaint, guided SR) step on their own levels: no decoupled times
+
+
+def resolve_spacing(cfg: DictConfig, model_times: bool | None = None) -> None:
     """``sampler.spacing=optimized`` → the cached schedule for this model (training key), sampler and step count;
     ``sampler.spacing=<file>.yaml`` → that file's timesteps, checked against the model key and sampler. Replaces
     the spacing with the explicit list in place, and sets ``sampler.model_timesteps`` from a decoupled artefact
     (``optimize.decoupled=true``; LD3's separate model-evaluation times, which every ``diffsteps.sample`` of the run
     then gets as ``model_timesteps=``). For ``optimized``, a budget with both a plain and a decoupled artefact uses
     the decoupled one only if its recorded held-out error is lower. ``model_times=False`` (a task whose samplers
-    take no decoupled times) ignores decoupled artefacts and refuses a decoupled file. Errors name the command that
-    makes the missing schedule."""
+    take no decoupled times; None: decided by ``cfg.task``, False for :data:`RESTORATION_TASKS` — so a sweep's
+    pre-check of one trial's config decides as the trial will) ignores decoupled artefacts and refuses a decoupled
+    file. Errors name the command that makes the missing schedule."""
+    if model_times is None:
+        model_times = cfg.get("task") not in RESTORATION_TASKS
     spacing = cfg.sampler.get("spacing")
     if not isinstance(spacing, str) or not (spacing == "optimized" or spacing.endswith((".yaml", ".yml"))):
         return

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> float:
     pretrained = adopt_diffusers(cfg)  # model=diffusers: its folder and scheduler config, checked before any work
     # sampler.spacing=optimized or a schedule file → explicit timesteps (and decoupled model times, which the
     # restoration samplers do not take)
-    resolve_spacing(cfg, model_times=cfg.task != "restore")
+    resolve_spacing(cfg)
     if cfg.task == "restore":
         from .restore import restore_task
 
