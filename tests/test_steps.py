@@ -540,6 +540,13 @@ def test_spacing_optimized_prefers_a_decoupled_schedule_only_when_its_heldout_er
                                              "samplers dpmpp_2m, dpmpp_3m, unipc; got method "
                                              f"'{method}', sampler '{sampler}'"):
             optimize_task(cfg)
+    # a hand-written differentiable sampler with an option off its default: refused before the build too (ddim's
+    # config spells out its default eta: 0.0, which is accepted — that run failed after the teacher before)
+    [cfg] = _compose(tmp_path, monkeypatch, [*args[:3], "task=optimize_steps", "sampler=dpmpp_2m", "steps=5",
+                                             "+optimize=default", "+sampler.options.final=ode",
+                                             f"paths.output_dir={tmp_path}/bad2"])
+    with pytest.raises(ValueError, match="'dpmpp_2m' is the sampler at its defaults .*got final='ode'"):
+        optimize_task(cfg)
 
 
 def test_spacing_optimized_finds_the_schedule_of_a_model_auto_run(tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def optimize_task(cfg: DictConfig) -> float:
     from hydra.utils import instantiate
 
     from ..sampling.api import ONE_CALL_PER_LEVEL
-    from ..steps.differentiable import DIFFERENTIABLE
+    from ..steps.differentiable import DIFFERENTIABLE, check_differentiable_options
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
     from ..steps.teacher import check_request
     from .build import build
@@ -169,6 +169,8 @@ def optimize_task(cfg: DictConfig) -> float:
     if settings.method == "refine" and sampler.name not in DIFFERENTIABLE:
         raise ValueError(f"optimize.method=refine supports samplers {', '.join(DIFFERENTIABLE)}; use "
                          f"optimize.method=dp for {sampler.name!r}")
+    if settings.method == "refine":
+        check_differentiable_options(sampler.name, dict(sampler.options))
     if settings.decoupled and (settings.method != "refine" or sampler.name not in ONE_CALL_PER_LEVEL):
         raise ValueError(f"optimize.decoupled=true (LD3's separate model-evaluation times) needs "
                          f"optimize.method=refine and one of the samplers {', '.join(ONE_CALL_PER_LEVEL)}; got "

@@ -628,9 +628,10 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
             evals += int(nfe_c.sum())
             err_t, nfe_t = errors(run_at(rtol, cap), test, ref_test, cond)
             curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
-            log.info("%s, rtol %g: calibration coverage %.3f at mean NFE %.1f (%.1f s so far)", name, rtol,
-                     _coverage(err_c, s.error_target), float(nfe_c.double().mean()), seconds)
-            if chosen is None and _coverage(err_c, s.error_target) >= level:
+            cov_c = _coverage(err_c, s.error_target)
+            log.info("%s, rtol %g: calibration coverage %.3f at mean NFE %.1f (%.1f s so far)", name, rtol, cov_c,
+                     float(nfe_c.double().mean()), seconds)
+            if chosen is None and cov_c >= level:
                 chosen = (float(nfe_c.double().mean()), rtol, cap)
         if chosen is not None and (best is None or chosen[0] < best[0]):
             best = chosen

@@ -97,8 +97,8 @@ def _fused(out: torch.Tensor, x: torch.Tensor, c, terms: list, sub_div: bool = F
     guards (shapes, dtype, device, term count, coefficient layout)."""
     B = x.shape[0]
     cs = [c] + [cj for cj, _ in terms]
-    ys = [y.reshape(B, -1).contiguous() for _, y in terms]  # the compiled code assumes the strides it saw
-    args = [out.view(B, -1), x.reshape(B, -1).contiguous()]
+    ys = [_flat(y, B) for _, y in terms]
+    args = [out.view(B, -1), _flat(x, B)]
     _run_compiled((sub_div, len(terms)), lambda: _graph(len(terms), sub_div), args, cs, ys)
 
 
@@ -307,7 +307,7 @@ class Arith:
                 return outs
             except _CompileError as e:
                 self._give_up(e, ins[0].device)
-                self.release(*(o for o in outs if not any(o is y for y in ins)))
+                self.release(*(o for o in outs if _index(ins, o) is None))
         if not eager:
             return None
         vals = list(ins)
