@@ -23,7 +23,10 @@ path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
 First, a step-for-step check that the controller is the anchor's (``reproduce_anchor``, 200 noises).
 
 Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline``, then
-``python experiments/adaptive_sampler.py [--n 10000] [--analyse-only]``.
+``python experiments/adaptive_sampler.py [--n 10000] [--analyse-only]``. ``--seed`` draws another set of noises;
+``--methods`` runs a subset of ``METHODS`` by name and ``--no-anchor`` leaves k-diffusion out (its comparison and
+the step-for-step check are then skipped), e.g. the per-sample-against-batch comparison alone on fresh noises:
+``--seed 1 --methods default "default, batch" --no-anchor``.
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def run_all(args, kd, model, schedule, mixture, noise, ref, methods) -> dict:
     print("| method | rtol | mean NFE | p95 NFE | max NFE | rejected/sample | RMS error | RMS, no flips | median | "
           "p90 | p99 | flips | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in [*methods, "k-diffusion anchor"]:
+    for name in [*methods, *([] if kd is None else ["k-diffusion anchor"])]:
         out = {k: [] for k in ("nfe", "err", "flip", "rej", "secs")}
         for rtol in RTOLS:
             atol = ATOL_PER_RTOL * rtol
@@ -249,6 +252,13 @@ def analyse(runs: dict, n_boot: int, seed: int = 0) -> None:
               f"{fit(rt, full[k]['p99'])[1]:.3f} |")
 
     anchor = "k-diffusion anchor"
+    if anchor in runs:
+        _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nfe)
+    _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe)
+
+
+def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nfe) -> None:
+    anchor = "k-diffusion anchor"
     print(f"\n### against the anchor at the same mean NFE (error / the anchor's, log-log interpolated in its mean NFE; "
           f"[95 % paired bootstrap interval, {n_boot} resamples of the {n} noises]; ≤ 1: no worse)\n")
     print("| method | rtol | mean NFE | " + " | ".join(f"{mt} ratio | {mt} interval" for mt in METRICS) +
@@ -275,6 +285,9 @@ def analyse(runs: dict, n_boot: int, seed: int = 0) -> None:
         print(f"- {k}, {mt}: better {v.count('better')}, tie {v.count('tie')}, worse {v.count('worse')}, "
               f"out of range {v.count('–')}")
 
+
+
+def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe) -> None:
     print("\n### per-sample against batch control at the same error (mean NFE / the batch controller's mean NFE "
           "where its curve first reaches that error; [95 % paired bootstrap interval]; < 1: per-sample is cheaper)\n")
     print("| per-sample method | rtol | mean NFE | " + " | ".join(f"{mt}: NFE ratio | interval" for mt in METRICS) +
@@ -319,12 +332,17 @@ def main() -> None:
     p.add_argument("--out", default="outputs", help="folder for the cached reference and the per-sample results")
     p.add_argument("--analyse-only", action="store_true", help="reuse the saved per-sample results")
     p.add_argument("--reproduce-only", action="store_true", help="only the step-for-step check against the anchor")
+    p.add_argument("--seed", type=int, default=0, help="the noises' seed")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="NAME",
+                   help=f"a subset of: {'; '.join(METHODS)}")
+    p.add_argument("--no-anchor", action="store_true", help="leave k-diffusion's sample_dpm_adaptive out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     schedule = ds.make_schedule("linear", 1000)
     mixture = make_mixture()
     model = ds.ExactEpsilon(mixture, schedule)
-    results = f"{args.out}/adaptive_sampler_n{args.n}.npz"
+    tag = f"n{args.n}" + (f"_seed{args.seed}" if args.seed else "")
+    results = f"{args.out}/adaptive_sampler_{tag}.npz"
     if args.analyse_only:
         z = np.load(results)
         runs: dict[str, dict] = {}
@@ -333,20 +351,21 @@ def main() -> None:
             runs.setdefault(name, {})[field] = z[key]
         analyse(runs, args.boot)
         return
-    kd = load_kdiffusion_sampling()
-    noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    reproduce_anchor(kd, model, schedule, noise[:200])
+    kd = None if args.no_anchor else load_kdiffusion_sampling()
+    noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    if kd is not None:
+        reproduce_anchor(kd, model, schedule, noise[:200])
     if args.reproduce_only:
         return
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    ref = reference(model, schedule, noise, f"{args.out}/adaptive_sampler_ref_n{args.n}.pt")
+    ref = reference(model, schedule, noise, f"{args.out}/adaptive_sampler_ref_{tag}.pt")
     m = min(args.n, 1000)
     half = ds.sample(model, noise[:m], schedule=schedule, sampler="dpmpp_3m", steps=500, spacing="logsnr")
     print(f"reference: DPM-Solver++(3M) at 1000 log-SNR steps; on the first {m} noises 500 steps differ from it by "
           f"RMS {rms(ref[:m], half):.1e} (data RMS {ref.square().mean().sqrt():.2f}); {args.n} noises  "
           f"[{time.perf_counter() - t0:.0f} s]\n")
-    runs = run_all(args, kd, model, schedule, mixture, noise, ref, METHODS)
+    runs = run_all(args, kd, model, schedule, mixture, noise, ref, {k: METHODS[k] for k in args.methods})
     np.savez_compressed(results, **{f"{k}/{f}": v for k, r in runs.items() for f, v in r.items()})
     analyse(runs, args.boot)
 
