@@ -286,7 +286,6 @@ def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nf
               f"out of range {v.count('–')}")
 
 
-
 def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe) -> None:
     print("\n### per-sample against batch control at the same error (mean NFE / the batch controller's mean NFE "
           "where its curve first reaches that error; [95 % paired bootstrap interval]; < 1: per-sample is cheaper)\n")
