@@ -81,8 +81,9 @@ def main() -> None:
                 return (out - exact[rows]).square().mean().sqrt().item()
 
             fixed = {name: make_timesteps(name, nfe, sch) for name in FIXED}
-            best = min(fixed, key=lambda n: error(fixed[n], held))
-            base = error(fixed[best], held)
+            fixed_held = {name: error(ts, held) for name, ts in fixed.items()}
+            best = min(fixed_held, key=fixed_held.get)
+            base = fixed_held[best]
             t0 = time.perf_counter()
             [(ref_ts, rep)] = ds.optimize_schedule(model, sch, sampler=smp, nfe=[nfe], method="refine", noise=noise,
                                                    holdout=1 / 3, iterations=300, patience=6)

@@ -176,7 +176,7 @@ def _run_compiled(kind: tuple, graph, args: list, cs: list, ys: list, alias: tup
     aliasing is not safe for this kernel (nothing is computed then)."""
     ref = args[-1]
     B, device, dtype = ref.shape[0], ref.device, ref.dtype
-    per_sample = not all([type(v) is float for v in cs]) and any([isinstance(v, torch.Tensor) for v in cs])
+    per_sample = any([isinstance(v, torch.Tensor) for v in cs])
     # the inputs' dtypes: in a sampler all the state's, so that common case is one entry of the key
     dtypes = dtype if all([y.dtype is dtype for y in ys]) else tuple([y.dtype for y in ys])
     key = kind + (per_sample, ref.shape, dtype, device, dtypes)

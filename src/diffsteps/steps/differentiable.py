@@ -14,6 +14,7 @@ arithmetic as :func:`diffsteps.sample`, option for option (``variant``, ``order`
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -157,19 +158,25 @@ def check_differentiable_options(sampler: str, options: dict) -> None:
     takes; the hand-written ones (ddim, euler, dpmpp_2m, heun) are the sampler at its defaults, so an option is
     accepted only at its default value (a config's explicit ``eta: 0.0`` for ddim)."""
     if sampler not in DIFFERENTIABLE:
-        raise ValueError(f"sampler {sampler!r} has no differentiable form; refine supports: "
-                         f"{', '.join(DIFFERENTIABLE)}")
+        raise ValueError(f"method 'refine' supports samplers: {', '.join(DIFFERENTIABLE)}; got {sampler!r} "
+                         "(use method='dp', which works for every deterministic sampler)")
     if getattr(DIFFERENTIABLE[sampler], "needs_schedule", False) or not options:
         return
-    params = inspect.signature(get_sampler(sampler).fn).parameters.values()
-    defaults = {p.name: p.default for p in params
-                if p.kind is p.KEYWORD_ONLY and p.name not in ("progress", "callback", "generator")}
+    defaults = _option_defaults(sampler)
     bad = {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
     if bad:
         raise ValueError(f"the differentiable {sampler!r} is the sampler at its defaults "
                          f"({', '.join(f'{k}={v!r}' for k, v in defaults.items()) or 'it has no options'}); got "
                          f"{', '.join(f'{k}={v!r}' for k, v in bad.items())} — use method='dp', which runs the "
                          "sampler itself with any options")
+
+
+@functools.cache
+def _option_defaults(sampler: str) -> dict:
+    """The sampler function's options and their defaults (read once per sampler: refine checks on every run)."""
+    params = inspect.signature(get_sampler(sampler).fn).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("progress", "callback", "generator")}
 
 
 def run_differentiable(model: Callable, noise: torch.Tensor, schedule: Schedule, sampler: str, lams: torch.Tensor, *,

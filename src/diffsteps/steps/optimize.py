@@ -14,7 +14,7 @@ from ..core.spacings import make_timesteps, to_integer_timesteps
 from ..sampling.api import ONE_CALL_PER_LEVEL
 from ..sampling.registry import get_sampler
 from .costs import HISTORY_COSTS, step_costs
-from .differentiable import DIFFERENTIABLE, check_differentiable_options
+from .differentiable import check_differentiable_options
 from .dp import dp_paths, dp_paths_history
 from .elbo import elbo_chains
 from .refine import refine_timesteps
@@ -91,9 +91,6 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         raise ValueError(f"method {method!r} needs a deterministic sampler (the step costs and the teacher's "
                          f"endpoint are functions of the noise); {sampler!r} with {opts or 'its defaults'} is "
                          "stochastic — use method='elbo' for ddpm")
-    if method == "refine" and sampler not in DIFFERENTIABLE:
-        raise ValueError(f"method 'refine' supports samplers: {', '.join(DIFFERENTIABLE)}; got {sampler!r} "
-                         "(use method='dp', which works for every deterministic sampler)")
     if method == "refine":
         check_differentiable_options(sampler, opts)
     if method == "refine" and decoupled and sampler not in ONE_CALL_PER_LEVEL:

@@ -11,7 +11,7 @@ import torch
 
 from ..core.schedules import Schedule
 from ..sampling.api import ONE_CALL_PER_LEVEL
-from .differentiable import DIFFERENTIABLE, run_differentiable
+from .differentiable import check_differentiable_options, run_differentiable
 
 log = logging.getLogger("diffsteps")
 
@@ -81,9 +81,8 @@ def refine_timesteps(model: Callable, schedule: Schedule, sampler: str, init: to
         teacher exactly where it cannot (a noise near a boundary between modes); held-out errors are always
         measured from the original noise.
     Supported samplers: those in :data:`~diffsteps.steps.differentiable.DIFFERENTIABLE`; ``options`` are sampler
-    options (dpmpp_3m, unipc)."""
-    if sampler not in DIFFERENTIABLE:
-        raise ValueError(f"method 'refine' supports samplers: {', '.join(DIFFERENTIABLE)}; got {sampler!r}")
+    options (:func:`~diffsteps.steps.differentiable.check_differentiable_options`)."""
+    check_differentiable_options(sampler, options or {})
     if decoupled and sampler not in ONE_CALL_PER_LEVEL:
         raise ValueError(f"decoupled model times need one model call per level ({', '.join(ONE_CALL_PER_LEVEL)}); "
                          f"got {sampler!r}")
