@@ -54,6 +54,10 @@ ATOL_PER_RTOL = 0.0078 / 0.05
 METHODS = {
     "default": {},
     "default, batch": {"control": "batch"},
+    # probe the flow's growth at λ = −0.5 and re-solve the samples it is about to amplify (sample_adaptive's
+    # resolve_lambda); the same policy under batch control, for the per-sample-against-batch table
+    "re-solve": {"resolve_lambda": -0.5},
+    "re-solve, batch": {"resolve_lambda": -0.5, "control": "batch"},
     "old default (vp norm, h_init 0.05, no cap)": {"coords": "vp", "h_init": 0.05, "h_max_noisy": math.inf},
     "x0 norm, no cap": {"h_max_noisy": math.inf},
     "vp norm, cap": {"coords": "vp"},

@@ -258,6 +258,9 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
                           ({"coords": "x"}, "coords must be one of: vp, ve, x0"),
                           ({"h_max_noisy": 0.0}, "h_max_noisy .* must be > 0"),
                           ({"max_growth": 1.0}, "max_growth .* must be > 1"),
+                          ({"resolve_lambda": math.inf}, "resolve_lambda .* must be a finite number or None"),
+                          ({"resolve_lambda": 0.0, "resolve_factor": 0.5}, r"resolve_factor .* must be ≥ 1"),
+                          ({"resolve_lambda": 0.0, "probe_calls": 0}, r"probe_calls .* must be an integer ≥ 1"),
                           ({"steps": 10}, "chooses its own steps"),
                           ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
         with pytest.raises(ValueError, match=message):
@@ -266,6 +269,65 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
     with pytest.raises(ValueError, match="finite noise level at the first timestep"):
         ds.sample(model, x, schedule=zero_snr, sampler="adaptive")
     assert model.calls == 0
+
+
+# -- probe and re-solve (resolve_lambda) ----------------------------------------------------------------------------
+def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(linear):
+    """On Gaussian data N(μ, diag(c)) the posterior covariance is c σ̃²/(c + σ̃²), so J = ∂x̂_0/∂x̃ = diag(c/(c + σ̃²))
+    (Tweedie) and μ = max c/(c + σ̃²) in closed form; the probe's power iteration converges to it, and three calls
+    (the default) are within 10 % here."""
+    from diffsteps.sampling.adaptive import _probe_growth
+    from diffsteps.sampling.denoiser import Denoiser
+
+    c = torch.tensor([1.0, 4.0, 0.25, 0.5], dtype=torch.float64)
+    gauss = ds.GaussianMixture(torch.tensor([[0.3, -0.2, 0.1, 0.0]], dtype=torch.float64), c[None])
+    denoise = Denoiser(ds.ExactEpsilon(gauss, linear))
+    x = noise(6, 4, seed=1)
+    for lam in (0.0, -1.0, 1.0):
+        lams = torch.full((6,), lam, dtype=torch.float64)
+        al, sg = (torch.sigmoid(2 * lams).sqrt()[:, None], torch.sigmoid(-2 * lams).sqrt()[:, None])
+        t = linear.t_from_log_snr(2 * lams)
+        x0 = denoise(x, t, al, sg)[0]
+        # the model's ᾱ at t (the schedule's table) is sigmoid(2λ) to about 1e-4: J at its own noise level, on the
+        # probe's x̃ = x/α(λ)
+        abar = linear.alpha_bar_at(t[:1]).item()
+        exact = math.sqrt(torch.sigmoid(torch.tensor(2 * lam)).item() / abar) * (c / (c + (1 - abar) / abar)).max().item()
+        many, calls = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 200)
+        few, _ = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 3)
+        assert calls == 200  # (at λ = 1 the two largest are 0.97 and 0.88: power iteration converges slowly)
+        torch.testing.assert_close(many, torch.full_like(many, exact), rtol=1e-6, atol=0)
+        assert torch.all((few - exact).abs() < 0.1 * exact), (lam, few, exact)
+
+
+def test_resolve_sends_back_only_the_sample_the_flow_amplifies(two_modes, linear):
+    """two_modes probed from λ = 0.5 on: the sample next to the boundary, still undecided where its step ends
+    (λ ≈ 0.85), has μ̂ ≈ 4.9 (up to ¼·|Δm|²/σ̃² ≈ 5.5 there); the easy ones sit in a basin, μ̂ ≈ 0.03 ≈ 0.05²/σ̃². Only
+    the first is re-solved — from its noise at rtol/10, so it equals a plain run at that tolerance — and its error
+    falls; the easy ones go on exactly as without the probe, for its 3 calls more; every sample is still independent
+    of its batch; the model counts the same NFE."""
+    model, x = two_modes
+    kw = dict(schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    plain = ds.sample(model, x, **kw)
+    counted = CountingModel(model)
+    r = ds.sample(counted, x, resolve_lambda=0.5, **kw)
+    assert sum(len(t) for t in counted.ts) == int(r.nfe_per_sample.sum())
+    tight = ds.sample(model, x[:1], schedule=linear, sampler="adaptive", rtol=0.001, atol=0.00078, return_info=True)
+    torch.testing.assert_close(r.sample[0], tight.sample[0], rtol=1e-12, atol=1e-13)
+    assert r.nfe_per_sample[0] > tight.nfe_per_sample[0] > plain.nfe_per_sample[0]
+    ref = ds.sample(model, x[:1], schedule=linear, sampler="dpmpp_3m", steps=1000, spacing="logsnr")[0]
+    assert rms(r.sample[0], ref) < 0.3 * rms(plain.sample[0], ref), (rms(r.sample[0], ref), rms(plain.sample[0], ref))
+    torch.testing.assert_close(r.sample[1:], plain.sample[1:], rtol=1e-12, atol=1e-13)  # (rows batched otherwise)
+    assert torch.equal(r.nfe_per_sample[1:], plain.nfe_per_sample[1:] + 3)
+    assert torch.equal(r.accepted[1:], plain.accepted[1:]) and torch.equal(r.rejected[1:], plain.rejected[1:])
+    for b in (0, 7):
+        alone = ds.sample(model, x[b:b + 1], resolve_lambda=0.5, **kw)
+        torch.testing.assert_close(alone.sample[0], r.sample[b], rtol=1e-12, atol=1e-13)
+        assert alone.nfe_per_sample.item() == r.nfe_per_sample[b].item()
+    # a probe past the end of the flow (or before its start) is no probe: the plain run, call for call
+    for lam in (50.0, -50.0):
+        same = ds.sample(model, x[:8], resolve_lambda=lam, **kw)
+        torch.testing.assert_close(same.sample, plain.sample[:8], rtol=1e-12, atol=1e-13)
+        assert torch.equal(same.nfe_per_sample, plain.nfe_per_sample[:8])
 
 
 def test_max_nfe_cap_finishes_every_sample_and_says_so(two_modes, linear):
