@@ -293,14 +293,15 @@ def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nf
 def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe) -> None:
     print("\n### per-sample against batch control at the same error (mean NFE / the batch controller's mean NFE "
           "where its curve first reaches that error; [95 % paired bootstrap interval]; < 1: per-sample is cheaper)\n")
-    print("| per-sample method | rtol | mean NFE | " + " | ".join(f"{mt}: NFE ratio | interval" for mt in METRICS) +
-          " |")
-    print("|---|---|---|" + "---|---|" * len(METRICS))
+    print("| per-sample method | batch method | rtol | mean NFE | " +
+          " | ".join(f"{mt}: NFE ratio | interval" for mt in METRICS) + " |")
+    print("|---|---|---|---|" + "---|---|" * len(METRICS))
     tally = {}
-    for k in names:
-        batch = f"{k}, batch"
-        if batch not in runs:
-            continue
+    # each per-sample method against its own batch form, and against the batch-wide controller itself
+    # (k-diffusion's: "default, batch")
+    pairs = [(k, b) for k in names if not k.endswith(", batch")
+             for b in dict.fromkeys([f"{k}, batch", "default, batch"]) if b in runs]
+    for k, batch in pairs:
         for j, rtol in enumerate(RTOLS):
             cells = []
             for mt in METRICS:
@@ -308,11 +309,11 @@ def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nf
                 bs = [boot_nfe[k][b, j] / nfe_at_error(boot[k][mt][b, j], boot_nfe[batch][b], boot[batch][mt][b])
                       for b in range(n_boot)]
                 cells.append(f"{point:.2f} | {ci(bs)}")
-                tally.setdefault((k, mt), []).append(verdict(point, bs))
-            print(f"| {k} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) + " |")
+                tally.setdefault((k, batch, mt), []).append(verdict(point, bs))
+            print(f"| {k} | {batch} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) + " |")
     print("\nSummary (rtols whose interval lies below 1 / contains 1 / lies above 1; – outside the batch curve's range):\n")
-    for (k, mt), v in tally.items():
-        print(f"- {k} vs batch, {mt}: cheaper {v.count('better')}, tie {v.count('tie')}, dearer {v.count('worse')}, "
+    for (k, batch, mt), v in tally.items():
+        print(f"- {k} vs {batch}, {mt}: cheaper {v.count('better')}, tie {v.count('tie')}, dearer {v.count('worse')}, "
               f"out of range {v.count('–')}")
 
 

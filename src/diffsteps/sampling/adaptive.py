@@ -212,13 +212,15 @@ def _probe_growth(denoise: Denoiser, schedule: Schedule, x: torch.Tensor, x0: to
     t = _t_of(schedule, lam)
     dtype = denoise.model_dtype if denoise.model_dtype is not None else x.dtype
     step = math.sqrt(torch.finfo(dtype).eps) * (x / al.reshape(view)).flatten(1).norm(dim=1).reshape(view)
-    # a fixed direction per feature: (1, −1, 1, …) scaled by the feature index, so no generator is consumed
+    # a fixed start, cos(k φ) over the feature index k (φ the golden angle: no feature near zero for long): the same
+    # for every sample and every run, and no generator consumed
     v = torch.cos(torch.arange(x[0].numel(), dtype=torch.float64, device=x.device) * 2.399963).reshape(x.shape[1:])
     v = v.expand_as(x).clone()
     mu = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     for _ in range(calls):
         v = v / v.flatten(1).norm(dim=1).reshape(view)
-        jv = (denoise(x + al.reshape(view) * step * v, t, al.reshape(view), sg.reshape(view), rows=rows)[0] - x0) / step
+        moved = denoise(x + al.reshape(view) * step * v, t, al.reshape(view), sg.reshape(view), rows=rows)[0]
+        jv = (moved - x0) / step
         mu, v = (jv * v).flatten(1).sum(1), jv
     return mu, calls
 

@@ -113,7 +113,8 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     ``sampler="adaptive"`` (:func:`~.adaptive.sample_adaptive`) picks its own steps: ``steps`` must be None, and
     ``spacing`` gives only the start (its first timestep: T−1 for a named spacing) and the end (its last, else t = 0)
     of the error-controlled integration in λ; options ``rtol``, ``atol``, ``h_init``, ``pcoeff``, ``icoeff``,
-    ``dcoeff``, ``accept_safety``, ``order``, ``max_nfe``, ``control``.
+    ``dcoeff``, ``accept_safety``, ``order``, ``max_nfe``, ``control``, and the growth probe and re-solve
+    ``resolve_lambda`` (off by default), ``resolve_growth``, ``resolve_factor``, ``probe_calls``.
     The state keeps ``noise``'s dtype (with shared timesteps; see below); schedule coefficients are float64.
 
     ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
