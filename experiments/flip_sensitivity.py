@@ -22,7 +22,7 @@ at 1000 log-SNR steps):
    at λ = −0.5 (the controllers' own states there lie within their errors, ≤ 1e-3, of it) — an estimate of a policy
    that is not built, to decide whether to build it. Mean NFE, RMS, p90 and flips.
 
-    python experiments/flip_sensitivity.py   # ≈ 12 min on one thread
+    PYTHONPATH=experiments python experiments/flip_sensitivity.py   # ≈ 6 min on one thread
 
 Prints the tables recorded in docs/benchmarks/flip_sensitivity.txt.
 """
