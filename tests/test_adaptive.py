@@ -345,10 +345,13 @@ def test_max_nfe_cap_finishes_every_sample_and_says_so(two_modes, linear):
 
 def test_run_py_with_the_adaptive_sampler(tmp_path):
     """The runner: steps are ignored for an adaptive sampler (one row, and a warning), its realised mean NFE is the
-    row's nfe."""
+    row's nfe; the re-solve is an option of the config; the trajectory pictures show the steps it picked."""
     proc = run_py(tmp_path, *FAST, "sampler=adaptive", "sampler.options.rtol=0.05", "steps=[10,20]",
-                  "eval.num_samples=64", "eval.batch_size=64", "eval.kid_subset_size=32")
-    assert "steps=[10, 20] ignored" in proc.stdout + proc.stderr
+                  "sampler.options.resolve_lambda=-0.5", "eval.num_samples=64", "eval.batch_size=64",
+                  "eval.kid_subset_size=32")
+    log = proc.stdout + proc.stderr
+    assert "steps=[10, 20] ignored" in log and "could not write" not in log
+    assert all((tmp_path / "run" / "trajectory" / f"adaptive.{ext}").is_file() for ext in ("png", "gif", "pt"))
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert len(rows) == 1 and rows[0]["sampler"] == "adaptive" and rows[0]["num_samples"] == 64
     assert 4 <= rows[0]["nfe"] <= 1000 and math.isfinite(rows[0]["nll"])

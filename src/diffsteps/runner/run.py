@@ -114,23 +114,29 @@ def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: li
                         loggers=()) -> list[Path]:
     """The sampler step by step at the run's fewest steps, on the first ``eval.trajectory_samples`` samples of the
     evaluation's own noise (chunk 0: the same in every run of a multirun, so the report's sampler grid compares
-    like with like): ``trajectory/<sampler>_<steps>.png`` / ``.gif`` / ``.pt``, and on W&B as an image and a video."""
+    like with like): ``trajectory/<sampler>_<steps>.png`` / ``.gif`` / ``.pt`` (an adaptive sampler, which picks its
+    own steps: ``trajectory/adaptive.*``), and on W&B as an image and a video."""
     import torch
 
     from ..evaluation.plan import chunk_noise
     from ..reporting.trajectory import capture, save_trajectory
+    from ..sampling.registry import get_sampler
 
     n = int(cfg.eval.get("trajectory_samples", 0) or 0)
     if n <= 0 or datamodule.spec.modality not in ("image", "vector"):
         return []
     plan = make_plan(cfg, datamodule, steps)
-    k = min(steps)
+    # an adaptive sampler picks its own steps: its trajectory is the one the evaluation drew (steps ignored there)
+    adaptive = get_sampler(plan.sampler).adaptive
+    k = None if adaptive else min(steps)
+    name = plan.sampler if adaptive else f"{plan.sampler}_{k}"
     device = next(module.net.parameters()).device
     noise = chunk_noise(plan, 0, device=device)[:n]
     was_training = module.net.training
     module.net.eval()
     try:
-        traj = capture(module.net, noise, label=f"{plan.sampler} {k} steps", schedule=schedule,
+        traj = capture(module.net, noise, label=plan.sampler if adaptive else f"{plan.sampler} {k} steps",
+                       schedule=schedule,
                        sampler=plan.sampler, steps=k, spacing=plan.spacing, prediction=module.prediction,
                        generator=torch.Generator(device=device).manual_seed(plan.noise_seed),
                        **plan.denoiser_options, **plan.sampler_options)
@@ -138,7 +144,7 @@ def trajectory_pictures(cfg: DictConfig, module, datamodule, schedule, steps: li
         module.net.train(was_training)
     folder = out_dir / "trajectory"  # beside, not among, the evaluation's own figures
     folder.mkdir(exist_ok=True)
-    files = save_trajectory(traj, folder, f"{plan.sampler}_{k}", modality=datamodule.spec.modality)
+    files = save_trajectory(traj, folder, name, modality=datamodule.spec.modality)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
