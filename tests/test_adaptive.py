@@ -288,10 +288,10 @@ def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(lin
         al, sg = (torch.sigmoid(2 * lams).sqrt()[:, None], torch.sigmoid(-2 * lams).sqrt()[:, None])
         t = linear.t_from_log_snr(2 * lams)
         x0 = denoise(x, t, al, sg)[0]
-        # the model's ᾱ at t (the schedule's table) is sigmoid(2λ) to about 1e-4: J at its own noise level, on the
-        # probe's x̃ = x/α(λ)
+        # J at the model's own noise level ᾱ(t), on the probe's x̃ = x/α(λ) (the two α agree to rounding)
         abar = linear.alpha_bar_at(t[:1]).item()
-        exact = math.sqrt(torch.sigmoid(torch.tensor(2 * lam)).item() / abar) * (c / (c + (1 - abar) / abar)).max().item()
+        exact = (math.sqrt(torch.sigmoid(torch.tensor(2 * lam)).item() / abar)
+                 * (c / (c + (1 - abar) / abar)).max().item())
         many, calls = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 200)
         few, _ = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 3)
         assert calls == 200  # (at λ = 1 the two largest are 0.97 and 0.88: power iteration converges slowly)
