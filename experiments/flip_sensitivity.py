@@ -80,26 +80,27 @@ def top_eigenvalue(model, schedule, x: torch.Tensor, t: int, chunk: int = 1000) 
     return torch.cat(out)
 
 
-def jvp(model, schedule, x: torch.Tensor, t: int, v: torch.Tensor) -> torch.Tensor:
-    """J v for a unit v, from one extra model call: (x̂₀(x̃ + εv) − x̂₀(x̃))/ε, ε = 1e-6 |x̃|."""
+def jvp(model, schedule, x: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """J v for a unit v, from one extra model call: (x̂₀(x̃ + εv) − m)/ε, m = x̂₀(x̃), ε = 1e-6 |x̃|."""
     root = schedule.alphas_cumprod.double()[t].sqrt()
     eps = 1e-6 * (x / root).norm(dim=1, keepdim=True)
-    return (denoised(model, schedule, x + root * eps * v, t) - denoised(model, schedule, x, t)) / eps
+    return (denoised(model, schedule, x + root * eps * v, t) - m) / eps
 
 
-def rayleigh(model, schedule, x: torch.Tensor, t: int, v: torch.Tensor) -> torch.Tensor:
-    """vᵀ J v / |v|² from one extra model call."""
+def rayleigh(model, schedule, x: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """vᵀ J v / |v|² from one extra model call (m = x̂₀ at x)."""
     v = v / v.norm(dim=1, keepdim=True)
-    return (jvp(model, schedule, x, t, v) * v).sum(1)
+    return (jvp(model, schedule, x, t, m, v) * v).sum(1)
 
 
-def power_probe(model, schedule, x: torch.Tensor, t: int, v: torch.Tensor, calls: int = 3) -> torch.Tensor:
-    """vᵀJv after ``calls`` steps of power iteration v ← Jv from v (one model call each, with the x̂₀ at x): an
-    estimate of μ from below that a controller could afford."""
+def power_probe(model, schedule, x: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor,
+                calls: int = 3) -> torch.Tensor:
+    """vᵀJv after ``calls`` steps of power iteration v ← Jv from v (one model call each; m = x̂₀ at x): an estimate
+    of μ from below that a controller could afford."""
     q = None
     for _ in range(calls):
         v = v / v.norm(dim=1, keepdim=True)
-        jv = jvp(model, schedule, x, t, v)
+        jv = jvp(model, schedule, x, t, m, v)
         q, v = (jv * v).sum(1), jv
     return q
 
@@ -150,9 +151,9 @@ def main() -> None:
         if previous is None:
             cells += ["–", "–"]
         else:
-            move = denoised(model, schedule, x, t) - denoised(model, schedule, *previous)
-            q = rayleigh(model, schedule, x, t, move)
-            q_pow = power_probe(model, schedule, x, t, torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            m = denoised(model, schedule, x, t)
+            q = rayleigh(model, schedule, x, t, m, m - denoised(model, schedule, *previous))
+            q_pow = power_probe(model, schedule, x, t, m, torch.randn(x.shape, generator=gen, dtype=x.dtype))
             if c == -0.5:
                 probe = q_pow
             cells += [f"{rank(q, flips)} ({spearmanr(q, mu).statistic:.2f})",

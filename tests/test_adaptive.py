@@ -281,7 +281,8 @@ def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(lin
 
     c = torch.tensor([1.0, 4.0, 0.25, 0.5], dtype=torch.float64)
     gauss = ds.GaussianMixture(torch.tensor([[0.3, -0.2, 0.1, 0.0]], dtype=torch.float64), c[None])
-    denoise = Denoiser(ds.ExactEpsilon(gauss, linear))
+    counted = CountingModel(ds.ExactEpsilon(gauss, linear))
+    denoise = Denoiser(counted)
     x = noise(6, 4, seed=1)
     for lam in (0.0, -1.0, 1.0):
         lams = torch.full((6,), lam, dtype=torch.float64)
@@ -292,9 +293,11 @@ def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(lin
         abar = linear.alpha_bar_at(t[:1]).item()
         exact = (math.sqrt(torch.sigmoid(torch.tensor(2 * lam)).item() / abar)
                  * (c / (c + (1 - abar) / abar)).max().item())
-        many, calls = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 200)
-        few, _ = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 3)
-        assert calls == 200  # (at λ = 1 the two largest are 0.97 and 0.88: power iteration converges slowly)
+        before = counted.calls
+        # (at λ = 1 the two largest are 0.97 and 0.88: power iteration converges slowly)
+        many = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 200)
+        few = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 3)
+        assert counted.calls - before == 203  # one model call per power-iteration step
         torch.testing.assert_close(many, torch.full_like(many, exact), rtol=1e-6, atol=0)
         assert torch.all((few - exact).abs() < 0.1 * exact), (lam, few, exact)
 

@@ -180,8 +180,8 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
                                                       atol, budget, pause_at=pause)
     rows = state["paused"].nonzero().flatten()
     if len(rows):
-        mu, calls = _probe_growth(denoise, schedule, out[rows], x0_p[rows], state["lam"][rows], rows, probe_calls)
-        nfe[rows] += calls
+        mu = _probe_growth(denoise, schedule, out[rows], x0_p[rows], state["lam"][rows], rows, probe_calls)
+        nfe[rows] += probe_calls
         again = mu >= resolve_growth
         for redo, sub in ((False, rows[~again]), (True, rows[again])):
             if not len(sub):
@@ -202,16 +202,15 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
 
 
 def _probe_growth(denoise: Denoiser, schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, lam: torch.Tensor,
-                  rows: torch.Tensor, calls: int) -> tuple[torch.Tensor, int]:
+                  rows: torch.Tensor, calls: int) -> torch.Tensor:
     """μ̂: vᵀJv after ``calls`` steps of power iteration v ← Jv (from a fixed direction, so the result is
     reproducible and per-sample), J = ∂x̂_0/∂x̃ at (x, λ), x̃ = x/α; J v = (x̂_0(x̃ + εv) − x̂_0(x̃))/ε with
-    ε = √(machine ε of the model's dtype) · |x̃| (the usual forward-difference step). One model call per step.
-    Returns (μ̂ per sample, calls)."""
+    ε = √(machine ε of the model's dtype) · |x̃| (the usual forward-difference step). One model call per step."""
     view = (-1,) + (1,) * (x.ndim - 1)
-    al, sg = _alpha_sigma(lam)
+    al, sg = (v.reshape(view) for v in _alpha_sigma(lam))
     t = _t_of(schedule, lam)
     dtype = denoise.model_dtype if denoise.model_dtype is not None else x.dtype
-    step = math.sqrt(torch.finfo(dtype).eps) * (x / al.reshape(view)).flatten(1).norm(dim=1).reshape(view)
+    step = math.sqrt(torch.finfo(dtype).eps) * (x / al).flatten(1).norm(dim=1).reshape(view)
     # a fixed start, cos(k φ) over the feature index k (φ the golden angle: no feature near zero for long): the same
     # for every sample and every run, and no generator consumed
     v = torch.cos(torch.arange(x[0].numel(), dtype=torch.float64, device=x.device) * 2.399963).reshape(x.shape[1:])
@@ -219,10 +218,9 @@ def _probe_growth(denoise: Denoiser, schedule: Schedule, x: torch.Tensor, x0: to
     mu = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     for _ in range(calls):
         v = v / v.flatten(1).norm(dim=1).reshape(view)
-        moved = denoise(x + al.reshape(view) * step * v, t, al.reshape(view), sg.reshape(view), rows=rows)[0]
-        jv = (moved - x0) / step
+        jv = (denoise(x + al * step * v, t, al, sg, rows=rows)[0] - x0) / step
         mu, v = (jv * v).flatten(1).sum(1), jv
-    return mu, calls
+    return mu
 
 
 class _Report:
@@ -288,8 +286,6 @@ class _Solver:
         accepted, rejected = torch.zeros_like(nfe), torch.zeros_like(nfe)
         active = torch.ones(B, dtype=torch.bool, device=dev)
         paused = torch.zeros(B, dtype=torch.bool, device=dev)
-        if pause_at is None:
-            pause_at = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
         pc, ic, dc = c["pcoeff"], c["icoeff"], c["dcoeff"]
         b = torch.tensor([pc + ic + dc, -(pc + 2 * dc), dc], dtype=torch.float64) / order
         r = (0.5,) if order == 2 else (1 / 3, 2 / 3)
@@ -309,7 +305,6 @@ class _Solver:
             arrived = lam[idx] >= lam_end[idx]
             capped = ~arrived & (nfe[idx] + order - cached[idx].long() + 1 > max_nfe[idx])
             stop = arrived | capped
-            hold = ~stop & (lam[idx] >= pause_at[idx])
             need = idx[~cached[idx]]
             if len(need):
                 x0[need] = evaluate(need, x[need], lam[need])
@@ -320,9 +315,12 @@ class _Solver:
                 x[fin] = _final(x[fin], x0[fin], lam[fin], lam_end[fin], to_data, view)
                 t_now[fin] = t_end[fin]
                 active[fin] = False
-            active[idx[hold]] = False
-            paused[idx[hold]] = True
-            run = idx[~stop & ~hold]
+            going = ~stop
+            if pause_at is not None:  # rows past their pause point stop here, x̂_0 evaluated above
+                hold = going & (lam[idx] >= pause_at[idx])
+                active[idx[hold]], paused[idx[hold]] = False, True
+                going &= ~hold
+            run = idx[going]
             moved = fin
             if len(run):
                 lam_s, xs, m_s = lam[run], x[run], x0[run]
