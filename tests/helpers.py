@@ -26,14 +26,71 @@ FAST = ["data=toy2d", "data.n_train=2048", "data.n_val=1024", "model=mlp", "mode
         "eval.batch_size=128", "eval.kid_subset_size=64", "objective=nll"]
 
 
-def run_py(tmp: Path, *overrides: str, name: str = "run", check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={tmp}/{name}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+RUN_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_py(tmp: Path, *overrides: str, name: str | None = "run", check: bool = True,
+           in_process: bool = False) -> subprocess.CompletedProcess:
+    """``python run.py hydra.run.dir=<tmp>/<name> *overrides`` with ``DIFFSTEPS_ROOT=<tmp>`` (``name`` None: Hydra's
+    own run folder): a subprocess, or with ``in_process`` run.py's ``main()`` here (:func:`run_py_in_process`)."""
+    argv = [str(ROOT / "run.py"), *(() if name is None else (f"hydra.run.dir={tmp}/{name}",)), *overrides]
+    if in_process:
+        proc = run_py_in_process(tmp, argv)
+    else:
+        env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), **RUN_ENV}
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """run.py's ``main()`` called here with ``sys.argv = argv``: Hydra's whole command-line path (parsing, composing,
+    the run, its one-line error report and exit code) without the ~8 s a fresh interpreter spends importing torch
+    and Lightning. For runs that fail before training and for ``--cfg``; a run that trains belongs in a subprocess
+    (Lightning and Hydra leave process-wide state). stdout/stderr are captured; Hydra's global state, the
+    logging handlers it installs, ``sys.argv`` and the environment are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    env = {"DIFFSTEPS_ROOT": str(tmp), **RUN_ENV}
+    saved_env = {k: os.environ.get(k) for k in [*env, "HYDRA_FULL_ERROR"]}
+    saved_argv, root = sys.argv, logging.getLogger()
+    saved_log = (list(root.handlers), root.level)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update(env)
+    os.environ.pop("HYDRA_FULL_ERROR", None)  # Hydra's one-line report, as a user sees it
+    sys.argv = argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for h in root.handlers[:]:
+            if h not in saved_log[0]:
+                root.removeHandler(h)
+                h.close()
+        for h in saved_log[0]:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(saved_log[1])
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def noise(n, d, seed=0, dtype=torch.float64):

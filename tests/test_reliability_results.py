@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from helpers import run_py
 from test_runner import FAST
 
 import diffsteps as ds
@@ -285,8 +286,8 @@ def test_a_run_killed_during_evaluation_keeps_its_finished_step_counts(tmp_path)
                                            r"'cosine'; valid choices: leading, trailing")),
 ])
 def test_bad_evaluation_input_fails_before_training(tmp_path, override, message):
-    proc = start(tmp_path, *FAST, "logger=csv", *override.split(), run_dir=str(tmp_path / "run"))
-    text = finish(proc)
+    proc = run_py(tmp_path, *FAST, "logger=csv", *override.split(), check=False, in_process=True)
+    text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert re.search(message, text), text[-2000:]
     assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing trained
@@ -295,9 +296,9 @@ def test_bad_evaluation_input_fails_before_training(tmp_path, override, message)
 
 def test_the_digits_elbo_split_is_checked_before_training(tmp_path):
     # the default data: 1797 digits, 359 of them in the val split the ELBO reads
-    proc = start(tmp_path, "logger=csv", "train.max_steps=30", "eval.elbo.num_samples=1000",
-                 run_dir=str(tmp_path / "run"))
-    text = finish(proc)
+    proc = run_py(tmp_path, "logger=csv", "train.max_steps=30", "eval.elbo.num_samples=1000", check=False,
+                  in_process=True)
+    text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and re.search(r"eval.elbo.num_samples=1000 but the val split of digits\S+ has 359 "
                                               r"samples", text), text[-2000:]
     assert not (tmp_path / "outputs" / "checkpoints").exists()

@@ -118,7 +118,8 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     ("sampler=dpm_fast", r"Available options in 'sampler':\s+adaptive\s+ddim\s+ddpm"),  # Hydra lists the group's choices
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
-    proc = run_py(tmp_path, *FAST, *override.split(), check=False)
+    # in this process but for one case (a new interpreter spends ~8 s on imports before failing)
+    proc = run_py(tmp_path, *FAST, *override.split(), check=False, in_process=override != "steps=0")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert re.search(message, text), text[-2000:]
@@ -126,11 +127,11 @@ def test_bad_config_fails_before_training(tmp_path, override, message):
 
 
 def test_missing_and_corrupt_checkpoint(tmp_path):
-    proc = run_py(tmp_path, *FAST, f"ckpt_path={tmp_path}/nope.ckpt", check=False)
+    proc = run_py(tmp_path, *FAST, f"ckpt_path={tmp_path}/nope.ckpt", check=False, in_process=True)
     assert proc.returncode != 0 and "checkpoint not found" in proc.stderr
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    proc = run_py(tmp_path, *FAST, f"ckpt_path={bad}", name="bad", check=False)
+    proc = run_py(tmp_path, *FAST, f"ckpt_path={bad}", name="bad", check=False, in_process=True)
     assert proc.returncode != 0 and "corrupt or not a diffsteps checkpoint" in proc.stderr
 
 
@@ -189,19 +190,17 @@ def test_schedules_task_draws_every_schedule_without_training(tmp_path):
     ("sampler_comparison", ["sampler=dpmpp_3m"], [9, 19, 49, 99], "sampler: ddim,heun,dpmpp_2m,dpmpp_3m,euler"),
     ("schedule_comparison", [], [10, 20, 50, 100], "schedule: linear,cosine,scaled_linear,sigmoid"),
 ])
-def test_experiment_presets_compose_with_their_own_values(preset, overrides, steps, sweep):
+def test_experiment_presets_compose_with_their_own_values(tmp_path, preset, overrides, steps, sweep):
     # a preset's values must win over config.yaml's (`_self_` before `experiment` in the defaults list)
     import yaml
 
-    env = {**os.environ, "DIFFSTEPS_ROOT": "/nonexistent"}
-    job = subprocess.run([sys.executable, str(ROOT / "run.py"), f"experiment={preset}", *overrides, "--cfg", "job",
-                          "--resolve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert job.returncode == 0, job.stderr[-2000:]
+    job = run_py(tmp_path, f"experiment={preset}", *overrides, "--cfg", "job", "--resolve", name=None,
+                 in_process=True)
     cfg = yaml.safe_load(job.stdout)
     assert cfg["steps"] == steps and cfg["loss"]["prediction"] == "v"
-    hydra_cfg = subprocess.run([sys.executable, str(ROOT / "run.py"), f"experiment={preset}", "--cfg", "hydra"],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    hydra_cfg = run_py(tmp_path, f"experiment={preset}", "--cfg", "hydra", name=None, in_process=True)
     assert sweep in hydra_cfg.stdout, hydra_cfg.stdout[-2000:]
+    assert list(tmp_path.iterdir()) == []  # --cfg prints and runs nothing
 
 
 def test_objective_adds_its_cost_term():

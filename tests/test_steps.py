@@ -418,7 +418,7 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
     import re
 
     for args, message in bad:
-        proc = run_py(tmp_path, *FAST, "logger=none", *args, name="bad", check=False)
+        proc = run_py(tmp_path, *FAST, "logger=none", *args, name="bad", check=False, in_process=True)
         assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr[-2000:]
         assert "Epoch" not in proc.stderr
 
