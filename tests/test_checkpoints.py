@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 from PIL import Image
+import helpers
 
 import diffsteps as ds
 from diffsteps.data import Toy2DData
@@ -360,8 +361,9 @@ def test_eval_of_a_checkpoint_uses_its_training_config(eps_run):
 
 def test_eval_with_a_disagreeing_override_names_it(eps_run):
     link = eps_run / "train" / "checkpoint.ckpt"
-    rc, text = run_py(eps_run, "eval_v", "task=eval", f"ckpt_path={link}", "loss.prediction=v", "model.hidden=32",
-                      *EVAL, check=False)
+    proc = helpers.run_py(eps_run, "task=eval", f"ckpt_path={link}", "loss.prediction=v", "model.hidden=32", *EVAL,
+                          name="eval_v", check=False, in_process=True)  # fails before any work: no interpreter
+    rc, text = proc.returncode, proc.stdout + proc.stderr
     assert rc != 0
     assert (f"checkpoint {link} was trained with another config: trained with loss.prediction=epsilon, this run "
             f"has v; trained with model.hidden=64, this run has 32. Those values were set") in text
