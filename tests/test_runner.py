@@ -126,6 +126,15 @@ def test_bad_config_fails_before_training(tmp_path, override, message):
     assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing trained
 
 
+def test_config_errors_do_not_wait_for_lightning():
+    # run.py reports a bad step count, sampler, spacing or evaluation size in ~3 s, not the ~10 s importing Lightning
+    # (with torchmetrics, scipy and matplotlib) would add: nothing run.py imports before validate() pulls it in
+    code = ("import sys, diffsteps, diffsteps.runner.run, diffsteps.runner.validate; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', 'wandb'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 def test_missing_and_corrupt_checkpoint(tmp_path):
     proc = run_py(tmp_path, *FAST, f"ckpt_path={tmp_path}/nope.ckpt", check=False, in_process=True)
     assert proc.returncode != 0 and "checkpoint not found" in proc.stderr

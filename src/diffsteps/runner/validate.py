@@ -97,7 +97,6 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
     sampler: SamplerChoice = instantiate_checked(cfg.sampler)
     check_follows_train(cfg)
     check_training(cfg)
-    check_loggers(cfg)
     steps = steps_list(cfg)
     for n in steps:
         if isinstance(n, bool) or not isinstance(n, int):
@@ -130,6 +129,7 @@ def validate(cfg: DictConfig, schedule) -> list[int]:
                          f"and eval.mse.num_samples > 0")
     if objective.name == "elbo" and not e.elbo.num_samples > 0:
         raise ValueError("objective=elbo needs eval.elbo.num_samples > 0")
+    check_loggers(cfg)  # last: a logger's class imports Lightning (seconds) — the checks above report without it
     return steps
 
 

@@ -11,13 +11,6 @@ per-sample step budget."""
 from .dp import dp_paths
 from .elbo import elbo_chains
 from .optimize import FIXED_SPACINGS, METHODS, optimize_schedule
-from .predictor import (
-           StepPredictor,
-           load_predictor,
-           oracle_labels,
-           save_predictor,
-           train_predictor,
-)
 from .search import SearchResult, Target, TargetUnreachable, find_min_steps
 from .stopping import (
            StoppingRule,
@@ -51,3 +44,16 @@ __all__ = [
            "teacher_solve",
            "train_predictor",
 ]
+
+
+_LAZY = {"StepPredictor", "load_predictor", "oracle_labels", "save_predictor", "train_predictor"}
+
+
+def __getattr__(name: str):
+    # the predictor is a LightningModule: importing Lightning (and torchmetrics, scipy) takes seconds, which
+    # ``import diffsteps`` — and every run.py that fails on its config — should not pay before it needs them
+    if name in _LAZY:
+        from . import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
