@@ -171,10 +171,11 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, adaptive_caps=(0.5,), batch_size=128,
                        single_samples=2)
 
-    def direct(noise, ref_, rtol, cap=0.5):  # the sampler called on its own, the whole set in one batch
+    def direct(noise, ref_, rtol, cap=0.5, lam=None):  # the sampler called on its own, the whole set in one batch
         counter = CountingModel(model)
         r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol, h_max_noisy=cap,
-                      atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe, return_info=True)
+                      resolve_lambda=lam, atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe,
+                      return_info=True)
         return (r.sample - ref_).pow(2).mean(1), r.nfe_per_sample, counter.rows
 
     cal_runs = {rtol: direct(cal, ref_cal, rtol) for rtol in rtols}
@@ -214,7 +215,29 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     expect = (chosen, 0.5) if nfe_capped <= nfe_inf else (rtol_inf, math.inf)
     assert (knobs["adaptive_rtol"], knobs["adaptive_cap"]) == expect and set(curves2) == {"adaptive, cap 0.5",
                                                                                           "adaptive, no cap"}
+    # a growth probe and re-solve (policies.adaptive_resolve) competes like a cap: per λ the loosest meeting rtol,
+    # then the cheapest on calibration noise; its row is the sampler's own run with resolve_lambda=λ
+    lam, few = -0.5, (0.05, 0.02)
+    probed = {rtol: direct(cal, ref_cal, rtol, lam=lam) for rtol in few}
+    rtol_lam = next((r for r in few if float((probed[r][0] <= target).double().mean()) >= 0.9), None)
+    nfe_lam = math.inf if rtol_lam is None else float(probed[rtol_lam][1].double().mean())
+    assert all((probed[r][1] >= cal_runs[r][1] + 3).all() for r in few)  # the probe's 3 calls, and any re-solve
+    knobs = {}
+    [row3], curves3 = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": few,
+                                                          "adaptive_resolve": (None, lam)}), *args, knobs=knobs)
+    expect = (chosen, None) if nfe_capped <= nfe_lam else (rtol_lam, lam)
+    print(f"calibration mean NFE with the probe at λ {lam}: rtol {rtol_lam} {nfe_lam:.1f}; chosen {expect}")
+    assert (knobs["adaptive_rtol"], knobs["adaptive_resolve"]) == expect
+    assert set(curves3) == {"adaptive, cap 0.5", f"adaptive, cap 0.5, re-solve at λ {lam:g}"}
+    [row4], _ = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_resolve": (lam,)}),
+                              *args)
+    err4, nfe4, _ = direct(test, ref_test, rtol_lam, lam=lam)
+    assert row4["knob"] == f"rtol = {rtol_lam:g}, cap 0.5, re-solve at λ {lam:g}"
+    assert row4["nfe_mean"] == pytest.approx(float(nfe4.double().mean()), abs=1e-12)
+    assert row4["mse"] == pytest.approx(float(err4.mean()), rel=1e-9)
     for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
+                       ({"adaptive_resolve": [None, ".nan"]}, r"adaptive_resolve must list .* got \[None, '\.nan'\]"),
+                       ({"adaptive_resolve": []}, "adaptive_resolve must list the adaptive sampler's resolve_lambda"),
                        ({"adaptive_caps": [0.5, 0]}, "adaptive_caps must be λ-step caps > 0"),
                        ({"adaptive_caps": [".inf"]}, r"no cap: inf on the command line, \.inf in YAML\), got \['\.inf'\]"),
                        ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):

@@ -9,9 +9,9 @@ test noise the row reports. Rows:
 - **fixed N\\***: the smallest step count of the ladder whose calibration coverage is ≥ 1 − α;
 - **optimised schedule**: the smallest cached ``task=optimize_steps`` schedule for this model and sampler meeting it
   (omitted, with a logged line, when there is none);
-- **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol, h_max_noisy=cap)``
-  at the loosest rtol meeting it, for each cap of ``adaptive_caps`` the one whose calibration mean NFE is lowest;
-  its NFE each sample's own (``nfe_per_sample``);
+- **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol, h_max_noisy=cap,
+  resolve_lambda=λ)`` at the loosest rtol meeting it, for each (cap, λ) of ``adaptive_caps`` × ``adaptive_resolve``
+  the one whose calibration mean NFE is lowest; its NFE each sample's own (``nfe_per_sample``);
 - **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
 - **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
   quantile knob chosen on the other third.
@@ -28,6 +28,7 @@ training split's label frequencies; the predictor reads them as one-hot conditio
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ class PolicySettings:
     adaptive_atol_per_rtol: float = 0.156
     adaptive_max_nfe: int = 500
     adaptive_caps: tuple = (0.5, math.inf)
+    adaptive_resolve: tuple = (None,)
     batch_size: int = 256
     single_samples: int = 16
     condition: str = "auto"
@@ -109,6 +111,10 @@ class PolicySettings:
         if not s.adaptive_caps or not all(isinstance(c, (int, float)) and c > 0 for c in s.adaptive_caps):
             raise ValueError(f"policies.adaptive_caps must be λ-step caps > 0 (no cap: inf on the command line, .inf "
                              f"in YAML), got {list(s.adaptive_caps)}")
+        if not s.adaptive_resolve or not all(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)
+                                                          and math.isfinite(r)) for r in s.adaptive_resolve):
+            raise ValueError(f"policies.adaptive_resolve must list the adaptive sampler's resolve_lambda values to try "
+                             f"(a finite log-SNR λ, or null: no growth probe), got {list(s.adaptive_resolve)}")
         if isinstance(s.adaptive_max_nfe, bool) or not isinstance(s.adaptive_max_nfe, int) or s.adaptive_max_nfe < 4:
             raise ValueError(f"policies.adaptive_max_nfe must be an integer ≥ 4 (one order-3 step and the final "
                              f"evaluation), got {s.adaptive_max_nfe!r}")
@@ -411,7 +417,7 @@ def policies_task(cfg: DictConfig) -> float:
 
     # adaptive: the loosest rtol meeting the target on calibration noise (kept behind the registry check so that a
     # build without that sampler still writes the other rows)
-    knobs: dict = {"adaptive_rtol": None, "adaptive_cap": None}
+    knobs: dict = {"adaptive_rtol": None, "adaptive_cap": None, "adaptive_resolve": None}
     if "adaptive" in SAMPLERS:
         rows_a, curves_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level,
                                          cond_cal=cond_cal, knobs=knobs, **measure)
@@ -519,6 +525,7 @@ def policies_task(cfg: DictConfig) -> float:
         "predictor_train_seconds": train_seconds,
         "adaptive_rtol": knobs["adaptive_rtol"],
         "adaptive_cap": None if knobs["adaptive_cap"] in (None, math.inf) else knobs["adaptive_cap"],  # None: no cap
+        "adaptive_resolve": knobs["adaptive_resolve"],  # the growth probe's λ; None: none
         "stopping_tau": rule.tau, "stopping_grid": K, "stopping_grids_tried": grids, "stopping_calibration_coverage": rule.calibration_coverage,
         "fixed_n_star": n_star, "model_key": M.key, "exact_model": M.exact,
         "error_target": s.error_target, "alpha": s.alpha, "sampler": sampler.name, "spacing": sampler.spacing,
@@ -593,21 +600,24 @@ def _optimised_schedules(cfg: DictConfig, M: _Model, sampler: str) -> list[tuple
 def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level, *, cond_cal=None,
                   cond=None, quality=None, keep=None, knobs=None):
     """The adaptive sampler's row. For each λ-step cap of ``policies.adaptive_caps`` (the sampler's
-    ``h_max_noisy``), the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is ≥ 1 − α; of
-    those, the (cap, rtol) with the lowest calibration mean NFE — the cap trades a floor on the NFE for fewer mode
-    flips, and which side wins depends on the target. Measured on the test noise with each sample's own NFE
+    ``h_max_noisy``) and each growth-probe point of ``policies.adaptive_resolve`` (its ``resolve_lambda``; None: no
+    probe), the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is ≥ 1 − α; of those, the
+    (cap, probe, rtol) with the lowest calibration mean NFE — the cap trades a floor on the NFE for fewer mode
+    flips, the probe three calls per sample and a re-solve of the few it flags for the same, and which side wins
+    depends on the target. Measured on the test noise with each sample's own NFE
     (``SampleResult.nfe_per_sample``; ``nfe`` would be the batch's model calls). Returns ([row] or [], {curve name:
     the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one curve per cap). atol scales with
     rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
     δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` / ``cond``: the
     calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs`` gets
-    ``adaptive_rtol`` and ``adaptive_cap``."""
+    ``adaptive_rtol``, ``adaptive_cap`` and ``adaptive_resolve``."""
     from ..sampling.api import sample
 
-    def run_at(rtol, cap):
+    def run_at(rtol, cap, lam):
         def run(noise, c=None):
             res = sample(M.net, noise, sampler="adaptive", rtol=rtol, atol=s.adaptive_atol_per_rtol * rtol,
-                         h_max_noisy=cap, max_nfe=s.adaptive_max_nfe, cond=c, return_info=True, **kw, **denoiser)
+                         h_max_noisy=cap, resolve_lambda=lam, max_nfe=s.adaptive_max_nfe, cond=c, return_info=True,
+                         **kw, **denoiser)
             return res.sample, res.nfe_per_sample
         return run
 
@@ -617,34 +627,37 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
         x, nfe = torch.cat([o[0] for o in out]), torch.cat([torch.as_tensor(o[1]).reshape(-1) for o in out])
         return (x.to(_F64) - ref.to(_F64)).pow(2).flatten(1).mean(1), nfe
 
-    curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap)
-    for cap in s.adaptive_caps:
-        name = "adaptive" + (f", cap {cap:g}" if cap < math.inf else ", no cap")
+    def label(cap, lam):
+        return (f"cap {cap:g}" if cap < math.inf else "no cap") + ("" if lam is None else f", re-solve at λ {lam:g}")
+
+    curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap, λ)
+    for cap, lam in itertools.product(s.adaptive_caps, s.adaptive_resolve):
+        name = f"adaptive, {label(cap, lam)}"
         curve, chosen = curves.setdefault(name, []), None
         for rtol in sorted(s.adaptive_rtols, reverse=True):  # loosest first: the first meeting the target is chosen
             t0 = time.perf_counter()
-            err_c, nfe_c = errors(run_at(rtol, cap), cal, ref_cal, cond_cal)
+            err_c, nfe_c = errors(run_at(rtol, cap, lam), cal, ref_cal, cond_cal)
             seconds += time.perf_counter() - t0
             evals += int(nfe_c.sum())
-            err_t, nfe_t = errors(run_at(rtol, cap), test, ref_test, cond)
+            err_t, nfe_t = errors(run_at(rtol, cap, lam), test, ref_test, cond)
             curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
             cov_c = _coverage(err_c, s.error_target)
             log.info("%s, rtol %g: calibration coverage %.3f at mean NFE %.1f (%.1f s so far)", name, rtol, cov_c,
                      float(nfe_c.double().mean()), seconds)
             if chosen is None and cov_c >= level:
-                chosen = (float(nfe_c.double().mean()), rtol, cap)
+                chosen = (float(nfe_c.double().mean()), rtol, cap, lam)
         if chosen is not None and (best is None or chosen[0] < best[0]):
             best = chosen
     if best is None:
-        log.info("adaptive: no (cap, rtol) in policies.adaptive_caps × adaptive_rtols meets the target on calibration "
-                 "noise; row omitted")
+        log.info("adaptive: no (cap, probe, rtol) in policies.adaptive_caps × adaptive_resolve × adaptive_rtols meets "
+                 "the target on calibration noise; row omitted")
         return [], curves
-    _, rtol, cap = best
+    _, rtol, cap, lam = best
     cost = {"evals": teacher_cost["evals"] + evals, "seconds": teacher_cost["seconds"] + seconds}
     if knobs is not None:
-        knobs["adaptive_rtol"], knobs["adaptive_cap"] = rtol, cap
-    return [_measure("adaptive", f"rtol = {rtol:g}, " + (f"cap {cap:g}" if cap < math.inf else "no cap"), run_at(rtol, cap), test, ref_test, s, M.mixture,
-                     cost, cond, quality, keep)], curves
+        knobs["adaptive_rtol"], knobs["adaptive_cap"], knobs["adaptive_resolve"] = rtol, cap, lam
+    return [_measure("adaptive", f"rtol = {rtol:g}, {label(cap, lam)}", run_at(rtol, cap, lam), test, ref_test, s,
+                     M.mixture, cost, cond, quality, keep)], curves
 
 
 _COLUMNS = [("policy", "policy", "{}"), ("knob", "knob", "{}"), ("mse", "MSE", "{:.3g}"),
