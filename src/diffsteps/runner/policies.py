@@ -606,7 +606,7 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
     flips, the probe three calls per sample and a re-solve of the few it flags for the same, and which side wins
     depends on the target. Measured on the test noise with each sample's own NFE
     (``SampleResult.nfe_per_sample``; ``nfe`` would be the batch's model calls). Returns ([row] or [], {curve name:
-    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one curve per cap). atol scales with
+    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one per (cap, probe)). atol scales with
     rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
     δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` / ``cond``: the
     calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs`` gets
