@@ -93,6 +93,19 @@ def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+def compose_run(tmp: Path, monkeypatch, *overrides: str):
+    """run.py's config composed with Hydra's compose API in this process (``DIFFSTEPS_ROOT=<tmp>``, outputs in
+    ``<tmp>/run``), for calling ``diffsteps.runner.run`` or a task function directly."""
+    from hydra import compose, initialize_config_dir
+
+    from diffsteps.runner.resolvers import register_resolvers
+
+    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp))
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={tmp}/run", *overrides])
+
+
 def noise(n, d, seed=0, dtype=torch.float64):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

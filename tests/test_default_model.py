@@ -5,14 +5,13 @@ for a model that cannot take the data, the FID feature check before training, an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TEST_SIZE, TRAIN_SIZES, SineSignals, run_py, write_fake_cifar
+from helpers import TEST_SIZE, TRAIN_SIZES, SineSignals, compose_run, run_py, write_fake_cifar
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -281,17 +280,8 @@ def test_run_py_with_the_default_model(tmp_path, data):
 
 
 def compose_config(tmp_path, monkeypatch, *overrides):
-    """run.py's config composed in this process, outputs under tmp_path: run() itself without a subprocess (which
-    would spend ~8 s on imports before failing)."""
-    from hydra import compose, initialize_config_dir
-
-    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
-    try:
-        OmegaConf.register_new_resolver("launch_dir", os.getcwd)
-    except ValueError:  # registered by run.py in this process already
-        pass
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[*TINY, f"paths.output_dir={tmp_path}/run", *overrides])
+    """run.py's config (TINY settings) composed in this process: run() itself without a subprocess."""
+    return compose_run(tmp_path, monkeypatch, *TINY, *overrides)
 
 
 def test_run_with_a_model_for_other_data_fails_before_training(tmp_path, monkeypatch):

@@ -304,20 +304,10 @@ def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
 
 # -- the policies table (task=policies) run in this process ---------------------------------------------------------
 def compose_policies(tmp_path, monkeypatch, *overrides):
-    """run.py's config composed here (no subprocess: its imports alone take ~8 s), outputs under tmp_path."""
-    import os
+    """run.py's config composed here (no subprocess), no logger."""
+    from helpers import compose_run
 
-    from hydra import compose, initialize_config_dir
-    from helpers import ROOT
-    from omegaconf import OmegaConf
-
-    monkeypatch.setenv("DIFFSTEPS_ROOT", str(tmp_path))
-    try:
-        OmegaConf.register_new_resolver("launch_dir", os.getcwd)
-    except ValueError:  # registered already in this process
-        pass
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["logger=none", f"paths.output_dir={tmp_path}/run", *overrides])
+    return compose_run(tmp_path, monkeypatch, "logger=none", *overrides)
 
 
 # an exact class-conditional 2-D mixture of three well-separated classes, and policies settings that run in seconds
