@@ -9,7 +9,8 @@ RMS distance of the final sample from the teacher's endpoint (``--teacher-subste
 log-SNR candidates) on the training noises and on the last 1/3, held out, and from the exact ODE solution (1000
 log-SNR dpmpp_3m steps) on the held-out noises. Rows: the best of trailing/karras/logsnr/linspace on the held-out
 noises (its name), DP, refine (LD3-style, from the DP path and the best fixed spacing; samplers with a differentiable
-form) and refine with decoupled model times (LD3's ``timesteps2``; dpmpp_2m, dpmpp_3m, unipc), with ratios to the
+form), refine with decoupled model times (LD3's ``timesteps2``; dpmpp_2m, dpmpp_3m, unipc) and, with ``--methods
+… dmn``, DMN's analytic bound (no model call; dpmpp_2m, dpmpp_3m, unipc), with ratios to the
 best fixed spacing and the cost of each method in model calls and seconds (the teacher and DP costs are shared by all budgets
 of a sampler and counted in each row; refine's include the DP it starts from).
 
@@ -33,6 +34,7 @@ import diffsteps as ds
 from diffsteps.core.spacings import make_timesteps
 from diffsteps.sampling.api import ONE_CALL_PER_LEVEL
 from diffsteps.steps.differentiable import DIFFERENTIABLE
+from diffsteps.steps.dmn import DMN_ORDERS
 from diffsteps.steps.teacher import candidate_timesteps, teacher_solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,6 +64,10 @@ def main() -> None:
     p.add_argument("--teacher-substeps", type=int, default=8)
     p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["dp", "refine", "refine, decoupled"],
+                   choices=["dp", "refine", "refine, decoupled", "dmn"],
+                   help="rows per sampler (refine and its decoupled form only where the sampler allows them; dmn: "
+                        "dpmpp_2m, dpmpp_3m, unipc)")
     p.add_argument("--out", default="docs/benchmarks/optimize_steps.txt")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -88,19 +94,25 @@ def main() -> None:
     print(head, flush=True)
     teacher_vs_exact = []
     for smp in a.samplers:
-        runs = {"dp": ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dp", **common)}
-        if smp in DIFFERENTIABLE:
+        runs = {}
+        if "dp" in a.methods:
+            runs["dp"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dp", **common)
+        if "refine" in a.methods and smp in DIFFERENTIABLE:
             runs["refine"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine", **common)
-        if smp in ONE_CALL_PER_LEVEL:
+        if "refine, decoupled" in a.methods and smp in ONE_CALL_PER_LEVEL:
             runs["refine, decoupled"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine",
                                                              decoupled=True, **common)
+        if "dmn" in a.methods and smp in DMN_ORDERS:
+            runs["dmn"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dmn", **common)
+        if not runs:
+            continue
         if not teacher_vs_exact:
             # the teacher's own endpoint against the exact solution, from the same held-out noises
             cand = candidate_timesteps(sch, a.candidates)
             te = teacher_solve(model, held, sch, cand, substeps=a.teacher_substeps)
             teacher_vs_exact.append((te.states[-1] - exact).square().mean().sqrt().item())
         for b, nfe in enumerate(a.nfe):
-            d = runs["dp"][b][1]
+            d = next(iter(runs.values()))[b][1]  # every method reports the same fixed spacings
             best = d["best_fixed"]
             fx = d["fixed"][best]
             fx_exact = vs_exact(smp, make_timesteps(best, d["steps"], sch))

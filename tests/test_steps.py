@@ -414,7 +414,10 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
            (("sampler=dpmpp_2m", f"sampler.spacing={cached[1]}", "steps=5", "seed=1"),
             "optimised for the model with training key"),
            (("task=optimize_steps", "sampler=heun", "steps=[5,10]"), "cannot spend exactly nfe=10"),
-           ((*opt[1:4], "optimize.noises=6", "steps=5"), "too few teacher noises")]
+           ((*opt[1:4], "optimize.noises=6", "steps=5"), "too few teacher noises"),
+           (("task=optimize_steps", "sampler=ddim", "+optimize=default", "optimize.method=dmn", "steps=5"),
+            "optimize.method=dmn bounds a multistep data-prediction solver's error; valid samplers: dpmpp_2m, "
+            "dpmpp_3m, unipc, got 'ddim'")]
     import re
 
     for args, message in bad:

@@ -39,9 +39,9 @@ class OptimizeSettings:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> OptimizeSettings:
         s = group_settings(cls, cfg, "optimize")
-        if s.method not in ("dp", "refine"):
-            raise ValueError(f"optimize.method must be one of: dp, refine (elbo: call diffsteps.optimize_schedule "
-                             f"with sampler='ddpm'); got {s.method!r}")
+        if s.method not in ("dp", "refine", "dmn"):
+            raise ValueError(f"optimize.method must be one of: dp, refine, dmn (elbo: call "
+                             f"diffsteps.optimize_schedule with sampler='ddpm'); got {s.method!r}")
         if not isinstance(s.decoupled, bool):
             raise ValueError(f"optimize.decoupled must be true or false, got {s.decoupled!r}")
         return s
@@ -77,11 +77,13 @@ def _is_decoupled(entry: dict) -> bool:
 
 
 def _choose(match: list[tuple[Path, dict]]) -> tuple[Path, dict]:
-    """Of the artefacts for one budget: refine over dp (refine starts from the DP path and keeps it unless the
-    held-out noises say otherwise); a decoupled one only where its recorded held-out error is lower than that."""
+    """Of the artefacts for one budget: refine over the others (refine starts from the DP path and keeps it unless
+    the held-out noises say otherwise), else the lower recorded held-out error of dp and dmn; a decoupled one only
+    where its recorded held-out error is lower than that."""
     plain = [m for m in match if not _is_decoupled(m[1])]
     decoupled = [m for m in match if _is_decoupled(m[1])]
-    best = min(plain, key=lambda m: m[1].get("method") != "refine") if plain else None
+    best = min(plain, key=lambda m: (m[1].get("method") != "refine", m[1].get("heldout_error", math.inf))) \
+        if plain else None
     if decoupled:
         d = min(decoupled, key=lambda m: m[1].get("heldout_error", math.inf))
         if best is None or d[1].get("heldout_error", math.inf) < best[1].get("heldout_error", math.inf):
@@ -150,6 +152,7 @@ def optimize_task(cfg: DictConfig) -> float:
 
     from ..sampling.api import ONE_CALL_PER_LEVEL
     from ..steps.differentiable import DIFFERENTIABLE, check_differentiable_options
+    from ..steps.dmn import DMN_ORDERS
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
     from ..steps.teacher import check_request
     from .build import build
@@ -171,6 +174,9 @@ def optimize_task(cfg: DictConfig) -> float:
                          f"optimize.method=dp for {sampler.name!r}")
     if settings.method == "refine":
         check_differentiable_options(sampler.name, dict(sampler.options))
+    if settings.method == "dmn" and sampler.name not in DMN_ORDERS:
+        raise ValueError(f"optimize.method=dmn bounds a multistep data-prediction solver's error; valid samplers: "
+                         f"{', '.join(DMN_ORDERS)}, got {sampler.name!r}")
     if settings.decoupled and (settings.method != "refine" or sampler.name not in ONE_CALL_PER_LEVEL):
         raise ValueError(f"optimize.decoupled=true (LD3's separate model-evaluation times) needs "
                          f"optimize.method=refine and one of the samplers {', '.join(ONE_CALL_PER_LEVEL)}; got "
@@ -216,7 +222,7 @@ def optimize_task(cfg: DictConfig) -> float:
                  "teacher": rep["teacher"], "train_error": rep["train_error"], "heldout_error": rep["heldout_error"],
                  "heldout_median": rep["heldout_median"], "best_fixed": rep["best_fixed"],
                  "ratio": rep.get("ratio"), "median_ratio": rep.get("median_ratio"), "fixed": rep["fixed"],
-                 "cost": rep["cost"], "settings": asdict(settings)}
+                 "cost": rep["cost"], "settings": asdict(settings), **({"dmn": rep["dmn"]} if "dmn" in rep else {})}
         text = yaml.safe_dump(entry, sort_keys=False)
         name = _file_name(sampler.name, rep["nfe"], method)
         (out_dir / "schedules" / name).write_text(text)

@@ -15,6 +15,7 @@ from ..sampling.api import ONE_CALL_PER_LEVEL
 from ..sampling.registry import get_sampler
 from .costs import HISTORY_COSTS, step_costs
 from .differentiable import check_differentiable_options
+from .dmn import DMN_ORDERS, dmn_timesteps
 from .dp import dp_paths, dp_paths_history
 from .elbo import elbo_chains
 from .refine import refine_timesteps
@@ -31,7 +32,7 @@ __all__ = ["FIXED_SPACINGS", "METHODS", "MIN_HELDOUT", "MIN_TRAIN", "optimize_sc
 
 _F64 = torch.float64
 log = logging.getLogger("diffsteps")
-METHODS = ("dp", "refine", "elbo")
+METHODS = ("dp", "refine", "elbo", "dmn")
 FIXED_SPACINGS = ("trailing", "karras", "logsnr", "linspace")
 MIN_TRAIN, MIN_HELDOUT = 8, 4
 
@@ -65,6 +66,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
         report then holds ``model_timesteps``, to pass as ``diffsteps.sample(..., spacing=timesteps,
         model_timesteps=report["model_timesteps"])``. ``radius``: LD3's soft teacher forcing (off at 0);
         ``batch``: training noises per iteration (all if None).
+      - ``dmn`` (Xue et al. 2024): no model call — the levels minimising an analytic bound on a multistep
+        data-prediction solver's error (dpmpp_2m, dpmpp_3m, unipc; :func:`~diffsteps.steps.dmn.dmn_timesteps`), the
+        same for every model with this schedule; the teacher only measures the result against the fixed spacings.
       - ``elbo`` (Watson et al. 2021): for the ancestral ``ddpm`` sampler, the integer chain minimising the K-step
         ELBO on ``data`` (``noise`` unused), by a DP over pairwise KL terms (:func:`~diffsteps.steps.elbo.elbo_chains`);
         ``discrete=True`` scores the data with the discretised decoder on ``levels`` values (digits: 17), the bound
@@ -93,6 +97,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                          "stochastic — use method='elbo' for ddpm")
     if method == "refine":
         check_differentiable_options(sampler, opts)
+    if method == "dmn" and sampler not in DMN_ORDERS:
+        raise ValueError(f"method 'dmn' bounds a multistep data-prediction solver's error; valid samplers: "
+                         f"{', '.join(DMN_ORDERS)}, got {sampler!r}")
     if method == "refine" and decoupled and sampler not in ONE_CALL_PER_LEVEL:
         raise ValueError(f"decoupled model times need one model call per level ({', '.join(ONE_CALL_PER_LEVEL)}); "
                          f"got {sampler!r}")
@@ -121,21 +128,31 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     tr, ho = slice(0, n_train), slice(n_train, None)
     train_teacher = type(teacher)(teacher.t, teacher.states[:, tr], teacher.x0[:, tr], teacher.calls,
                                   teacher.settings)
-    cost = step_costs(counter, schedule, sampler, train_teacher, prediction=prediction, **opts)
-    if sampler in HISTORY_COSTS and history:
-        paths = dp_paths_history(cost.numpy(), HISTORY_COSTS[sampler](schedule, train_teacher).numpy(), k_max)
+    if method == "dmn":  # nothing to share: the bound needs no teacher, which only scores the result below
+        paths = {}
     else:
-        paths = dp_paths(cost.numpy(), k_max)
+        cost = step_costs(counter, schedule, sampler, train_teacher, prediction=prediction, **opts)
+        if sampler in HISTORY_COSTS and history:
+            paths = dp_paths_history(cost.numpy(), HISTORY_COSTS[sampler](schedule, train_teacher).numpy(), k_max)
+        else:
+            paths = dp_paths(cost.numpy(), k_max)
     shared_seconds, shared_calls = time.perf_counter() - t_start, counter.calls
+    if method == "dmn":
+        shared_seconds, shared_calls = 0.0, 0
     target = teacher.states[-1]
     results = []
     for n, k in budgets.items():
         t0, c0 = time.perf_counter(), counter.calls
-        if k not in paths:
+        if method == "dmn":
+            ts, bound = dmn_timesteps(schedule, k, order=DMN_ORDERS[sampler](opts),
+                                      lower_order_final=opts.get("lower_order_final", True))
+            report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dmn": bound}
+        elif k not in paths:
             raise ValueError(f"no {k}-step path over {len(cand)} candidates")
-        nodes, dp_cost = paths[k]
-        ts = cand[nodes[:-1]].clone()
-        report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dp_cost": dp_cost}
+        else:
+            nodes, dp_cost = paths[k]
+            ts = cand[nodes[:-1]].clone()
+            report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dp_cost": dp_cost}
         if method == "refine":
             starts = _refine_starts(init, ts, k, schedule, fixed, counter, sampler, noise[tr], target[tr],
                                     prediction, opts)
