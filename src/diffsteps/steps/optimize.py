@@ -177,9 +177,11 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                           "shared_model_calls": shared_calls, "shared_seconds": shared_seconds}
         results.append((ts, report))
         log.info("%s NFE %d (%d steps, %s): held-out RMS %.4g against the best fixed spacing's %.4g (%s); %d model "
-                 "calls, %.1f s (the teacher's and the step costs' shared by every budget included)", sampler, n, k,
-                 method, report["heldout_error"], report["fixed"].get(report["best_fixed"], {}).get("heldout", math.nan),
-                 report["best_fixed"], report["cost"]["model_calls"], report["cost"]["seconds"])
+                 "calls, %.1f s%s", sampler, n, k, method, report["heldout_error"],
+                 report["fixed"].get(report["best_fixed"], {}).get("heldout", math.nan), report["best_fixed"],
+                 report["cost"]["model_calls"], report["cost"]["seconds"],
+                 " (the teacher only scored it)" if method == "dmn" else
+                 " (the teacher's and the step costs' shared by every budget included)")
     return results[0] if isinstance(nfe, int) else results
 
 
