@@ -34,7 +34,7 @@ import diffsteps as ds
 from diffsteps.core.spacings import make_timesteps
 from diffsteps.sampling.api import ONE_CALL_PER_LEVEL
 from diffsteps.steps.differentiable import DIFFERENTIABLE
-from diffsteps.steps.dmn import DMN_ORDERS
+from diffsteps.steps.dmn import DMN_SAMPLERS
 from diffsteps.steps.teacher import candidate_timesteps, teacher_solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,7 +102,7 @@ def main() -> None:
         if "refine, decoupled" in a.methods and smp in ONE_CALL_PER_LEVEL:
             runs["refine, decoupled"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine",
                                                              decoupled=True, **common)
-        if "dmn" in a.methods and smp in DMN_ORDERS:
+        if "dmn" in a.methods and smp in DMN_SAMPLERS:
             runs["dmn"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dmn", **common)
         if not runs:
             continue

@@ -152,7 +152,7 @@ def optimize_task(cfg: DictConfig) -> float:
 
     from ..sampling.api import ONE_CALL_PER_LEVEL
     from ..steps.differentiable import DIFFERENTIABLE, check_differentiable_options
-    from ..steps.dmn import DMN_ORDERS
+    from ..steps.dmn import DMN_SAMPLERS
     from ..steps.optimize import MIN_HELDOUT, MIN_TRAIN, optimize_schedule
     from ..steps.teacher import check_request
     from .build import build
@@ -174,9 +174,9 @@ def optimize_task(cfg: DictConfig) -> float:
                          f"optimize.method=dp for {sampler.name!r}")
     if settings.method == "refine":
         check_differentiable_options(sampler.name, dict(sampler.options))
-    if settings.method == "dmn" and sampler.name not in DMN_ORDERS:
+    if settings.method == "dmn" and sampler.name not in DMN_SAMPLERS:
         raise ValueError(f"optimize.method=dmn bounds a multistep data-prediction solver's error; valid samplers: "
-                         f"{', '.join(DMN_ORDERS)}, got {sampler.name!r}")
+                         f"{', '.join(DMN_SAMPLERS)}, got {sampler.name!r}")
     if settings.decoupled and (settings.method != "refine" or sampler.name not in ONE_CALL_PER_LEVEL):
         raise ValueError(f"optimize.decoupled=true (LD3's separate model-evaluation times) needs "
                          f"optimize.method=refine and one of the samplers {', '.join(ONE_CALL_PER_LEVEL)}; got "

@@ -28,12 +28,19 @@ from ..core.schedules import Schedule
 from ..core.spacings import make_timesteps
 from ..sampling.samplers import _multistep_orders
 
-__all__ = ["DMN_ORDERS", "dmn_objective", "dmn_timesteps", "lagrange_weights"]
+__all__ = ["DMN_SAMPLERS", "dmn_objective", "dmn_order", "dmn_timesteps", "lagrange_weights"]
 
 _F64 = torch.float64
 WARMUP = 3  # DMN: the first three steps' terms add in quadrature
-# the multistep data-prediction samplers the bound describes, and the order each interpolates with
-DMN_ORDERS = {"dpmpp_2m": lambda opts: 2, "dpmpp_3m": lambda opts: 3, "unipc": lambda opts: int(opts.get("order", 2))}
+DMN_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "unipc")  # the multistep data-prediction samplers the bound describes
+
+
+def dmn_order(sampler: str, options: dict) -> int:
+    """The order ``sampler`` with ``options`` interpolates x̂_0 with; an error naming the valid samplers for any other."""
+    if sampler not in DMN_SAMPLERS:
+        raise ValueError(f"method 'dmn' bounds a multistep data-prediction solver's error; valid samplers: "
+                         f"{', '.join(DMN_SAMPLERS)}, got {sampler!r}")
+    return {"dpmpp_2m": 2, "dpmpp_3m": 3}.get(sampler) or int(options.get("order", 2))
 
 
 def lagrange_weights(lam: torch.Tensor, i: int, order: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..sampling.api import ONE_CALL_PER_LEVEL
 from ..sampling.registry import get_sampler
 from .costs import HISTORY_COSTS, step_costs
 from .differentiable import check_differentiable_options
-from .dmn import DMN_ORDERS, dmn_timesteps
+from .dmn import dmn_order, dmn_timesteps
 from .dp import dp_paths, dp_paths_history
 from .elbo import elbo_chains
 from .refine import refine_timesteps
@@ -97,9 +97,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                          "stochastic — use method='elbo' for ddpm")
     if method == "refine":
         check_differentiable_options(sampler, opts)
-    if method == "dmn" and sampler not in DMN_ORDERS:
-        raise ValueError(f"method 'dmn' bounds a multistep data-prediction solver's error; valid samplers: "
-                         f"{', '.join(DMN_ORDERS)}, got {sampler!r}")
+    if method == "dmn":
+        dmn_order(sampler, opts)
     if method == "refine" and decoupled and sampler not in ONE_CALL_PER_LEVEL:
         raise ValueError(f"decoupled model times need one model call per level ({', '.join(ONE_CALL_PER_LEVEL)}); "
                          f"got {sampler!r}")
@@ -128,23 +127,21 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     tr, ho = slice(0, n_train), slice(n_train, None)
     train_teacher = type(teacher)(teacher.t, teacher.states[:, tr], teacher.x0[:, tr], teacher.calls,
                                   teacher.settings)
-    if method == "dmn":  # nothing to share: the bound needs no teacher, which only scores the result below
-        paths = {}
+    if method == "dmn":  # the bound needs no teacher, which only scores the result below
+        paths, shared_seconds, shared_calls = {}, 0.0, 0
     else:
         cost = step_costs(counter, schedule, sampler, train_teacher, prediction=prediction, **opts)
         if sampler in HISTORY_COSTS and history:
             paths = dp_paths_history(cost.numpy(), HISTORY_COSTS[sampler](schedule, train_teacher).numpy(), k_max)
         else:
             paths = dp_paths(cost.numpy(), k_max)
-    shared_seconds, shared_calls = time.perf_counter() - t_start, counter.calls
-    if method == "dmn":
-        shared_seconds, shared_calls = 0.0, 0
+        shared_seconds, shared_calls = time.perf_counter() - t_start, counter.calls
     target = teacher.states[-1]
     results = []
     for n, k in budgets.items():
         t0, c0 = time.perf_counter(), counter.calls
         if method == "dmn":
-            ts, bound = dmn_timesteps(schedule, k, order=DMN_ORDERS[sampler](opts),
+            ts, bound = dmn_timesteps(schedule, k, order=dmn_order(sampler, opts),
                                       lower_order_final=opts.get("lower_order_final", True))
             report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dmn": bound}
         elif k not in paths:
