@@ -63,7 +63,7 @@ def lagrange_weights(lam: torch.Tensor, i: int, order: int) -> torch.Tensor:
                        (o[0] * o[1] / den, -(o[0] + o[1]) / den, 1 / den))
         f0 = a - b + 2 * c
         out.append(torch.exp(lam[i]) * (torch.exp(h) * (f0 + (b - 2 * c) * h + c * h * h) - f0))
-    return torch.stack([torch.as_tensor(v, dtype=_F64) for v in out])
+    return torch.stack(out)
 
 
 def dmn_objective(lam: torch.Tensor, orders: Sequence[int]) -> torch.Tensor:
