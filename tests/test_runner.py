@@ -118,7 +118,7 @@ def test_sampler_and_steps_change_reuses_checkpoint(trained):
     ("sampler=dpm_fast", r"Available options in 'sampler':\s+adaptive\s+ddim\s+ddpm"),  # Hydra lists the group's choices
 ])
 def test_bad_config_fails_before_training(tmp_path, override, message):
-    # in this process but for one case (a new interpreter spends ~8 s on imports before failing)
+    # in this process but for one case (a new interpreter spends seconds on imports before failing)
     proc = run_py(tmp_path, *FAST, *override.split(), check=False, in_process=override != "steps=0")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr

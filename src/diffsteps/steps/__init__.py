@@ -4,9 +4,10 @@ imports it.
 
 :func:`optimize_schedule` is the entry point; :mod:`.dp` the shortest-path DP, :mod:`.teacher` the candidate grid,
 teacher solve and NFE ↔ steps map, :mod:`.costs` GITS's step costs, :mod:`.differentiable` and :mod:`.refine` the
-LD3-style refinement, :mod:`.elbo` Watson et al.'s ELBO-optimal chains, :mod:`.dmn` DMN's analytic bound. Step policies: :mod:`.search` the fewest
-steps meeting a quality target, :mod:`.stopping` a calibrated per-sample stopping rule, :mod:`.predictor` a learned
-per-sample step budget."""
+LD3-style refinement, :mod:`.elbo` Watson et al.'s ELBO-optimal chains, :mod:`.dmn` DMN's analytic bound (no model
+call). Step policies: :mod:`.search` the fewest steps meeting a quality target, :mod:`.stopping` a calibrated
+per-sample stopping rule, :mod:`.predictor` a learned per-sample step budget (loaded on first use: it imports
+Lightning)."""
 
 from .dp import dp_paths
 from .elbo import elbo_chains
