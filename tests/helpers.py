@@ -48,9 +48,10 @@ def run_py(tmp: Path, *overrides: str, name: str | None = "run", check: bool = T
 def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess:
     """run.py's ``main()`` called here with ``sys.argv = argv``: Hydra's whole command-line path (parsing, composing,
     the run, its one-line error report and exit code) without a fresh interpreter's imports (torch, and Lightning
-    once the data is built: 3–10 s each on 2 cores). For runs that fail before training and for ``--cfg``; a run that trains belongs in a subprocess
-    (Lightning and Hydra leave process-wide state). stdout/stderr are captured; Hydra's global state, the
-    logging handlers it installs, ``sys.argv`` and the environment are restored afterwards."""
+    once the data is built: 3–10 s each on 2 cores). For runs that fail before training and for ``--cfg``; a run
+    that trains belongs in a subprocess (Lightning and Hydra leave process-wide state). stdout/stderr are captured;
+    Hydra's global state, the logging handlers it installs, ``sys.argv`` and the environment are restored
+    afterwards."""
     import contextlib
     import io
     import logging
