@@ -46,8 +46,8 @@ def dmn_order(sampler: str, options: dict) -> int:
 def lagrange_weights(lam: torch.Tensor, i: int, order: int) -> torch.Tensor:
     """w_k = ∫_{λ_i}^{λ_{i+1}} e^{λ} ℓ_k(λ) dλ, k = 0 … order − 1, for the Lagrange basis ℓ_k through λ_i, λ_{i−1},
     …, λ_{i−order+1} (order ≤ 3): the weight of the x̂_0 at level i − k in the step from i to i + 1. In u = λ − λ_i
-    with ℓ_k(u) = a + b u + c u², integration by parts gives ∫_0^h e^u ℓ_k du = e^h (a − b + 2c + (b − 2c) h + c h²)
-    − (a − b + 2c), h = λ_{i+1} − λ_i."""
+    with ℓ_k(u) = a + b u + c u², w_k = e^{λ_i} ∫_0^h e^u ℓ_k du and integration by parts gives ∫_0^h e^u ℓ_k du
+    = e^h (a − b + 2c + (b − 2c) h + c h²) − (a − b + 2c), h = λ_{i+1} − λ_i."""
     if not 1 <= order <= 3 or i - order + 1 < 0:
         raise ValueError(f"order must be 1 … 3 with {order - 1} levels before level {i}")
     h = lam[i + 1] - lam[i]
