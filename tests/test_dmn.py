@@ -112,3 +112,16 @@ def test_spacing_optimized_prefers_refine_then_the_lower_heldout_error():
                                                                                              "heldout_error": 0.1})
     refine = (Path("refine.yaml"), {"method": "refine", "heldout_error": 0.3})
     assert _choose([dp, dmn]) is dmn and _choose([dmn, dp]) is dmn and _choose([dp, dmn, refine]) is refine
+
+
+def test_refine_from_dmn_keeps_or_improves_its_heldout_error(mixture, linear):
+    # init="dmn": refine starts from DMN's levels, and its early stop on the held-out noises never returns a schedule
+    # worse there than the start it was given
+    model = ds.ExactEpsilon(mixture, linear)
+    kw = dict(sampler="dpmpp_2m", nfe=5, noise=noise(48, 2), candidates=24)
+    start, rep0 = ds.optimize_schedule(model, linear, method="dmn", **kw)
+    ts, rep = ds.optimize_schedule(model, linear, method="refine", init="dmn", iterations=15, **kw)
+    assert rep["init"] == "dmn" and rep["heldout_error"] <= rep0["heldout_error"] * (1 + 1e-9)
+    assert not torch.equal(ts, start)  # it moved
+    with pytest.raises(ValueError, match="valid samplers: dpmpp_2m, dpmpp_3m, unipc, got 'ddim'"):
+        ds.optimize_schedule(model, linear, method="refine", init="dmn", **{**kw, "sampler": "ddim"})

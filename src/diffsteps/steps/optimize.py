@@ -59,9 +59,10 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
       - ``refine`` (LD3, Tong et al. 2025): gradient descent on the levels through a differentiable copy of the
         sampler (:mod:`~diffsteps.steps.differentiable`: ddim, euler, dpmpp_2m, heun, dpmpp_3m, unipc) to the
         teacher's endpoint, validated on the held-out noises, with the learning rate decayed on plateaus
-        (:func:`~diffsteps.steps.refine.refine_timesteps`); starts from ``init``: ``dp``, a fixed spacing's name, or
-        ``best`` (default: from both the DP path and the fixed spacing with the lowest training error, keeping the
-        run with the lower held-out error — a selection on the held-out noises, like the early stop).
+        (:func:`~diffsteps.steps.refine.refine_timesteps`); starts from ``init``: ``dp``, ``dmn`` (DMN's levels,
+        dpmpp_2m, dpmpp_3m, unipc), a fixed spacing's name, or ``best`` (default: from both the DP path and the fixed
+        spacing with the lowest training error, keeping the run with the lower held-out error — a selection on the
+        held-out noises, like the early stop).
         ``decoupled=True`` also learns LD3's separate model-evaluation times (dpmpp_2m, dpmpp_3m, unipc): the
         report then holds ``model_timesteps``, to pass as ``diffsteps.sample(..., spacing=timesteps,
         model_timesteps=report["model_timesteps"])``. ``radius``: LD3's soft teacher forcing (off at 0);
@@ -102,7 +103,9 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
     if method == "refine" and decoupled and sampler not in ONE_CALL_PER_LEVEL:
         raise ValueError(f"decoupled model times need one model call per level ({', '.join(ONE_CALL_PER_LEVEL)}); "
                          f"got {sampler!r}")
-    if method == "refine" and init not in ("dp", "best"):
+    if method == "refine" and init == "dmn":
+        dmn_order(sampler, opts)
+    elif method == "refine" and init not in ("dp", "best"):
         make_timesteps(init, 2, schedule)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
         raise ValueError("noise must be a batch (B, …) of initial states x_{T−1}")
@@ -188,6 +191,9 @@ def _refine_starts(init, dp_ts, k, schedule, fixed, model, sampler, noise, targe
     closer; both are refined and the held-out noises pick one)."""
     if init == "dp":
         return [("dp", dp_ts)]
+    if init == "dmn":
+        return [("dmn", dmn_timesteps(schedule, k, order=dmn_order(sampler, opts),
+                                      lower_order_final=opts.get("lower_order_final", True))[0])]
     if init != "best":
         return [(init, make_timesteps(init, k, schedule))]
     options = {}
