@@ -68,6 +68,7 @@ def main() -> None:
                    choices=["dp", "refine", "refine, decoupled", "dmn"],
                    help="rows per sampler (refine and its decoupled form only where the sampler allows them; dmn: "
                         "dpmpp_2m, dpmpp_3m, unipc)")
+    p.add_argument("--refine-init", default="best", help="refine's start: best (default), dp, dmn or a spacing")
     p.add_argument("--out", default="docs/benchmarks/optimize_steps.txt")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -98,10 +99,11 @@ def main() -> None:
         if "dp" in a.methods:
             runs["dp"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dp", **common)
         if "refine" in a.methods and smp in DIFFERENTIABLE:
-            runs["refine"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine", **common)
+            runs["refine"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine",
+                                                  init=a.refine_init, **common)
         if "refine, decoupled" in a.methods and smp in ONE_CALL_PER_LEVEL:
             runs["refine, decoupled"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="refine",
-                                                             decoupled=True, **common)
+                                                             decoupled=True, init=a.refine_init, **common)
         if "dmn" in a.methods and smp in DMN_SAMPLERS:
             runs["dmn"] = ds.optimize_schedule(model, sch, sampler=smp, nfe=a.nfe, method="dmn", **common)
         if not runs:
