@@ -3,11 +3,14 @@ probability-flow solution for Gaussian data, and how to start ``run.py`` as a us
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +108,64 @@ def compose_run(tmp: Path, monkeypatch, *overrides: str):
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"paths.output_dir={tmp}/run", *overrides])
+
+
+# -- offline W&B runs, read back ------------------------------------------------------------------------------
+def wandb_records(path: Path):
+    """The protobuf records of an offline W&B run file: a 7-byte header (":W&B", magic, version), then 32 KiB
+    blocks of chunks, each (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) + data; a block's tail shorter
+    than a chunk header is padding."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    i, buf = 7, b""
+    while i + 7 <= len(data):
+        if 32768 - i % 32768 < 7:
+            i += 32768 - i % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[i:i + 7])
+        if n == 0 and kind == 0:
+            break
+        buf += data[i + 7:i + 7 + n]
+        i += 7 + n
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def read_run(run_file: Path) -> dict:
+    """The run record, the artifacts (name → (type, aliases, metadata, {file: local path})), their files' MD5
+    digests (name → {file: base64 MD5}) and the config. W&B's
+    writer is a process of its own that may still be flushing when ``wandb.finish`` returns: the file is read once
+    it holds the run's ``exit`` record."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = list(wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    out = {"artifacts": {}, "digests": {}, "config": {}}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = r.run
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "artifact":
+            a = r.artifact
+            out["artifacts"][a.name] = (a.type, set(a.aliases), json.loads(a.metadata or "{}"),
+                                        {e.path: e.local_path for e in a.manifest.contents})
+            out["digests"][a.name] = {e.path: e.digest for e in a.manifest.contents}
+    return out
+
+
+def offline_runs(folder: Path) -> list[dict]:
+    files = sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))
+    return [read_run(f) for f in files]
 
 
 def noise(n, d, seed=0, dtype=torch.float64):

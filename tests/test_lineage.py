@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import struct
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import scipy.stats
 import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
+from helpers import offline_runs
 from seed_sweep import SEEDS, STEPS, seed_sweep
 
 import diffsteps.runner.train as train_mod
@@ -31,61 +30,6 @@ register_resolvers()
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
               pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*:UserWarning"),
               pytest.mark.xdist_group("seed_sweep")]  # one worker makes the shared multirun (conftest.py)
-
-
-def wandb_records(path: Path):
-    """The protobuf records of an offline W&B run file: a 7-byte header (":W&B", magic, version), then 32 KiB
-    blocks of chunks, each (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) + data; a block's tail shorter
-    than a chunk header is padding."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    i, buf = 7, b""
-    while i + 7 <= len(data):
-        if 32768 - i % 32768 < 7:
-            i += 32768 - i % 32768
-            continue
-        _, n, kind = struct.unpack("<IHB", data[i:i + 7])
-        if n == 0 and kind == 0:
-            break
-        buf += data[i + 7:i + 7 + n]
-        i += 7 + n
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
-
-
-def read_run(run_file: Path) -> dict:
-    """The run record, the artifacts (name → (type, aliases, metadata, {file: local path})) and the config. W&B's
-    writer is a process of its own that may still be flushing when ``wandb.finish`` returns: the file is read once
-    it holds the run's ``exit`` record."""
-    deadline = time.monotonic() + 60
-    while True:
-        records = list(wandb_records(run_file))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    out = {"artifacts": {}, "config": {}}
-    for r in records:
-        kind = r.WhichOneof("record_type")
-        if kind == "run":
-            out["run"] = r.run
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
-        elif kind == "artifact":
-            a = r.artifact
-            out["artifacts"][a.name] = (a.type, set(a.aliases), json.loads(a.metadata or "{}"),
-                                        {e.path: e.local_path for e in a.manifest.contents})
-    return out
-
-
-def offline_runs(folder: Path) -> list[dict]:
-    files = sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))
-    return [read_run(f) for f in files]
 
 
 @pytest.fixture(scope="module")

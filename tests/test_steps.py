@@ -371,15 +371,21 @@ def test_runner_optimize_steps_then_spacing_optimized_and_schedule_files(tmp_pat
     assert set(entry["fixed"]) == {"trailing", "karras", "logsnr", "linspace"}
     assert entry["heldout_error"] < entry["fixed"][entry["best_fixed"]]["heldout"]  # measured ratio ≈ 0.01
     assert entry["cost"]["model_calls"] > 0 and entry["teacher"]["heldout_noises"] == 32
-    # the offline run's record holds each artifact: its name, its type and the MD5 (base64) W&B keeps of the file
+    # the offline run's records hold each artifact: its name, its type, the file and the MD5 (base64) W&B keeps of
+    # it (read record by record: a raw byte search misses a record split across the log's 32 KiB blocks)
     import base64
     import hashlib
 
-    record = b"".join(p.read_bytes() for p in run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    from helpers import offline_runs
+
+    [run] = offline_runs(run_dir)
     for path in cached:
-        digest = base64.b64encode(hashlib.md5(path.read_bytes()).digest())
-        assert f"schedule-{entry['training_key']}-{path.stem}".encode() in record and digest in record
-    assert record.count(b"\x08schedule*") == 2  # the type field, once per artifact
+        name = f"schedule-{entry['training_key']}-{path.stem}"
+        kind, aliases, meta, files = run["artifacts"][name]
+        assert kind == "schedule" and "latest" in aliases and set(files) == {path.name}
+        assert meta["nfe"] == yaml.safe_load(path.read_text())["nfe"]
+        assert run["digests"][name][path.name] == base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+    assert sorted(a[0] for a in run["artifacts"].values()).count("schedule") == 2
 
     proc = run_py(tmp_path, *FAST, "logger=none", "sampler=dpmpp_2m", "sampler.spacing=optimized", "steps=5",
                   name="use")
