@@ -132,6 +132,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                                   teacher.settings)
     if method == "dmn":  # the bound needs no teacher, which only scores the result below
         paths, shared_seconds, shared_calls = {}, 0.0, 0
+    elif method == "refine" and init not in ("dp", "best"):  # refine from dmn or a spacing: no DP path to start from
+        paths, shared_seconds, shared_calls = {}, time.perf_counter() - t_start, counter.calls
     else:
         cost = step_costs(counter, schedule, sampler, train_teacher, prediction=prediction, **opts)
         if sampler in HISTORY_COSTS and history:
@@ -147,6 +149,8 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
             ts, bound = dmn_timesteps(schedule, k, order=dmn_order(sampler, opts),
                                       lower_order_final=opts.get("lower_order_final", True))
             report = {"method": method, "sampler": sampler, "nfe": n, "steps": k, "dmn": bound}
+        elif not paths:
+            ts, report = None, {"method": method, "sampler": sampler, "nfe": n, "steps": k}
         elif k not in paths:
             raise ValueError(f"no {k}-step path over {len(cand)} candidates")
         else:
@@ -181,7 +185,7 @@ def optimize_schedule(model: Callable, schedule: Schedule, *, sampler: str, nfe:
                  report["fixed"].get(report["best_fixed"], {}).get("heldout", math.nan), report["best_fixed"],
                  report["cost"]["model_calls"], report["cost"]["seconds"],
                  " (the teacher only scored it)" if method == "dmn" else
-                 " (the teacher's and the step costs' shared by every budget included)")
+                 f" (the teacher's{' and the step costs' if paths else ''} shared by every budget included)")
     return results[0] if isinstance(nfe, int) else results
 
 
