@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .noise import randn
 from .schedules import Schedule
 
 __all__ = ["q_sample", "posterior_coefficients", "q_posterior"]
@@ -21,7 +22,7 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (Ho et al. 2020, eq. 4) for a batch of (real) t."""
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     t = t.detach()
     if t.dtype.is_floating_point:
         abar = schedule.alpha_bar_at(t.cpu())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..core.noise import randn
 from ..core.process import q_sample
 from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, plan_sampling, sample
@@ -46,7 +47,7 @@ def reconstruct(model: Callable, x: torch.Tensor, t_star: int, *, schedule: Sche
     levels = levels.round()  # integer levels: every sampler visits the same ones
     plan_sampling(schedule, sampler, None, levels, **{k: v for k, v in sample_kwargs.items() if k in _OPTIONS})
     t = torch.full((len(x),), t_star, dtype=torch.long)
-    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    eps = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     x_t = q_sample(schedule, x, t, eps)
     return sample(model, x_t, schedule=schedule, sampler=sampler, spacing=levels, generator=generator,
                   return_info=True, **sample_kwargs)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..core.noise import randn
 from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, StepInfo, plan_sampling, sample
 from ..sampling.registry import SAMPLERS, get_sampler
@@ -48,7 +49,7 @@ def replacement_hook(known: torch.Tensor, mask: torch.Tensor, schedule: Schedule
         x = info.x
         ab = _abar(schedule, info.t_next, x).to(x.dtype)
         y = known.to(x.dtype)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         noised = torch.where(ab >= 1, y, ab.sqrt() * y + (1 - ab).sqrt() * z)
         x.copy_(torch.where(m.to(x.dtype) > 0, noised, x))
         if then is not None:
@@ -68,7 +69,7 @@ def inpaint(model: Callable, known: torch.Tensor, mask: torch.Tensor, *, schedul
     _check_fixed_steps(sampler)
     plan_sampling(schedule, sampler, steps, spacing, **{k: v for k, v in sample_kwargs.items() if k in _OPTIONS})
     if noise is None:
-        noise = torch.randn(known.shape, generator=generator, dtype=known.dtype, device=known.device)
+        noise = randn(known.shape, generator=generator, dtype=known.dtype, device=known.device)
     hook = replacement_hook(known, m, schedule, generator=generator, then=callback)
     return sample(model, noise, schedule=schedule, sampler=sampler, steps=steps, spacing=spacing, callback=hook,
                   generator=generator, return_info=True, **sample_kwargs)
@@ -121,8 +122,8 @@ def repaint(model: Callable, known: torch.Tensor, mask: torch.Tensor, *, schedul
     opts = {k: v for k, v in sample_kwargs.items() if k in _OPTIONS}
     _, _, levels = plan_sampling(schedule, sampler, steps, spacing, **opts)  # rounded as the sampler rounds
     n = len(levels)
-    x = noise if noise is not None else torch.randn(known.shape, generator=generator, dtype=known.dtype,
-                                                    device=known.device)
+    x = noise if noise is not None else randn(known.shape, generator=generator, dtype=known.dtype,
+                                              device=known.device)
     hook = replacement_hook(known, m, schedule, generator=generator)
     nfe, per_sample, accepted = 0, 0, 0
     for a, b in _runs(repaint_path(n, jump_length, jump_n_sample)):
@@ -134,7 +135,7 @@ def repaint(model: Callable, known: torch.Tensor, mask: torch.Tensor, *, schedul
             per_sample, accepted = per_sample + out.nfe_per_sample, accepted + out.accepted
         else:  # climb from level a up to level b
             ratio = (schedule.alpha_bar_at(levels[b]) / schedule.alpha_bar_at(levels[a])).item()
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            z = randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = ratio ** 0.5 * x + (1 - ratio) ** 0.5 * z
     return SampleResult(x, nfe, levels, per_sample, accepted, torch.zeros_like(accepted))
 

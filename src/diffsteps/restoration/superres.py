@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.noise import randn
 from ..core.process import q_sample
 from ..core.schedules import Schedule
 from ..sampling.api import SampleResult, StepInfo, plan_sampling, sample
@@ -82,7 +83,7 @@ def ilvr_hook(low_res: torch.Tensor, schedule: Schedule, size: int, *,
     def hook(info: StepInfo) -> None:
         x = info.x
         ab = _abar(schedule, info.t_next, x).to(x.dtype)
-        z = torch.randn(ref.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = randn(ref.shape, generator=generator, dtype=x.dtype, device=x.device)
         y_t = ab.sqrt() * ref.to(x.dtype) + (1 - ab).sqrt() * low_pass(z, f)
         x.sub_(low_pass(x, f)).add_(low_pass(y_t, f))
 
@@ -98,7 +99,7 @@ def ilvr(model: Callable, low_res: torch.Tensor, size: int, *, schedule: Schedul
     plan_sampling(schedule, sampler, steps, spacing, **{k: v for k, v in sample_kwargs.items() if k in _OPTIONS})
     shape = (*low_res.shape[:2], size, size)
     if noise is None:
-        noise = torch.randn(shape, generator=generator, dtype=low_res.dtype, device=low_res.device)
+        noise = randn(shape, generator=generator, dtype=low_res.dtype, device=low_res.device)
     hook = ilvr_hook(low_res, schedule, size, generator=generator)
     return sample(model, noise, schedule=schedule, sampler=sampler, steps=steps, spacing=spacing, callback=hook,
                   generator=generator, return_info=True, **sample_kwargs)
@@ -111,8 +112,8 @@ def sr3(model: Callable, low_res: torch.Tensor, size: int, *, schedule: Schedule
     ``sample(model, noise, cond={"low_res": low_res})``."""
     check_factor(size, low_res)
     if noise is None:
-        noise = torch.randn((*low_res.shape[:2], size, size), generator=generator, dtype=low_res.dtype,
-                            device=low_res.device)
+        noise = randn((*low_res.shape[:2], size, size), generator=generator, dtype=low_res.dtype,
+                      device=low_res.device)
     return sample(model, noise, schedule=schedule, sampler=sampler, steps=steps, spacing=spacing,
                   cond={"low_res": low_res}, generator=generator, return_info=True, **sample_kwargs)
 

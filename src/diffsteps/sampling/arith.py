@@ -35,6 +35,7 @@ import weakref
 
 import torch
 
+from ..core.noise import randn
 from .levels import lincomb
 
 
@@ -374,8 +375,8 @@ class Arith:
         """z ~ N(0, I) shaped like x, drawn into a recycled buffer where there is one (the same numbers as a new
         tensor: torch.randn fills out= in the same order)."""
         if not self.recycle:
-            return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, out=self.empty_like(x))
+            return randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return randn(x.shape, generator=generator, dtype=x.dtype, out=self.empty_like(x))
 
     def release(self, *tensors: torch.Tensor | None) -> None:
         """Hand tensors back for reuse: the sampler holds no other reference to them. Only this Arith's own are
