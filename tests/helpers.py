@@ -65,8 +65,9 @@ def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess
 
     env = {"DIFFSTEPS_ROOT": str(tmp), **RUN_ENV}
     saved_env = {k: os.environ.get(k) for k in [*env, "HYDRA_FULL_ERROR"]}
-    saved_argv, root = sys.argv, logging.getLogger()
+    saved_argv, root, lightning = sys.argv, logging.getLogger(), logging.getLogger("lightning")
     saved_log = (list(root.handlers), root.level)
+    saved_lightning = (list(lightning.handlers), lightning.propagate)  # the runner's tidy_console changes both
     out, err, code = io.StringIO(), io.StringIO(), 0
     os.environ.update(env)
     os.environ.pop("HYDRA_FULL_ERROR", None)  # Hydra's one-line report, as a user sees it
@@ -92,6 +93,7 @@ def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess
             if h not in root.handlers:
                 root.addHandler(h)
         root.setLevel(saved_log[1])
+        lightning.handlers[:], lightning.propagate = saved_lightning
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

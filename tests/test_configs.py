@@ -241,6 +241,9 @@ def test_logger_group_builds_its_targets(tmp_path, monkeypatch):
     assert init["mode"] == "offline" and init["dir"] == str(tmp_path) and init["tags"] == ["a", "b"]
     assert init["project"] == "diffsteps" and init["config"]["optimizer"]["lr"] == 2e-3
     assert type(init["tags"]) is list  # a plain list, not a ListConfig
+    assert "anonymous" not in init  # Lightning's None makes wandb warn on every run
+    assert make_loggers(config("logger=wandb", "+logger.wandb.anonymous=true", tmp=tmp_path),
+                        tmp_path)[1]._wandb_init["anonymous"] == "allow"
     assert [type(lg) for lg in make_loggers(config("logger=wandb", "logger.wandb=null", tmp=tmp_path), tmp_path)] == [
         CSVLogger]
     with pytest.raises(ValueError, match="must be a config node with a _target_"):

@@ -46,6 +46,18 @@ def test_default_run_writes_every_output(trained):
                                                 + rows[0]["elbo_decoder_bpd"], rel=1e-9)
 
 
+def test_console_shows_each_lightning_line_once_and_no_adverts(trained):
+    tmp, proc = trained
+    console = proc.stdout + proc.stderr
+    # Lightning's package logger has a console handler of its own; passed on to Hydra's too, each line printed twice
+    log = (tmp / "first" / "run.log").read_text()
+    lines = [line.split("] - ", 1)[1] for line in log.splitlines() if "][lightning." in line]
+    assert any(line.startswith("GPU available:") for line in lines)  # still in the run's log file
+    for line in set(lines):
+        assert console.count(line) == lines.count(line), line
+    assert "Tip:" not in console + log and "LeafSpec" not in console and "logging interval" not in console
+
+
 def test_offline_wandb_run_and_csv_log(trained):
     tmp, proc = trained
     out = tmp / "first"

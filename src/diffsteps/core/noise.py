@@ -15,7 +15,8 @@ __all__ = ["randn"]
 def randn(shape, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
           device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """z ~ N(0, I) of ``shape`` on ``device`` (or into ``out``), drawn by ``generator`` on the generator's device:
-    the same numbers as ``torch.randn(shape, generator=generator)`` there, moved to ``device``."""
+    the same numbers as ``torch.randn(shape, generator=generator)`` there, moved to ``device`` (a copy per draw: a
+    generator on the model's device draws in place and is faster)."""
     device = torch.device(out.device if out is not None else device if device is not None else "cpu")
     if generator is None or generator.device.type == device.type:
         return torch.randn(shape, generator=generator, dtype=dtype, device=device, out=out)

@@ -3,10 +3,44 @@ to them after an evaluation."""
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+# Lightning's console lines that tell a user nothing about the run: an advertisement shown on every Trainer, a
+# deprecation inside Lightning's own code (torch 2.13), and the logging-interval warning, moot here because
+# Lightning counts the interval in optimiser steps across epochs (the runner's data modules have few batches each)
+_ADVERT = "💡 Tip:"
+_MOOT_WARNINGS = (r".*isinstance\(treespec, LeafSpec\)` is deprecated", r".*smaller than the logging interval")
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ADVERT)
+
+
+def tidy_console() -> None:
+    """Each Lightning line once. Lightning's package logger prints through a console handler of its own (added when
+    it is imported) and passes the line on to Hydra's, which prints it again: it stops passing it on, and writes
+    to the run's log file directly instead. Without importing Lightning (a config error stays fast)."""
+    root, lightning = logging.getLogger(), logging.getLogger("lightning")
+    if not root.handlers:  # no Hydra: Lightning's lines go where its own and the caller's settings send them
+        return
+    lightning.propagate = False
+    for handler in lightning.handlers[:]:
+        if isinstance(handler, logging.FileHandler):  # an earlier run's, in this process (a joblib launcher)
+            lightning.removeHandler(handler)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            lightning.addHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdverts())
+    for message in _MOOT_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -85,6 +119,10 @@ def make_loggers(cfg: DictConfig, out_dir: Path) -> list:
             # passed to the built partial, not merged into the node: instantiate would build its _target_s
             extra["config"] = OmegaConf.to_container(cfg, resolve=True)
         loggers.append(instantiate(node, _partial_=True, **fill)(**extra))
+        if issubclass(cls, WandbLogger) and loggers[-1]._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which wandb (0.31 here) answers on every run with "The anonymous setting
+            # has no effect": leave it unset unless the config asks for it
+            loggers[-1]._wandb_init.pop("anonymous", None)
     return loggers
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from .build import adopt_diffusers, build
 from .checkpoints import checkpoint_provenance, load_for_eval, open_checkpoint
 from .evaluate import ResultsFile, best_effort, evaluate, feature_name, make_plan
-from .loggers import link_model, log_results, make_loggers, print_sync_hint
+from .loggers import link_model, log_results, make_loggers, print_sync_hint, tidy_console
 from .train import default_progress_bar, train
 from .validate import (
     check_eval_config,
@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> float:
     from ..reporting.plots import plot_quality_vs_nfe
 
     check_top_level_keys(cfg)
+    tidy_console()
     if cfg.task in ("schedules", "report"):
         return _figure_task(cfg)
     from .optimize import optimize_task, resolve_spacing
