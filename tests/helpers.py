@@ -40,12 +40,59 @@ def run_py(tmp: Path, *overrides: str, name: str | None = "run", check: bool = T
     if in_process:
         proc = run_py_in_process(tmp, argv)
     else:
-        env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp), **RUN_ENV}
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = run_command([sys.executable, *argv], env={**os.environ, "DIFFSTEPS_ROOT": str(tmp), **RUN_ENV})
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+_SERVER: dict = {}
+
+
+def run_command(cmd: list[str], env: dict, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``; a ``python
+    <script> …`` command whose environment fixes OMP_NUM_THREADS=1 is forked from this worker's fork server
+    (tests/forkserver.py: the imports every run.py run pays, 9–10 s of CPU here, paid once), with the same argv,
+    environment, working directory and output. ``DIFFSTEPS_TEST_FORK=0`` turns the server off."""
+    served = (cmd[0] == sys.executable and len(cmd) > 1 and cmd[1].endswith(".py") and hasattr(os, "fork")
+              and env.get("OMP_NUM_THREADS") == "1" and os.environ.get("DIFFSTEPS_TEST_FORK", "1") != "0")
+    server = _fork_server() if served else None
+    if server is None:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    import select
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out, err = Path(d, "stdout"), Path(d, "stderr")
+        try:
+            server.stdin.write(json.dumps({"argv": cmd[1:], "env": dict(env), "cwd": str(cwd), "stdout": str(out),
+                                           "stderr": str(err)}) + "\n")
+            server.stdin.flush()
+            pid = json.loads(server.stdout.readline())["pid"]
+        except (OSError, ValueError):  # the server is gone (it printed why on this worker's stderr): no fork
+            return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if not select.select([server.stdout], [], [], timeout)[0]:
+            os.killpg(pid, signal.SIGKILL)
+            server.stdout.readline()  # the server reaps it and reports
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text())
+        rc = json.loads(server.stdout.readline())["rc"]
+        return subprocess.CompletedProcess(cmd, rc, out.read_text(), err.read_text())
+
+
+def _fork_server():
+    """This worker's fork server, started on first use (None where it cannot start: runs fall back to a fresh
+    interpreter)."""
+    if "proc" not in _SERVER:
+        import atexit
+
+        env = {**os.environ, **RUN_ENV}
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        atexit.register(proc.kill)
+        _SERVER["proc"] = proc
+    proc = _SERVER["proc"]
+    return proc if proc.poll() is None else None
 
 
 def run_py_in_process(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess:

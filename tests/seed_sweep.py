@@ -6,11 +6,10 @@ report.html files. Made once per test session, on first use."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from helpers import FAST, ROOT
+from helpers import FAST, ROOT, run_command
 
 SEEDS = (0, 1)
 STEPS = (5, 10)
@@ -31,7 +30,7 @@ def seed_sweep(tmp_path_factory) -> Path:
         root = tmp_path_factory.mktemp("seed_sweep")
         sweep = root / "sweep"
         cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"hydra.sweep.dir={sweep}", *OVERRIDES]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env_for(root), capture_output=True, text=True, timeout=600)
+        proc = run_command(cmd, env_for(root))
         if proc.returncode != 0 or not (sweep / "report.html").is_file():
             raise AssertionError(f"the seed multirun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                  f"{proc.stderr[-6000:]}")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import FAST, ROOT, run_py  # noqa: F401  (other files import FAST from here too)
+from helpers import FAST, ROOT, run_command, run_py  # noqa: F401  (other files import FAST from here too)
 
 # a small, fast configuration: 2-D mixture data, a small MLP, a few dozen training steps
 
@@ -179,8 +179,8 @@ def test_ddp_two_processes_train_once_and_evaluate_as_one_process(tmp_path):
 
 def test_multirun_grid_shares_one_training(tmp_path):
     env = {**os.environ, "DIFFSTEPS_ROOT": str(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *FAST, "logger=csv", "sampler=ddim,heun",
-                           "steps=5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command([sys.executable, str(ROOT / "run.py"), "-m", *FAST, "logger=csv", "sampler=ddim,heun",
+                        "steps=5"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(tmp_path.glob("outputs/multirun/*/*/*/metrics.json"))
     assert [json.loads(p.read_text())[0]["nfe"] for p in jobs] == [5, 9]  # ddim 5 steps, heun 2·5 − 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "sweep_app" / "app.py"
@@ -22,7 +23,10 @@ FAST_GP = ["hydra.sweeper.acq_func=EI", "hydra.sweeper.random_state=1"]
 def sweep(sweep_dir: Path, *overrides: str, check: bool = True, app: Path = APP, env: dict | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, str(app), "-m", "hydra/sweeper=gp", f"hydra.sweep.dir={sweep_dir}", *FAST_GP, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if app == APP:  # a fresh interpreter: the tests read which process ran each trial (pid.txt: pid, parent)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_command(cmd, env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc, proc.stdout + proc.stderr

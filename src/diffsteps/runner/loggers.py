@@ -23,12 +23,22 @@ class _DropAdverts(logging.Filter):
 
 
 def tidy_console() -> None:
-    """Each Lightning line once. Lightning's package logger prints through a console handler of its own (added when
-    it is imported) and passes the line on to Hydra's, which prints it again: it stops passing it on, and writes
-    to the run's log file directly instead. Without importing Lightning (a config error stays fast)."""
+    """Each Lightning line once, on the console and in the run's log file. Lightning's package logger prints through
+    a console handler of its own (added when it is imported) and passes the line on to Hydra's, which prints it
+    again: it stops passing it on, and writes to the run's log file directly instead. (Its subpackages, when
+    imported before logging was configured, print through handlers of their own and pass nothing on: they pass it
+    on again.) Without importing Lightning (a config error stays fast)."""
     root, lightning = logging.getLogger(), logging.getLogger("lightning")
     if not root.handlers:  # no Hydra: Lightning's lines go where its own and the caller's settings send them
         return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        # imported before logging was configured, each gave itself a console handler and stopped passing lines on
+        sub = logging.Logger.manager.loggerDict.get(name)
+        if isinstance(sub, logging.Logger) and not sub.propagate:
+            for handler in sub.handlers[:]:
+                if type(handler) is logging.StreamHandler:
+                    sub.removeHandler(handler)
+            sub.propagate = True
     lightning.propagate = False
     for handler in lightning.handlers[:]:
         if isinstance(handler, logging.FileHandler):  # an earlier run's, in this process (a joblib launcher)
