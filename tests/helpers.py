@@ -67,10 +67,12 @@ def run_command(cmd: list[str], env: dict, cwd: Path = ROOT, timeout: float = 60
         out, err = Path(d, "stdout"), Path(d, "stderr")
         try:
             server.stdin.write(json.dumps({"argv": cmd[1:], "env": dict(env), "cwd": str(cwd), "stdout": str(out),
-                                           "stderr": str(err)}) + "\n")
-            server.stdin.flush()
+                                           "stderr": str(err)}).encode() + b"\n")
+            if not select.select([server.stdout], [], [], 300)[0]:  # its imports take seconds, not minutes
+                raise OSError("the fork server does not answer")
             pid = json.loads(server.stdout.readline())["pid"]
         except (OSError, ValueError):  # the server is gone (it printed why on this worker's stderr): no fork
+            server.kill()
             return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         if not select.select([server.stdout], [], [], timeout)[0]:
             os.killpg(pid, signal.SIGKILL)
@@ -87,8 +89,9 @@ def _fork_server():
         import atexit
 
         env = {**os.environ, **RUN_ENV}
+        # unbuffered bytes: a reply read is never read ahead of, so select() sees the next one
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], cwd=ROOT, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         atexit.register(proc.kill)
         _SERVER["proc"] = proc
     proc = _SERVER["proc"]

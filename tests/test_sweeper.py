@@ -132,8 +132,11 @@ def test_run_py_sweeps_steps_on_one_training(tmp_path):
 
     env = {"DIFFSTEPS_ROOT": str(tmp_path), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     out = tmp_path / "sweep"
-    _, text = sweep(out, "hydra.sweeper.params=null", "steps=int(interval(5,30))", *FAST, "hydra.sweeper.n_calls=4",
-                    "hydra.sweeper.n_initial_points=2", "hydra.sweeper.wandb.enabled=true",
+    # the sweep's plumbing, not each trial's pictures and extra measures (about 7 s a trial here)
+    lean = ["eval.trajectory_samples=0", "eval.grid_size=0", "eval.save_samples=0", "eval.mse.num_samples=0",
+            "eval.elbo.num_samples=0"]
+    _, text = sweep(out, "hydra.sweeper.params=null", "steps=int(interval(5,30))", *FAST, *lean,
+                    "hydra.sweeper.n_calls=4", "hydra.sweeper.n_initial_points=2", "hydra.sweeper.wandb.enabled=true",
                     "hydra.sweeper.wandb.mode=offline", app=ROOT / "run.py", env=env)
     res = results(out)
     assert res["n_trials"] == 4 and res["n_failed"] == 0 and 5 <= res["best_params"]["steps"] <= 30
