@@ -259,6 +259,30 @@ def test_min_steps_run_with_unreachable_target_keeps_what_it_evaluated(tmp_path)
     assert summary["best"]["value"] == min(r["nll"] for r in rows)
 
 
+@pytest.mark.parametrize("objective, metric, why", [("fid", "fid", "a squared Fréchet distance"),
+                                                   ("mse", "mse", "a mean of squared errors")])
+def test_min_steps_target_below_the_metrics_floor_is_refused_before_any_work(tmp_path, monkeypatch, objective,
+                                                                             metric, why):
+    """A target no metric value can meet (FID or MSE below 0) is refused before training or evaluating; a target at
+    the floor, and a negative one for metrics that can be negative (NLL of continuous data), are searched."""
+    from diffsteps.runner import min_steps
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built, trained or evaluated")
+
+    monkeypatch.setattr(min_steps, "prepare_model", never)
+    cfg = compose_policies(tmp_path, monkeypatch, *FAST, "task=min_steps", f"objective={objective}",
+                           "min_steps.target=-0.5")
+    with pytest.raises(ValueError, match=rf"min_steps.target=-0.5 is below the least value objective={objective} "
+                                         rf"can take \(0: {metric} is {why}\), so no step count meets it; give a "
+                                         r"target ≥ 0, or min_steps.within="):
+        min_steps.min_steps_task(cfg)
+    assert not (tmp_path / "run" / "min_steps.json").exists()
+    for ok in ([f"objective={objective}", "min_steps.target=0"], ["objective=nll", "min_steps.target=-0.5"]):
+        with pytest.raises(AssertionError, match="a model was built"):  # past the check, at the model
+            min_steps.min_steps_task(compose_policies(tmp_path, monkeypatch, *FAST, "task=min_steps", *ok))
+
+
 def test_condition_vector_makes_class_dependent_difficulty_predictable(linear):
     """Issue 13: the step predictor reads the prompt. Three Gaussian classes N(μ_k, s_k I) with s_k = 0.002, 0.05, 1
     under the exact conditional ε; the teacher is each class's probability flow in closed form (helpers.exact_flow).

@@ -116,11 +116,18 @@ def min_steps_task(cfg: DictConfig) -> float:
     from ..steps.search import Target, TargetUnreachable, find_min_steps
     from .evaluate import ResultsFile, best_effort, evaluate
     from .loggers import log_results, make_loggers, print_sync_hint
+    from .objects import OBJECTIVE_FLOORS
     from .optimize import resolve_spacing
     from .validate import instantiate_checked
 
     s = MinStepsSettings.from_cfg(cfg)
     objective = instantiate_checked(cfg.objective)
+    floor = OBJECTIVE_FLOORS.get(objective.name)
+    if s.target is not None and floor is not None and s.target < floor[0]:
+        raise ValueError(f"min_steps.target={s.target:g} is below the least value objective={objective.name} can take "
+                         f"({floor[0]:g}: {objective.metric} is {floor[1]}), so no step count meets it; give a target "
+                         f"≥ {floor[0]:g}, or min_steps.within=<fraction, e.g. 0.05> of the value at "
+                         f"min_steps.reference_steps")
     candidates = _candidates(cfg, s)
     out_dir = Path(cfg.paths.output_dir)
     loggers = make_loggers(cfg, out_dir)

@@ -17,6 +17,9 @@ from ..sampling.registry import SAMPLERS, get_sampler
 # objective name → the metrics.json key it reads
 OBJECTIVES = {"fid": "fid", "kid": "kid_mean", "mse": "mse", "nll": "nll", "elbo": "elbo_bpd"}
 OBJECTIVE_COSTS = {"nfe": "nfe", "seconds": "seconds_per_sample"}
+# the least value a metric can take, where it has one (KID's unbiased estimate, an NLL and bits per dimension of
+# continuous data can be negative): a target below it is met by no step count
+OBJECTIVE_FLOORS = {"fid": (0.0, "a squared Fréchet distance"), "mse": (0.0, "a mean of squared errors")}
 
 
 @dataclass(frozen=True)
