@@ -12,8 +12,9 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from diffsteps.runner import run
+    from diffsteps.runner.errors import report_in_one_line
 
-    return run(cfg)
+    return report_in_one_line(run)(cfg)  # a refused input: its message, not a stack trace above it
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import signal
@@ -292,6 +293,40 @@ def test_bad_evaluation_input_fails_before_training(tmp_path, override, message)
     assert re.search(message, text), text[-2000:]
     assert not (tmp_path / "outputs" / "checkpoints").exists()  # nothing trained
     assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_refused_input_is_reported_in_two_lines_with_its_traceback_in_the_log(tmp_path, monkeypatch):
+    """Hydra's report of a ValueError is its message and where it was raised, not a stack trace over it; the trace
+    goes to the run's log file. A crash (not a ValueError) keeps Hydra's full report."""
+    proc = run_py(tmp_path, *FAST, "logger=none", "steps=0", check=False, in_process=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    report = proc.stderr.split("Error executing job with overrides: ")[1].splitlines()[1:3]
+    assert report[0] == "steps must be a positive integer, got 0", proc.stderr
+    where = re.fullmatch(r"  \(ValueError raised in diffsteps/core/spacings.py:(\d+), make_timesteps; its traceback "
+                         r"is in (.*run.log)\)", report[1])
+    assert where, report
+    line = int(where[1])
+    source = (ROOT / "src" / "diffsteps" / "core" / "spacings.py").read_text().splitlines()[line - 1]
+    assert 'raise ValueError(f"steps must be a positive integer' in source
+    log = Path(where[2]).read_text()
+    assert "the run stopped: steps must be a positive integer, got 0\nTraceback (most recent call last):" in log
+    assert log.rstrip().endswith("ValueError: steps must be a positive integer, got 0")
+
+    from hydra.errors import CompactHydraException
+
+    from diffsteps.runner.errors import report_in_one_line
+
+    def task(error):
+        raise error
+
+    with pytest.raises(RuntimeError, match="^a crash$") as crash:  # not a refusal: unchanged, Hydra's full report
+        report_in_one_line(task)(RuntimeError("a crash"))
+    assert not isinstance(crash.value, CompactHydraException)
+    original = ValueError("bad")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # pytest's own file handler writes to /dev/null
+    with pytest.raises(ValueError, match=r"^bad\n  \(ValueError raised in .*, task\)$") as refused:
+        report_in_one_line(task)(original)  # no log file here: nothing said about one
+    assert isinstance(refused.value, CompactHydraException) and refused.value.__cause__ is original
 
 
 def test_the_digits_elbo_split_is_checked_before_training(tmp_path):
