@@ -58,6 +58,10 @@ METHODS = {
     # resolve_lambda); the same policy under batch control, for the per-sample-against-batch table
     "re-solve": {"resolve_lambda": -0.5},
     "re-solve, batch": {"resolve_lambda": -0.5, "control": "batch"},
+    # go back 4 accepted steps and re-solve at rtol/10 the samples whose own error estimate spikes above 8
+    # tolerances on a try (sample_adaptive's resolve_spike); under batch control the sample's own estimate too
+    "spike re-solve": {"resolve_spike": 8.0},
+    "spike re-solve, batch": {"resolve_spike": 8.0, "control": "batch"},
     "old default (vp norm, h_init 0.05, no cap)": {"coords": "vp", "h_init": 0.05, "h_max_noisy": math.inf},
     "x0 norm, no cap": {"h_max_noisy": math.inf},
     "vp norm, cap": {"coords": "vp"},

@@ -261,6 +261,10 @@ def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
                           ({"resolve_lambda": math.inf}, "resolve_lambda .* must be a finite number or None"),
                           ({"resolve_lambda": 0.0, "resolve_factor": 0.5}, r"resolve_factor .* must be ≥ 1"),
                           ({"resolve_lambda": 0.0, "probe_calls": 0}, r"probe_calls .* must be an integer ≥ 1"),
+                          ({"resolve_spike": 1.0}, r"resolve_spike .* must be a finite number > 1 or None"),
+                          ({"resolve_spike": math.inf}, r"resolve_spike .* must be a finite number > 1 or None"),
+                          ({"resolve_spike": 8.0, "spike_back": 0}, r"spike_back .* must be an integer ≥ 1"),
+                          ({"resolve_spike": 8.0, "resolve_lambda": 0.0}, "set one of them"),
                           ({"steps": 10}, "chooses its own steps"),
                           ({"gamma": 1.0}, r"has no option\(s\) \['gamma'\]")]:
         with pytest.raises(ValueError, match=message):
@@ -331,6 +335,45 @@ def test_resolve_sends_back_only_the_sample_the_flow_amplifies(two_modes, linear
         same = ds.sample(model, x[:8], resolve_lambda=lam, **kw)
         torch.testing.assert_close(same.sample, plain.sample[:8], rtol=1e-12, atol=1e-13)
         assert torch.equal(same.nfe_per_sample, plain.nfe_per_sample[:8])
+
+
+# -- spike and re-solve (resolve_spike) ------------------------------------------------------------------------------
+def test_spike_resolve_goes_back_for_the_sample_whose_own_estimate_spikes(two_modes, linear):
+    """two_modes at rtol 0.01: the sample at the boundary has a try whose own error estimate is 11.8 tolerances
+    (measured; the easy ones stay under 1.4). With resolve_spike=8 only it goes back: from its start when
+    spike_back exceeds its accepted steps — then it equals a plain run at rtol/10 and costs that run's NFE plus what
+    it spent before the spike — and from a later state, for fewer calls, otherwise; its error falls 3.6×. The easy
+    ones are the plain run's, at its cost; each sample is independent of its batch (per-sample control) and the
+    model counts the NFE the result reports. A spike no try reaches changes nothing, call for call."""
+    model, x = two_modes
+    kw = dict(schedule=linear, sampler="adaptive", rtol=0.01, return_info=True)
+    plain = ds.sample(model, x, **kw)
+    same = ds.sample(model, x, resolve_spike=1e6, spike_back=1, **kw)
+    assert torch.equal(same.sample, plain.sample) and torch.equal(same.nfe_per_sample, plain.nfe_per_sample)
+    assert torch.equal(same.rejected, plain.rejected)
+    ref = ds.sample(model, x[:1], schedule=linear, sampler="dpmpp_3m", steps=1000, spacing="logsnr")[0]
+    tight = ds.sample(model, x[:1], schedule=linear, sampler="adaptive", rtol=0.001, atol=0.00078, return_info=True)
+    runs = {}
+    for back in (100, 4, 1):
+        counted = CountingModel(model)
+        r = runs[back] = ds.sample(counted, x, resolve_spike=8.0, spike_back=back, **kw)
+        assert sum(len(t) for t in counted.ts) == int(r.nfe_per_sample.sum())
+        torch.testing.assert_close(r.sample[1:], plain.sample[1:], rtol=1e-12, atol=1e-13)  # (rows batched)
+        assert torch.equal(r.nfe_per_sample[1:], plain.nfe_per_sample[1:])
+        assert torch.equal(r.accepted[1:], plain.accepted[1:]) and torch.equal(r.rejected[1:], plain.rejected[1:])
+        assert rms(r.sample[0], ref) < 0.3 * rms(plain.sample[0], ref), (back, rms(r.sample[0], ref))
+        alone = ds.sample(model, x[:1], resolve_spike=8.0, spike_back=back, **kw)
+        torch.testing.assert_close(alone.sample[0], r.sample[0], rtol=1e-12, atol=1e-13)
+        assert alone.nfe_per_sample.item() == r.nfe_per_sample[0].item()
+    torch.testing.assert_close(runs[100].sample[0], tight.sample[0], rtol=1e-12, atol=1e-13)
+    before_spike = runs[100].nfe_per_sample[0] - tight.nfe_per_sample[0]
+    assert 0 < before_spike < plain.nfe_per_sample[0]  # it stopped on its way, where the spike was
+    assert runs[1].nfe_per_sample[0] < runs[4].nfe_per_sample[0] < runs[100].nfe_per_sample[0]
+    # under batch control the batch's estimate hides the spike, the sample's own does not: it alone goes back
+    batch = ds.sample(model, x, control="batch", **kw)
+    spiked = ds.sample(model, x, control="batch", resolve_spike=8.0, **kw)
+    assert torch.equal(spiked.nfe_per_sample > batch.nfe_per_sample, torch.arange(len(x)) == 0)
+    assert rms(spiked.sample[0], ref) < 0.3 * rms(batch.sample[0], ref)
 
 
 def test_max_nfe_cap_finishes_every_sample_and_says_so(two_modes, linear):

@@ -114,7 +114,8 @@ def sample(model: Callable, noise: torch.Tensor, *, schedule: Schedule, sampler:
     ``spacing`` gives only the start (its first timestep: T−1 for a named spacing) and the end (its last, else t = 0)
     of the error-controlled integration in λ; options ``rtol``, ``atol``, ``h_init``, ``pcoeff``, ``icoeff``,
     ``dcoeff``, ``accept_safety``, ``order``, ``max_nfe``, ``control``, and the growth probe and re-solve
-    ``resolve_lambda`` (off by default), ``resolve_growth``, ``resolve_factor``, ``probe_calls``.
+    ``resolve_lambda`` (off by default), ``resolve_growth``, ``resolve_factor``, ``probe_calls``, or the spike and
+    re-solve ``resolve_spike`` (off by default), ``spike_back``.
     The state keeps ``noise``'s dtype (with shared timesteps; see below); schedule coefficients are float64.
 
     ``cond``: keyword tensors for the model, called as ``model(x, t, **cond)`` (e.g. ``{"y": labels}``), each with
