@@ -171,10 +171,10 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     s = PolicySettings(error_target=target, alpha=0.1, adaptive_rtols=rtols, adaptive_caps=(0.5,), batch_size=128,
                        single_samples=2)
 
-    def direct(noise, ref_, rtol, cap=0.5, lam=None):  # the sampler called on its own, the whole set in one batch
+    def direct(noise, ref_, rtol, cap=0.5, lam=None, spike=None):  # the sampler on its own, the set in one batch
         counter = CountingModel(model)
         r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol, h_max_noisy=cap,
-                      resolve_lambda=lam, atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe,
+                      resolve_lambda=lam, resolve_spike=spike, atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe,
                       return_info=True)
         return (r.sample - ref_).pow(2).mean(1), r.nfe_per_sample, counter.rows
 
@@ -235,9 +235,33 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     assert row4["knob"] == f"rtol = {rtol_lam:g}, cap 0.5, re-solve at λ {lam:g}"
     assert row4["nfe_mean"] == pytest.approx(float(nfe4.double().mean()), abs=1e-12)
     assert row4["mse"] == pytest.approx(float(err4.mean()), rel=1e-9)
+    # so does the spike re-solve (policies.adaptive_spike), never combined with a probe: its row is the sampler's run
+    # with resolve_spike
+    knobs = {}
+    [row5], curves5 = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_resolve": (None, lam),
+                                                          "adaptive_spike": (None, 3.0)}), *args, knobs=knobs)
+    assert set(curves5) == {"adaptive, cap 0.5", "adaptive, cap 0.5, re-solve on a spike > 3",
+                            f"adaptive, cap 0.5, re-solve at λ {lam:g}"}
+    spiked = {rtol: direct(cal, ref_cal, rtol, spike=3.0) for rtol in few}
+    rtol_s = next((r for r in few if float((spiked[r][0] <= target).double().mean()) >= 0.9), None)
+    nfe_s = math.inf if rtol_s is None else float(spiked[rtol_s][1].double().mean())
+    assert any((spiked[r][1] > cal_runs[r][1]).any() for r in few)  # some sample went back
+    rtol_p = next((r for r in few if cal_cov[r] >= 0.9), None)
+    nfe_p = math.inf if rtol_p is None else float(cal_runs[rtol_p][1].double().mean())
+    options = [(nfe_p, (rtol_p, None, None)), (nfe_s, (rtol_s, None, 3.0)), (nfe_lam, (rtol_lam, lam, None))]
+    expect = min(options, key=lambda o: o[0])[1]  # the first of equals, as the row takes them
+    print(f"calibration mean NFE: plain {nfe_p:.2f}, spike > 3 {nfe_s:.2f}, probe {nfe_lam:.2f}; chosen {expect}")
+    assert (knobs["adaptive_rtol"], knobs["adaptive_resolve"], knobs["adaptive_spike"]) == expect
+    [row5], _ = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_spike": (3.0,)}),
+                              *args)
+    err5, nfe5, _ = direct(test, ref_test, rtol_s, spike=3.0)  # rtol_s: 0.02 (measured)
+    assert row5["knob"] == f"rtol = {rtol_s:g}, cap 0.5, re-solve on a spike > 3"
+    assert row5["nfe_mean"] == pytest.approx(float(nfe5.double().mean()), abs=1e-12)
+    assert row5["mse"] == pytest.approx(float(err5.mean()), rel=1e-9)
     for bad, match in (({"adaptive_rtols": [0.05, 0]}, "adaptive_rtols must be finite tolerances > 0"),
                        ({"adaptive_resolve": [None, ".nan"]}, r"adaptive_resolve must list .* got \[None, '\.nan'\]"),
                        ({"adaptive_resolve": []}, "adaptive_resolve must list the adaptive sampler's resolve_lambda"),
+                       ({"adaptive_spike": [None, 1]}, r"adaptive_spike must list .* got \[None, 1\]"),
                        ({"adaptive_caps": [0.5, 0]}, "adaptive_caps must be λ-step caps > 0"),
                        ({"adaptive_caps": [".inf"]}, r"no cap: inf on the command line, \.inf in YAML\), got \['\.inf'\]"),
                        ({"adaptive_max_nfe": 3}, "adaptive_max_nfe must be an integer ≥ 4")):

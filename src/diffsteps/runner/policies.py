@@ -10,8 +10,8 @@ test noise the row reports. Rows:
 - **optimised schedule**: the smallest cached ``task=optimize_steps`` schedule for this model and sampler meeting it
   (omitted, with a logged line, when there is none);
 - **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol, h_max_noisy=cap,
-  resolve_lambda=λ)`` at the loosest rtol meeting it, for each (cap, λ) of ``adaptive_caps`` × ``adaptive_resolve``
-  the one whose calibration mean NFE is lowest; its NFE each sample's own (``nfe_per_sample``);
+  resolve_lambda=λ or resolve_spike=s)`` at the loosest rtol meeting it, for each cap of ``adaptive_caps`` with each
+  λ of ``adaptive_resolve`` or s of ``adaptive_spike`` the one whose calibration mean NFE is lowest; its NFE each sample's own (``nfe_per_sample``);
 - **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
 - **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
   quantile knob chosen on the other third.
@@ -72,6 +72,7 @@ class PolicySettings:
     adaptive_max_nfe: int = 500
     adaptive_caps: tuple = (0.5, math.inf)
     adaptive_resolve: tuple = (None,)
+    adaptive_spike: tuple = (None,)
     batch_size: int = 256
     single_samples: int = 16
     condition: str = "auto"
@@ -115,6 +116,10 @@ class PolicySettings:
                                                           and math.isfinite(r)) for r in s.adaptive_resolve):
             raise ValueError(f"policies.adaptive_resolve must list the adaptive sampler's resolve_lambda values to try "
                              f"(a finite log-SNR λ, or null: no growth probe), got {list(s.adaptive_resolve)}")
+        if not s.adaptive_spike or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and 1 < v < math.inf) for v in s.adaptive_spike):
+            raise ValueError(f"policies.adaptive_spike must list the adaptive sampler's resolve_spike values to try "
+                             f"(a finite error estimate > 1 tolerance, or null: none), got {list(s.adaptive_spike)}")
         if isinstance(s.adaptive_max_nfe, bool) or not isinstance(s.adaptive_max_nfe, int) or s.adaptive_max_nfe < 4:
             raise ValueError(f"policies.adaptive_max_nfe must be an integer ≥ 4 (one order-3 step and the final "
                              f"evaluation), got {s.adaptive_max_nfe!r}")
@@ -417,7 +422,7 @@ def policies_task(cfg: DictConfig) -> float:
 
     # adaptive: the loosest rtol meeting the target on calibration noise (kept behind the registry check so that a
     # build without that sampler still writes the other rows)
-    knobs: dict = {"adaptive_rtol": None, "adaptive_cap": None, "adaptive_resolve": None}
+    knobs: dict = {"adaptive_rtol": None, "adaptive_cap": None, "adaptive_resolve": None, "adaptive_spike": None}
     if "adaptive" in SAMPLERS:
         rows_a, curves_a = _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost, level,
                                          cond_cal=cond_cal, knobs=knobs, **measure)
@@ -526,6 +531,7 @@ def policies_task(cfg: DictConfig) -> float:
         "adaptive_rtol": knobs["adaptive_rtol"],
         "adaptive_cap": None if knobs["adaptive_cap"] in (None, math.inf) else knobs["adaptive_cap"],  # None: no cap
         "adaptive_resolve": knobs["adaptive_resolve"],  # the growth probe's λ; None: none
+        "adaptive_spike": knobs["adaptive_spike"],  # the spike re-solve's threshold; None: none
         "stopping_tau": rule.tau, "stopping_grid": K, "stopping_grids_tried": grids, "stopping_calibration_coverage": rule.calibration_coverage,
         "fixed_n_star": n_star, "model_key": M.key, "exact_model": M.exact,
         "error_target": s.error_target, "alpha": s.alpha, "sampler": sampler.name, "spacing": sampler.spacing,
@@ -601,23 +607,24 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
                   cond=None, quality=None, keep=None, knobs=None):
     """The adaptive sampler's row. For each λ-step cap of ``policies.adaptive_caps`` (the sampler's
     ``h_max_noisy``) and each growth-probe point of ``policies.adaptive_resolve`` (its ``resolve_lambda``; None: no
-    probe), the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is ≥ 1 − α; of those, the
+    probe) and each spike threshold of ``policies.adaptive_spike`` (its ``resolve_spike``; the two are never combined),
+    the loosest ``policies.adaptive_rtols`` entry whose calibration coverage is ≥ 1 − α; of those, the
     (cap, probe, rtol) with the lowest calibration mean NFE — the cap trades a floor on the NFE for fewer mode
     flips, the probe three calls per sample and a re-solve of the few it flags for the same, and which side wins
     depends on the target. Measured on the test noise with each sample's own NFE
     (``SampleResult.nfe_per_sample``; ``nfe`` would be the batch's model calls). Returns ([row] or [], {curve name:
-    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one per (cap, probe)). atol scales with
+    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one per (cap, probe or spike)). atol scales with
     rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
     δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` / ``cond``: the
     calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs`` gets
-    ``adaptive_rtol``, ``adaptive_cap`` and ``adaptive_resolve``."""
+    ``adaptive_rtol``, ``adaptive_cap``, ``adaptive_resolve`` and ``adaptive_spike``."""
     from ..sampling.api import sample
 
-    def run_at(rtol, cap, lam):
+    def run_at(rtol, cap, lam, spike):
         def run(noise, c=None):
             res = sample(M.net, noise, sampler="adaptive", rtol=rtol, atol=s.adaptive_atol_per_rtol * rtol,
-                         h_max_noisy=cap, resolve_lambda=lam, max_nfe=s.adaptive_max_nfe, cond=c, return_info=True,
-                         **kw, **denoiser)
+                         h_max_noisy=cap, resolve_lambda=lam, resolve_spike=spike, max_nfe=s.adaptive_max_nfe,
+                         cond=c, return_info=True, **kw, **denoiser)
             return res.sample, res.nfe_per_sample
         return run
 
@@ -627,37 +634,40 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
         x, nfe = torch.cat([o[0] for o in out]), torch.cat([torch.as_tensor(o[1]).reshape(-1) for o in out])
         return (x.to(_F64) - ref.to(_F64)).pow(2).flatten(1).mean(1), nfe
 
-    def label(cap, lam):
-        return (f"cap {cap:g}" if cap < math.inf else "no cap") + ("" if lam is None else f", re-solve at λ {lam:g}")
+    def label(cap, lam, spike):
+        return ((f"cap {cap:g}" if cap < math.inf else "no cap") + ("" if lam is None else f", re-solve at λ {lam:g}")
+                + ("" if spike is None else f", re-solve on a spike > {spike:g}"))
 
-    curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap, λ)
-    for cap, lam in itertools.product(s.adaptive_caps, s.adaptive_resolve):
-        name = f"adaptive, {label(cap, lam)}"
+    curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap, λ, spike)
+    settings = [(cap, lam, spike) for cap, lam, spike in
+                itertools.product(s.adaptive_caps, s.adaptive_resolve, s.adaptive_spike) if lam is None or spike is None]
+    for cap, lam, spike in settings:
+        name = f"adaptive, {label(cap, lam, spike)}"
         curve, chosen = curves.setdefault(name, []), None
         for rtol in sorted(s.adaptive_rtols, reverse=True):  # loosest first: the first meeting the target is chosen
             t0 = time.perf_counter()
-            err_c, nfe_c = errors(run_at(rtol, cap, lam), cal, ref_cal, cond_cal)
+            err_c, nfe_c = errors(run_at(rtol, cap, lam, spike), cal, ref_cal, cond_cal)
             seconds += time.perf_counter() - t0
             evals += int(nfe_c.sum())
-            err_t, nfe_t = errors(run_at(rtol, cap, lam), test, ref_test, cond)
+            err_t, nfe_t = errors(run_at(rtol, cap, lam, spike), test, ref_test, cond)
             curve.append((float(nfe_t.double().mean()), float(err_t.mean()), _coverage(err_t, s.error_target)))
             cov_c = _coverage(err_c, s.error_target)
             log.info("%s, rtol %g: calibration coverage %.3f at mean NFE %.1f (%.1f s so far)", name, rtol, cov_c,
                      float(nfe_c.double().mean()), seconds)
             if chosen is None and cov_c >= level:
-                chosen = (float(nfe_c.double().mean()), rtol, cap, lam)
+                chosen = (float(nfe_c.double().mean()), rtol, cap, lam, spike)
         if chosen is not None and (best is None or chosen[0] < best[0]):
             best = chosen
     if best is None:
-        log.info("adaptive: no (cap, probe, rtol) in policies.adaptive_caps × adaptive_resolve × adaptive_rtols meets "
-                 "the target on calibration noise; row omitted")
+        log.info("adaptive: no (cap, probe or spike, rtol) in policies.adaptive_caps × adaptive_resolve / adaptive_spike "
+                 "× adaptive_rtols meets the target on calibration noise; row omitted")
         return [], curves
-    _, rtol, cap, lam = best
+    _, rtol, cap, lam, spike = best
     cost = {"evals": teacher_cost["evals"] + evals, "seconds": teacher_cost["seconds"] + seconds}
     if knobs is not None:
-        knobs["adaptive_rtol"], knobs["adaptive_cap"], knobs["adaptive_resolve"] = rtol, cap, lam
-    return [_measure("adaptive", f"rtol = {rtol:g}, {label(cap, lam)}", run_at(rtol, cap, lam), test, ref_test, s,
-                     M.mixture, cost, cond, quality, keep)], curves
+        knobs.update(adaptive_rtol=rtol, adaptive_cap=cap, adaptive_resolve=lam, adaptive_spike=spike)
+    return [_measure("adaptive", f"rtol = {rtol:g}, {label(cap, lam, spike)}", run_at(rtol, cap, lam, spike), test,
+                     ref_test, s, M.mixture, cost, cond, quality, keep)], curves
 
 
 _COLUMNS = [("policy", "policy", "{}"), ("knob", "knob", "{}"), ("mse", "MSE", "{:.3g}"),
