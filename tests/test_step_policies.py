@@ -174,8 +174,8 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     def direct(noise, ref_, rtol, cap=0.5, lam=None, spike=None):  # the sampler on its own, the set in one batch
         counter = CountingModel(model)
         r = ds.sample(counter, noise, schedule=linear, sampler="adaptive", rtol=rtol, h_max_noisy=cap,
-                      resolve_lambda=lam, resolve_spike=spike, atol=s.adaptive_atol_per_rtol * rtol, max_nfe=s.adaptive_max_nfe,
-                      return_info=True)
+                      resolve_lambda=lam, resolve_spike=spike, atol=s.adaptive_atol_per_rtol * rtol,
+                      max_nfe=s.adaptive_max_nfe, return_info=True)
         return (r.sample - ref_).pow(2).mean(1), r.nfe_per_sample, counter.rows
 
     cal_runs = {rtol: direct(cal, ref_cal, rtol) for rtol in rtols}
@@ -238,8 +238,9 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     # so does the spike re-solve (policies.adaptive_spike), never combined with a probe: its row is the sampler's run
     # with resolve_spike
     knobs = {}
-    [row5], curves5 = _adaptive_row(M, PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_resolve": (None, lam),
-                                                          "adaptive_spike": (None, 3.0)}), *args, knobs=knobs)
+    both = PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_resolve": (None, lam),
+                             "adaptive_spike": (None, 3.0)})
+    [row5], curves5 = _adaptive_row(M, both, *args, knobs=knobs)
     assert set(curves5) == {"adaptive, cap 0.5", "adaptive, cap 0.5, re-solve on a spike > 3",
                             f"adaptive, cap 0.5, re-solve at λ {lam:g}"}
     spiked = {rtol: direct(cal, ref_cal, rtol, spike=3.0) for rtol in few}

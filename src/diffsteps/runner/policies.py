@@ -11,7 +11,8 @@ test noise the row reports. Rows:
   (omitted, with a logged line, when there is none);
 - **adaptive**: ``sample(..., sampler="adaptive", rtol=..., atol=adaptive_atol_per_rtol · rtol, h_max_noisy=cap,
   resolve_lambda=λ or resolve_spike=s)`` at the loosest rtol meeting it, for each cap of ``adaptive_caps`` with each
-  λ of ``adaptive_resolve`` or s of ``adaptive_spike`` the one whose calibration mean NFE is lowest; its NFE each sample's own (``nfe_per_sample``);
+  λ of ``adaptive_resolve`` or s of ``adaptive_spike`` the one whose calibration mean NFE is lowest; its NFE each
+  sample's own (``nfe_per_sample``);
 - **stopping**: :mod:`diffsteps.steps.stopping`, τ calibrated by split-conformal at α;
 - **predictor**: :mod:`diffsteps.steps.predictor`, trained on 2/3 of the calibration noises' oracle labels, its
   quantile knob chosen on the other third.
@@ -613,8 +614,8 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
     flips, the probe three calls per sample and a re-solve of the few it flags for the same, and which side wins
     depends on the target. Measured on the test noise with each sample's own NFE
     (``SampleResult.nfe_per_sample``; ``nfe`` would be the batch's model calls). Returns ([row] or [], {curve name:
-    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one per (cap, probe or spike)). atol scales with
-    rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
+    the (mean NFE, MSE, coverage) curve on the test noise over every rtol}, one per (cap, probe or spike)). atol
+    scales with rtol (k-diffusion's default pair 0.05 / 0.0078 is the ratio 0.156): with a fixed atol the absolute floor
     δ ≥ atol takes over below rtol ≈ 0.01 and tighter rtols change nothing. ``cond_cal`` / ``cond``: the
     calibration / test noises' conditioning; ``quality``, ``keep`` go to :func:`_measure`; ``knobs`` gets
     ``adaptive_rtol``, ``adaptive_cap``, ``adaptive_resolve`` and ``adaptive_spike``."""
@@ -640,7 +641,8 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
 
     curves, best, seconds, evals = {}, None, 0.0, 0  # best: (calibration mean NFE, rtol, cap, λ, spike)
     settings = [(cap, lam, spike) for cap, lam, spike in
-                itertools.product(s.adaptive_caps, s.adaptive_resolve, s.adaptive_spike) if lam is None or spike is None]
+                itertools.product(s.adaptive_caps, s.adaptive_resolve, s.adaptive_spike)
+                if lam is None or spike is None]
     for cap, lam, spike in settings:
         name = f"adaptive, {label(cap, lam, spike)}"
         curve, chosen = curves.setdefault(name, []), None
@@ -659,8 +661,8 @@ def _adaptive_row(M, s, cal, test, ref_cal, ref_test, kw, denoiser, teacher_cost
         if chosen is not None and (best is None or chosen[0] < best[0]):
             best = chosen
     if best is None:
-        log.info("adaptive: no (cap, probe or spike, rtol) in policies.adaptive_caps × adaptive_resolve / adaptive_spike "
-                 "× adaptive_rtols meets the target on calibration noise; row omitted")
+        log.info("adaptive: no (cap, probe or spike, rtol) in policies.adaptive_caps × adaptive_resolve / "
+                 "adaptive_spike × adaptive_rtols meets the target on calibration noise; row omitted")
         return [], curves
     _, rtol, cap, lam, spike = best
     cost = {"evals": teacher_cost["evals"] + evals, "seconds": teacher_cost["seconds"] + seconds}
