@@ -240,7 +240,7 @@ def test_adaptive_row_reads_per_sample_nfe_and_reports_the_test_noise(exact, lin
     knobs = {}
     both = PolicySettings(**{**vars(s), "adaptive_rtols": few, "adaptive_resolve": (None, lam),
                              "adaptive_spike": (None, 3.0)})
-    [row5], curves5 = _adaptive_row(M, both, *args, knobs=knobs)
+    _, curves5 = _adaptive_row(M, both, *args, knobs=knobs)
     assert set(curves5) == {"adaptive, cap 0.5", "adaptive, cap 0.5, re-solve on a spike > 3",
                             f"adaptive, cap 0.5, re-solve at λ {lam:g}"}
     spiked = {rtol: direct(cal, ref_cal, rtol, spike=3.0) for rtol in few}

@@ -16,6 +16,8 @@ from hydra.errors import CompactHydraException
 
 __all__ = ["RefusedInput", "report_in_one_line"]
 
+_PACKAGE = Path(__file__).resolve().parents[1]  # …/diffsteps
+
 
 class RefusedInput(ValueError, CompactHydraException):
     """A ValueError that Hydra reports by its message alone (``CompactHydraException``); still a ValueError to the
@@ -41,9 +43,9 @@ def report_in_one_line(task: Callable) -> Callable:
 
 def _where(e: BaseException) -> str:
     frame = traceback.extract_tb(e.__traceback__)[-1]
-    parts = Path(frame.filename).parts
-    # a path from the package root (diffsteps/…) reads the same on every machine
-    shown = "/".join(parts[parts.index("diffsteps"):]) if "diffsteps" in parts else frame.filename
+    path = Path(frame.filename).resolve()
+    # a path from the package (diffsteps/…) reads the same on every machine — and in a clone itself named diffsteps
+    shown = path.relative_to(_PACKAGE.parent).as_posix() if path.is_relative_to(_PACKAGE) else frame.filename
     return f"{type(e).__name__} raised in {shown}:{frame.lineno}, {frame.name}"
 
 
