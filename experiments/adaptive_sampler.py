@@ -15,7 +15,9 @@ non-flipped ones, the median / p90 / p99 sample error, flips, wall seconds. Then
 correlation of error vs rtol ("calibrated tolerance"); each method's error / the anchor's at the same mean NFE (the
 anchor's log-error interpolated in log-NFE); per-sample control's mean NFE / batch control's at the same error (the
 batch curve's first crossing, log-log) — each with a 95 % paired bootstrap interval (the noises resampled, one draw
-shared by every method) and a tally of rtols whose interval lies below, around or above 1.
+shared by every method) and a tally of rtols whose interval lies below, around or above 1. A figure
+(``--figure``, by default next to the results) draws the error curves against mean NFE and the per-sample/batch
+NFE ratios with their intervals.
 
 k-diffusion's package __init__ imports torchvision (absent here), so only its ``sampling.py`` is loaded, by file
 path, with a stand-in for the one helper it takes from ``utils`` (append_dims).
@@ -175,21 +177,25 @@ def metric_table(err: np.ndarray, idx: np.ndarray | None = None) -> dict[str, np
     return {"RMS": np.sqrt(np.mean(e**2, axis=1)), "median": q[0], "p90": q[1], "p99": q[2]}
 
 
-def ci(values) -> str:
+def interval(values) -> tuple[float, float]:
+    """The 95 % bootstrap interval; nan when more than a tenth of the resamples have no value."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if len(v) < 0.9 * len(values):
-        return "[–]"
+        return math.nan, math.nan
     lo, hi = np.quantile(v, [0.025, 0.975])
-    return f"[{lo:.2f}, {hi:.2f}]"
+    return float(lo), float(hi)
+
+
+def ci(values) -> str:
+    lo, hi = interval(values)
+    return "[–]" if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
 
 
 def verdict(point: float, values) -> str:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if not math.isfinite(point) or len(v) < 0.9 * len(values):
+    lo, hi = interval(values)
+    if not math.isfinite(point) or math.isnan(lo):
         return "–"
-    lo, hi = np.quantile(v, [0.025, 0.975])
     return "better" if hi < 1 else "worse" if lo > 1 else "tie"
 
 
@@ -231,9 +237,10 @@ def run_all(args, kd, model, schedule, mixture, noise, ref, methods) -> dict:
     return runs
 
 
-def analyse(runs: dict, n_boot: int, seed: int = 0) -> None:
+def analyse(runs: dict, n_boot: int, seed: int = 0, figure: str | None = None) -> None:
     """Calibration, and the two issue-12 comparisons with paired bootstrap intervals: every resample draws the noises
-    once and every method's curve is recomputed on that draw (the anchor's mean NFE is its batch's, fixed)."""
+    once and every method's curve is recomputed on that draw (the anchor's mean NFE is its batch's, fixed); then the
+    curves as a figure at ``figure``."""
     names = list(runs)
     n = runs[names[0]]["err"].shape[1]
     rng = np.random.default_rng(seed)
@@ -262,7 +269,57 @@ def analyse(runs: dict, n_boot: int, seed: int = 0) -> None:
     anchor = "k-diffusion anchor"
     if anchor in runs:
         _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nfe)
-    _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe)
+    ratios = _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe)
+    if figure:
+        plot_curves(names, full, mean_nfe, boot, ratios, n, figure)
+
+
+def plot_curves(names, full, mean_nfe, boot, ratios, n, path) -> None:
+    """Top: error against mean NFE, one panel per error measure, each method a curve over rtol with its 95 %
+    bootstrap interval (batch-wide controllers dashed, in the colour of their per-sample form). Bottom: per-sample
+    control's mean NFE over the batch controller's at the same error, with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(2, len(METRICS), figsize=(4.2 * len(METRICS), 8), sharex="row")
+    colour: dict[str, str] = {}
+    for k in names:
+        colour.setdefault(k.removesuffix(", batch"), f"C{len(colour)}")
+    for ax, mt in zip(axes[0], METRICS):
+        for k in names:
+            lo, hi = np.quantile(boot[k][mt], [0.025, 0.975], axis=0)
+            y = full[k][mt]
+            ax.errorbar(mean_nfe[k], y, yerr=[y - lo, hi - y], color=colour[k.removesuffix(", batch")],
+                        ls="--" if k.endswith(", batch") else "-", marker="o", ms=3, capsize=2, lw=1.2, label=k)
+        ax.set(xscale="log", yscale="log", title=f"{mt} error", xlabel="mean NFE")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([45, 60, 80, 100, 140])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_ylabel("per-sample error to the converged ODE")
+    axes[0, 0].legend(fontsize=7)
+    for ax, mt in zip(axes[1], METRICS):
+        for i, ((k, batch), by_metric) in enumerate(ratios.items()):
+            point, lo, hi = by_metric[mt]
+            ok = np.isfinite(point) & np.isfinite(lo) & np.isfinite(hi)
+            x = full[k][mt][ok] * (1 + 0.03 * i)  # a small offset so the intervals of the pairs do not hide
+            ax.errorbar(x, point[ok], yerr=[point[ok] - lo[ok], hi[ok] - point[ok]], color=colour[k],
+                        ls="-" if batch == f"{k}, batch" else ":", marker="o", ms=3, capsize=2, lw=1.2,
+                        label=f"{k} / {batch}")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel=f"{mt} error of the per-sample run")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1, 0].set_ylabel("mean NFE / batch control's at the same error")
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle(f"Adaptive sampler on the exact 64-D mixture, {n} noises, rtol 0.2 to 0.0005 (95 % paired "
+                 "bootstrap intervals)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nfigure: {path}")
 
 
 def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nfe) -> None:
@@ -294,13 +351,15 @@ def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nf
               f"out of range {v.count('–')}")
 
 
-def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe) -> None:
+def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nfe) -> dict:
+    """The table, and its ratios per (per-sample method, batch method) and measure: (point, 2.5 %, 97.5 %) over
+    rtol, nan where an interval is not defined."""
     print("\n### per-sample against batch control at the same error (mean NFE / the batch controller's mean NFE "
           "where its curve first reaches that error; [95 % paired bootstrap interval]; < 1: per-sample is cheaper)\n")
     print("| per-sample method | batch method | rtol | mean NFE | " +
           " | ".join(f"{mt}: NFE ratio | interval" for mt in METRICS) + " |")
     print("|---|---|---|---|" + "---|---|" * len(METRICS))
-    tally = {}
+    tally, ratios = {}, {}
     # each per-sample method against its own batch form, and against the batch-wide controller itself
     # (k-diffusion's: "default, batch")
     pairs = [(k, b) for k in names if not k.endswith(", batch")
@@ -314,11 +373,14 @@ def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nf
                       for b in range(n_boot)]
                 cells.append(f"{point:.2f} | {ci(bs)}")
                 tally.setdefault((k, batch, mt), []).append(verdict(point, bs))
+                ratios.setdefault((k, batch), {}).setdefault(mt, []).append((point, *interval(bs)))
             print(f"| {k} | {batch} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) + " |")
     print("\nSummary (rtols whose interval lies below 1 / contains 1 / lies above 1; – outside the batch curve's range):\n")
     for (k, batch, mt), v in tally.items():
         print(f"- {k} vs {batch}, {mt}: cheaper {v.count('better')}, tie {v.count('tie')}, dearer {v.count('worse')}, "
               f"out of range {v.count('–')}")
+    return {pair: {mt: tuple(np.array(c) for c in zip(*rows)) for mt, rows in by.items()}
+            for pair, by in ratios.items()}
 
 
 def reference(model, schedule, noise, path) -> torch.Tensor:
@@ -344,6 +406,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="NAME",
                    help=f"a subset of: {'; '.join(METHODS)}")
     p.add_argument("--no-anchor", action="store_true", help="leave k-diffusion's sample_dpm_adaptive out")
+    p.add_argument("--figure", help="where the error-against-NFE figure goes (default: the results' folder)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     schedule = ds.make_schedule("linear", 1000)
@@ -351,13 +414,14 @@ def main() -> None:
     model = ds.ExactEpsilon(mixture, schedule)
     tag = f"n{args.n}" + (f"_seed{args.seed}" if args.seed else "")
     results = f"{args.out}/adaptive_sampler_{tag}.npz"
+    figure = args.figure or f"{args.out}/adaptive_sampler_{tag}.png"
     if args.analyse_only:
         z = np.load(results)
         runs: dict[str, dict] = {}
         for key in z.files:
             name, field = key.rsplit("/", 1)
             runs.setdefault(name, {})[field] = z[key]
-        analyse(runs, args.boot)
+        analyse(runs, args.boot, figure=figure)
         return
     kd = None if args.no_anchor else load_kdiffusion_sampling()
     noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
@@ -375,7 +439,7 @@ def main() -> None:
           f"[{time.perf_counter() - t0:.0f} s]\n")
     runs = run_all(args, kd, model, schedule, mixture, noise, ref, {k: METHODS[k] for k in args.methods})
     np.savez_compressed(results, **{f"{k}/{f}": v for k, r in runs.items() for f, v in r.items()})
-    analyse(runs, args.boot)
+    analyse(runs, args.boot, figure=figure)
 
 
 def rms(a, b):
