@@ -64,6 +64,10 @@ METHODS = {
     # tolerances on a try (sample_adaptive's resolve_spike); under batch control the sample's own estimate too
     "spike re-solve": {"resolve_spike": 8.0},
     "spike re-solve, batch": {"resolve_spike": 8.0, "control": "batch"},
+    # the threshold's trade: lower marks more samples (tails and RMS cheaper, the median dearer), higher fewer
+    "spike re-solve at 4": {"resolve_spike": 4.0},
+    "spike re-solve at 5.5": {"resolve_spike": 5.5},
+    "spike re-solve at 12": {"resolve_spike": 12.0},
     "old default (vp norm, h_init 0.05, no cap)": {"coords": "vp", "h_init": 0.05, "h_max_noisy": math.inf},
     "x0 norm, no cap": {"h_max_noisy": math.inf},
     "vp norm, cap": {"coords": "vp"},
