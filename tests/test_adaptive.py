@@ -245,6 +245,24 @@ def test_max_growth_caps_each_step_against_the_last_accepted_one(two_modes, line
     assert free.accepted.sum() < r.accepted.sum()
 
 
+@pytest.mark.parametrize("name, options", [("linear", {}), ("cosine", {}), ("linear", {"zero_terminal_snr": True})])
+def test_the_solvers_t_of_lambda_is_the_schedules_inverse(name, options):
+    """The t the model is called at: the schedule's own λ ↔ t inverse, bit for bit inside its finite range, clamped to
+    that range outside it (λ beyond the last finite entry of a zero-terminal-SNR table), and round-tripping."""
+    from diffsteps.sampling.adaptive import _TimeOf
+
+    sch = ds.make_schedule(name, 1000, **options)
+    table = sch.log_snr
+    finite = table[torch.isfinite(table)]
+    t_of = _TimeOf(sch, torch.device("cpu"))
+    inside = torch.linspace(finite[-1].item(), finite[0].item(), 997, dtype=torch.float64) / 2
+    assert torch.equal(t_of(inside), sch.t_from_log_snr(2 * inside))
+    ints = torch.arange(len(finite), dtype=torch.float64)
+    torch.testing.assert_close(t_of(finite / 2), ints, rtol=0, atol=1e-9)
+    outside = torch.tensor([finite[-1].item() / 2 - 3, finite[0].item() / 2 + 3], dtype=torch.float64)
+    assert t_of(outside).tolist() == [len(finite) - 1.0, 0.0]
+
+
 def test_bad_input_is_rejected_before_any_model_call(gaussian, linear):
     model = CountingModel(ds.ExactEpsilon(gaussian, linear))
     x = noise(4, 3)
@@ -280,7 +298,7 @@ def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(lin
     """On Gaussian data N(μ, diag(c)) the posterior covariance is c σ̃²/(c + σ̃²), so J = ∂x̂_0/∂x̃ = diag(c/(c + σ̃²))
     (Tweedie) and μ = max c/(c + σ̃²) in closed form; the probe's power iteration converges to it, and three calls
     (the default) are within 10 % here."""
-    from diffsteps.sampling.adaptive import _probe_growth
+    from diffsteps.sampling.adaptive import _probe_growth, _TimeOf
     from diffsteps.sampling.denoiser import Denoiser
 
     c = torch.tensor([1.0, 4.0, 0.25, 0.5], dtype=torch.float64)
@@ -299,8 +317,9 @@ def test_growth_probe_finds_the_largest_eigenvalue_of_the_denoisers_jacobian(lin
                  * (c / (c + (1 - abar) / abar)).max().item())
         before = counted.calls
         # (at λ = 1 the two largest are 0.97 and 0.88: power iteration converges slowly)
-        many = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 200)
-        few = _probe_growth(denoise, linear, x, x0, lams, torch.arange(6), 3)
+        t_of = _TimeOf(linear, x.device)
+        many = _probe_growth(denoise, t_of, x, x0, lams, torch.arange(6), 200)
+        few = _probe_growth(denoise, t_of, x, x0, lams, torch.arange(6), 3)
         assert counted.calls - before == 203  # one model call per power-iteration step
         torch.testing.assert_close(many, torch.full_like(many, exact), rtol=1e-6, atol=0)
         assert torch.all((few - exact).abs() < 0.1 * exact), (lam, few, exact)

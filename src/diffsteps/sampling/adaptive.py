@@ -185,7 +185,7 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
     x = x.to(torch.float64).clone()
     t_start = per_sample(lv.t[0])
     report = _Report(callback, x, t_start)
-    solve = _Solver(denoise, schedule, report, progress, order=order, h_init=h_init, pcoeff=pcoeff,
+    solve = _Solver(denoise, _TimeOf(schedule, dev), report, progress, order=order, h_init=h_init, pcoeff=pcoeff,
                     icoeff=icoeff, dcoeff=dcoeff, accept_safety=accept_safety, control=control, form=form,
                     coords=coords, max_growth=max_growth, h_max_noisy=h_max_noisy, spike_back=spike_back)
     everyone = torch.arange(B, device=dev)
@@ -211,7 +211,7 @@ def sample_adaptive(denoise: Denoiser, x: torch.Tensor, lv: Levels, *, schedule:
                                                       atol, budget, pause_at=pause)
     rows = state["paused"].nonzero().flatten()
     if len(rows):
-        mu = _probe_growth(denoise, schedule, out[rows], x0_p[rows], state["lam"][rows], rows, probe_calls)
+        mu = _probe_growth(denoise, solve.t_of, out[rows], x0_p[rows], state["lam"][rows], rows, probe_calls)
         nfe[rows] += probe_calls
         again = mu >= resolve_growth
         for redo, sub in ((False, rows[~again]), (True, rows[again])):
@@ -239,14 +239,14 @@ def _take(part: tuple, rows: torch.Tensor, x: torch.Tensor, nfe: torch.Tensor, a
     rejected[rows] += part[4]
 
 
-def _probe_growth(denoise: Denoiser, schedule: Schedule, x: torch.Tensor, x0: torch.Tensor, lam: torch.Tensor,
+def _probe_growth(denoise: Denoiser, t_of: _TimeOf, x: torch.Tensor, x0: torch.Tensor, lam: torch.Tensor,
                   rows: torch.Tensor, calls: int) -> torch.Tensor:
     """μ̂: vᵀJv after ``calls`` steps of power iteration v ← Jv (from a fixed direction, so the result is
     reproducible and per-sample), J = ∂x̂_0/∂x̃ at (x, λ), x̃ = x/α; J v = (x̂_0(x̃ + εv) − x̂_0(x̃))/ε with
     ε = √(machine ε of the model's dtype) · |x̃| (the usual forward-difference step). One model call per step."""
     view = (-1,) + (1,) * (x.ndim - 1)
     al, sg = (v.reshape(view) for v in _alpha_sigma(lam))
-    t = _t_of(schedule, lam)
+    t = t_of(lam)
     dtype = denoise.model_dtype if denoise.model_dtype is not None else x.dtype
     step = math.sqrt(torch.finfo(dtype).eps) * (x / al).flatten(1).norm(dim=1).reshape(view)
     # a fixed start, cos(k φ) over the feature index k (φ the golden angle: no feature near zero for long): the same
@@ -283,8 +283,8 @@ class _Solver:
 
     STATE = ("h", "inv_err", "fresh", "last_step", "x_prev")
 
-    def __init__(self, denoise: Denoiser, schedule: Schedule, report: _Report, progress: Callable, **ctl):
-        self.denoise, self.schedule, self.report, self.progress, self.ctl = denoise, schedule, report, progress, ctl
+    def __init__(self, denoise: Denoiser, t_of: _TimeOf, report: _Report, progress: Callable, **ctl):
+        self.denoise, self.t_of, self.report, self.progress, self.ctl = denoise, t_of, report, progress, ctl
         self.capped = 0
 
     def warn_capped(self, B: int, max_nfe: int) -> None:
@@ -306,7 +306,7 @@ class _Solver:
         the state), and ``back`` holds its state (x, x̂_0, λ, t) ``spike_back`` accepted steps earlier."""
         c = self.ctl
         order, control, coords, h_max_noisy = c["order"], c["control"], c["coords"], c["h_max_noisy"]
-        schedule, denoise = self.schedule, self.denoise
+        t_of, denoise = self.t_of, self.denoise
         B, dev = x.shape[0], x.device
         view = (-1,) + (1,) * (x.ndim - 1)
         lam, x, t_now = lam.clone(), x.clone(), t_now.clone()
@@ -343,7 +343,7 @@ class _Solver:
         def evaluate(rows: torch.Tensor, xs: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
             al, sg = _alpha_sigma(lams)
             nfe[rows] += 1
-            return denoise(xs, _t_of(schedule, lams), al.reshape(view), sg.reshape(view), rows=ids[rows])[0]
+            return denoise(xs, t_of(lams), al.reshape(view), sg.reshape(view), rows=ids[rows])[0]
 
         for _ in self.progress(itertools.count()):
             idx = active.nonzero().flatten()
@@ -413,7 +413,7 @@ class _Solver:
                 acc = run[ok]
                 x[acc], x_prev[acc] = hi[ok], n_lo[ok]
                 lam[acc] = torch.where(step[ok] == left[ok], lam_end[acc], lam_s[ok] + step[ok])
-                t_now[acc] = _t_of(schedule, lam[acc])
+                t_now[acc] = t_of(lam[acc])
                 cached[acc] = False
                 accepted[acc] += 1
                 rejected[run[~ok]] += 1
@@ -524,8 +524,19 @@ def _alpha_sigma(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
 
 
-def _t_of(schedule: Schedule, lam: torch.Tensor) -> torch.Tensor:
-    """The training-time t at λ (the schedule's continuous λ ↔ t map; λ here is half its log-SNR)."""
-    table = schedule.log_snr
-    finite = table[torch.isfinite(table)]
-    return schedule.t_from_log_snr((2 * lam.cpu()).clamp(finite[-1].item(), finite[0].item())).to(lam.device)
+class _TimeOf:
+    """The training-time t at λ: the schedule's continuous λ ↔ t map (λ here is half its log-SNR), clamped to the
+    table's finite range — :meth:`~diffsteps.core.schedules.Schedule.t_from_log_snr` with the same operations, its
+    table set up once on the state's device, so a model call costs no host round trip and no synchronisation."""
+
+    def __init__(self, schedule: Schedule, device: torch.device):
+        table = schedule.log_snr
+        finite = table[torch.isfinite(table)]
+        self.lo, self.hi = finite[-1].item(), finite[0].item()
+        self.neg = (-finite).to(device)  # increasing in t
+
+    def __call__(self, lam: torch.Tensor) -> torch.Tensor:
+        ll = (2 * lam).clamp(self.lo, self.hi)
+        idx = torch.searchsorted(self.neg, -ll).clamp(1, len(self.neg) - 1)
+        a, b = self.neg[idx - 1], self.neg[idx]
+        return (idx - 1).to(torch.float64) + (((-ll) - a) / (b - a)).clamp(0, 1)
