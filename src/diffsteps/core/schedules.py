@@ -26,6 +26,16 @@ __all__ = ["Schedule", "make_schedule", "SCHEDULES", "rescale_zero_terminal_snr"
 _F64 = torch.float64
 
 
+def t_from_neg_log_snr(neg: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """t at log-SNR λ from the table −λ_t of a schedule's finite entries (increasing in t), λ linear between
+    integer steps (the module docstring's continuous extension); λ must lie in the table's range. Split out so a
+    sampler can keep the table on its own device and call this once per model call, without checks or a host
+    round trip."""
+    idx = torch.searchsorted(neg, -lam).clamp(1, len(neg) - 1)
+    a, b = neg[idx - 1], neg[idx]
+    return (idx - 1).to(_F64) + (((-lam) - a) / (b - a)).clamp(0, 1)
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete noise schedule: ``betas`` (float64, length T) and the quantities derived from it.
@@ -100,11 +110,7 @@ class Schedule:
         lo_lam, hi_lam = finite[-1].item(), finite[0].item()
         if torch.any(~torch.isfinite(lam)) or torch.any(lam < lo_lam - 1e-12) or torch.any(lam > hi_lam + 1e-12):
             raise ValueError(f"log-SNR must lie in [{lo_lam:.6g}, {hi_lam:.6g}]")
-        neg = -finite  # increasing in t
-        idx = torch.searchsorted(neg, -lam).clamp(1, len(neg) - 1)
-        a, b = neg[idx - 1], neg[idx]
-        w = ((-lam) - a) / (b - a)
-        return (idx - 1).to(_F64) + w.clamp(0, 1)
+        return t_from_neg_log_snr(-finite, lam)
 
     def t_from_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """Inverse of σ(t): t such that σ(t) = sigma, under the λ interpolation."""

@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from ..core.schedules import Schedule
+from ..core.schedules import Schedule, t_from_neg_log_snr
 from .denoiser import Denoiser
 from .levels import Levels
 
@@ -526,8 +526,8 @@ def _alpha_sigma(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _TimeOf:
     """The training-time t at λ: the schedule's continuous λ ↔ t map (λ here is half its log-SNR), clamped to the
-    table's finite range — :meth:`~diffsteps.core.schedules.Schedule.t_from_log_snr` with the same operations, its
-    table set up once on the state's device, so a model call costs no host round trip and no synchronisation."""
+    table's finite range — :meth:`~diffsteps.core.schedules.Schedule.t_from_log_snr`'s interpolation, its table set
+    up once on the state's device, so a model call costs no host round trip and no synchronisation."""
 
     def __init__(self, schedule: Schedule, device: torch.device):
         table = schedule.log_snr
@@ -536,7 +536,4 @@ class _TimeOf:
         self.neg = (-finite).to(device)  # increasing in t
 
     def __call__(self, lam: torch.Tensor) -> torch.Tensor:
-        ll = (2 * lam).clamp(self.lo, self.hi)
-        idx = torch.searchsorted(self.neg, -ll).clamp(1, len(self.neg) - 1)
-        a, b = self.neg[idx - 1], self.neg[idx]
-        return (idx - 1).to(torch.float64) + (((-ll) - a) / (b - a)).clamp(0, 1)
+        return t_from_neg_log_snr(self.neg, (2 * lam).clamp(self.lo, self.hi))
