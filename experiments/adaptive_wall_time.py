@@ -26,6 +26,7 @@ import time
 import warnings
 
 import torch
+from adaptive_sampler import ATOL_PER_RTOL
 from sampler_accuracy import make_mixture
 
 import diffsteps as ds
@@ -71,7 +72,7 @@ def once(model: Timed, noise, schedule, rtol, options) -> tuple:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         t0 = time.thread_time()
-        r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=0.156 * rtol,
+        r = ds.sample(model, noise, schedule=schedule, sampler="adaptive", rtol=rtol, atol=ATOL_PER_RTOL * rtol,
                       return_info=True, **options)
         total = time.thread_time() - t0
     return (total, model.seconds, model.net_seconds, model.rows, model.calls, r.nfe_per_sample.double().mean().item(),
@@ -88,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(1)
     schedule = ds.make_schedule("linear", 1000)
     exact = ds.ExactEpsilon(make_mixture(), schedule)
-    print(f"adaptive sampler, rtol {args.rtol:g}, atol {0.156 * args.rtol:.2g}; CPU seconds of the thread "
+    print(f"adaptive sampler, rtol {args.rtol:g}, atol {ATOL_PER_RTOL * args.rtol:.2g}; CPU seconds of the thread "
           f"(time.thread_time), median of {args.repeats} runs with the controls interleaved, after one warm-up each; "
           f"one thread; torch {torch.__version__}\n")
     print("| model | batch | control | mean NFE | max NFE | rows evaluated | CPU s | model s | rest s | model µs / row "

@@ -248,7 +248,8 @@ def test_max_growth_caps_each_step_against_the_last_accepted_one(two_modes, line
 @pytest.mark.parametrize("name, options", [("linear", {}), ("cosine", {}), ("linear", {"zero_terminal_snr": True})])
 def test_the_solvers_t_of_lambda_is_the_schedules_inverse(name, options):
     """The t the model is called at: the schedule's own λ ↔ t inverse, bit for bit inside its finite range, clamped to
-    that range outside it (λ beyond the last finite entry of a zero-terminal-SNR table), and round-tripping."""
+    that range outside it (λ beyond the last finite entry of a zero-terminal-SNR table), exactly the integer step at
+    a tabulated λ, and inverted by the forward map: ᾱ(t(λ)) = sigmoid(2λ)."""
     from diffsteps.sampling.adaptive import _TimeOf
 
     sch = ds.make_schedule(name, 1000, **options)
@@ -257,8 +258,8 @@ def test_the_solvers_t_of_lambda_is_the_schedules_inverse(name, options):
     t_of = _TimeOf(sch, torch.device("cpu"))
     inside = torch.linspace(finite[-1].item(), finite[0].item(), 997, dtype=torch.float64) / 2
     assert torch.equal(t_of(inside), sch.t_from_log_snr(2 * inside))
-    ints = torch.arange(len(finite), dtype=torch.float64)
-    torch.testing.assert_close(t_of(finite / 2), ints, rtol=0, atol=1e-9)
+    torch.testing.assert_close(sch.alpha_bar_at(t_of(inside)), torch.sigmoid(2 * inside), rtol=1e-12, atol=1e-15)
+    assert torch.equal(t_of(finite / 2), torch.arange(len(finite), dtype=torch.float64))
     outside = torch.tensor([finite[-1].item() / 2 - 3, finite[0].item() / 2 + 3], dtype=torch.float64)
     assert t_of(outside).tolist() == [len(finite) - 1.0, 0.0]
 

@@ -326,15 +326,10 @@ class _Solver:
         active = torch.ones(B, dtype=torch.bool, device=dev)
         paused = torch.zeros(B, dtype=torch.bool, device=dev)
         spiked = torch.zeros(B, dtype=torch.bool, device=dev)
-        if spike < math.inf:
-            # each row's states at the start of its last spike_back accepted steps (a ring; ``slot`` the oldest),
-            # filled with its first state once its x̂_0 there is known
-            K = c["spike_back"]
-            ring = {k: v.unsqueeze(0).repeat(K, *([1] * v.ndim)) for k, v in
-                    (("x", x), ("x0", x0), ("lam", lam), ("t", t_now))}
-            slot = torch.zeros(B, dtype=torch.long, device=dev)
-            filled = torch.zeros(B, dtype=torch.bool, device=dev)
-            back = {k: v[0].clone() for k, v in ring.items()}
+        # with a spike threshold: each row's states at the start of its last spike_back accepted steps (a ring;
+        # ``slot`` the oldest), made in the first round, when every row's x̂_0 is known, from its first state
+        K, ring = c["spike_back"], None
+        slot = torch.zeros(B, dtype=torch.long, device=dev)
         pc, ic, dc = c["pcoeff"], c["icoeff"], c["dcoeff"]
         b = torch.tensor([pc + ic + dc, -(pc + 2 * dc), dc], dtype=torch.float64) / order
         r = (0.5,) if order == 2 else (1 / 3, 2 / 3)
@@ -358,11 +353,10 @@ class _Solver:
             if len(need):
                 x0[need] = evaluate(need, x[need], lam[need])
                 cached[need] = True
-            if spike < math.inf:
-                first = idx[~filled[idx]]
-                for k, v in (("x", x), ("x0", x0), ("lam", lam), ("t", t_now)):
-                    ring[k][:, first] = v[first]
-                filled[first] = True
+            if spike < math.inf and ring is None:
+                ring = {k: v.unsqueeze(0).repeat(K, *([1] * v.ndim)) for k, v in
+                        (("x", x), ("x0", x0), ("lam", lam), ("t", t_now))}
+                back = {k: v[0].clone() for k, v in ring.items()}
             fin = idx[stop]
             if len(fin):
                 self.capped += int(capped.sum())
@@ -401,16 +395,16 @@ class _Solver:
                         back[k][gone] = ring[k][slot[gone], gone]
                     spiked[gone], active[gone] = True, False
                     ok = ok & ~hit
-                    keep = run[ok]
-                    for k, v in (("x", xs[ok]), ("x0", m_s[ok]), ("lam", lam_s[ok]), ("t", t_before[keep])):
-                        ring[k][slot[keep], keep] = v
-                    slot[keep] = (slot[keep] + 1) % K
+                acc = run[ok]
+                if spike < math.inf:
+                    for k, v in (("x", xs[ok]), ("x0", m_s[ok]), ("lam", lam_s[ok]), ("t", t_before[acc])):
+                        ring[k][slot[acc], acc] = v
+                    slot[acc] = (slot[acc] + 1) % K
                 # growth cap against the last accepted step (Hairer, Nørsett & Wanner I, §II.4 "facmax"): a
                 # sample's own estimate can be small across a mode decision it steps over; the cap bounds how far
                 # it can leap
                 h[run] = torch.minimum(h_new, c["max_growth"] * torch.where(ok, step, last_step[run]))
-                last_step[run[ok]] = step[ok]
-                acc = run[ok]
+                last_step[acc] = step[ok]
                 x[acc], x_prev[acc] = hi[ok], n_lo[ok]
                 lam[acc] = torch.where(step[ok] == left[ok], lam_end[acc], lam_s[ok] + step[ok])
                 t_now[acc] = t_of(lam[acc])
