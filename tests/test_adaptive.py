@@ -136,6 +136,69 @@ def test_final_error_shrinks_with_rtol(gaussian, linear, control, form, coords):
     assert 0.5 < slope < 1.5, slope  # error ∝ rtol^slope: a calibrated tolerance, not a saturated one
 
 
+class PIDReference:
+    """Söderlind's PID step-size controller as k-diffusion's ``PIDStepSizeController`` states it (Söderlind 2003,
+    "Digital filters in adaptive time-stepping"): one sample, scalar Python. ε = 1/(E + 1e-8); the memory holds ε of
+    this try and of the last two accepted ones (three copies of the first); f = 1 + atan(ε₀^{b₁} ε₁^{b₂} ε₂^{b₃} − 1)
+    with b₁ = (p + i + d)/k, b₂ = −(p + 2d)/k, b₃ = d/k; accept when f ≥ accept_safety; h ← f h either way."""
+
+    def __init__(self, p, i, d, k, h, accept_safety=0.81):
+        self.b = ((p + i + d) / k, -(p + 2 * d) / k, d / k)
+        self.h, self.safety, self.eps = h, accept_safety, None
+
+    def propose(self, E):
+        inv = 1 / (E + 1e-8)
+        self.eps = [inv] * 3 if self.eps is None else self.eps
+        self.eps[0] = inv
+        f = 1 + math.atan(math.prod(e ** b for e, b in zip(self.eps, self.b)) - 1)
+        ok = f >= self.safety
+        if ok:
+            self.eps[1:] = self.eps[:2]
+        self.h *= f
+        return ok
+
+
+def replay(model, schedule, x_T, rtol, atol, pid, cap=0.5):
+    """One sample's whole error-controlled solve with the test's own pair and controller: the accepted timesteps,
+    the rejected count and x̂_0 at t = 0. Default norm: x̃ = x/α against rtol |x̂_0 at the step's start|; at λ < 0
+    the controller's h is capped first; a remainder within 1e-5 of h is folded into the step."""
+    lam = lambda t: 0.5 * schedule.alpha_bar_at(torch.as_tensor([t], dtype=torch.float64)).logit().item()  # noqa: E731
+    t_of = lambda v: schedule.t_from_log_snr(torch.tensor([2 * v], dtype=torch.float64))  # noqa: E731
+    lam_now, lam_end, x = lam(999.0), lam(0.0), x_T[None]
+    ts, rejected = [], 0
+    while lam_now < lam_end:
+        pid.h = min(pid.h, cap) if lam_now < 0 else pid.h
+        left = lam_end - lam_now
+        step = left if left - pid.h <= 1e-5 else min(pid.h, left)
+        t_s, t_t = t_of(lam_now), (torch.zeros(1, dtype=torch.float64) if step == left else t_of(lam_now + step))
+        lo, hi, a_t, x0_s = pair23(model, schedule, x, t_s, t_t)
+        delta = torch.clamp(rtol * x0_s.abs(), min=atol)
+        if pid.propose((((hi - lo) / a_t / delta).square().mean().sqrt()).item()):
+            x, lam_now = hi, (lam_end if step == left else lam_now + step)
+            ts.append(t_t.item())
+        else:
+            rejected += 1
+    return ts, rejected, ds.sample(model, x, schedule=schedule, sampler="ddim", spacing=[0.0])[0]
+
+
+@pytest.mark.parametrize("p,i,d", [(0.0, 1.0, 0.0), (0.3, 1.0, 0.0), (0.4, 0.7, 0.2)])
+def test_controller_replays_a_reference_pid_step_for_step(two_modes, linear, p, i, d):
+    """Every sample's accepted steps, rejections and result equal a scalar replay with the test's own pair and the
+    PID controller (I, PI and PID coefficients): the per-sample controller is k-diffusion's, sample by sample."""
+    model, x = two_modes
+    rows = [0, 1, 2]  # the boundary sample (several rejections) and two easy ones
+    seen = []
+    r = ds.sample(model, x[rows], schedule=linear, sampler="adaptive", rtol=0.01, atol=0.0078, pcoeff=p, icoeff=i,
+                  dcoeff=d, callback=seen.append, return_info=True)
+    for j, b in enumerate(rows):
+        ts, rejected, x0 = replay(model, linear, x[b], 0.01, 0.0078, PIDReference(p, i, d, k=3, h=0.5))
+        moved = [s.t_next[j].item() for s in seen if s.t[j] != s.t_next[j] and s.t_next[j] >= 0]
+        np.testing.assert_allclose(moved, ts, rtol=0, atol=1e-8)
+        assert (r.accepted[j].item(), r.rejected[j].item()) == (len(ts), rejected)
+        torch.testing.assert_close(r.sample[j], x0, rtol=1e-9, atol=1e-11)
+    assert r.rejected[0] > 1  # the boundary sample exercises the rejection path
+
+
 # -- per-sample control ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_modes(linear):
