@@ -28,7 +28,8 @@ Run: ``pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq tramp
 ``python experiments/adaptive_sampler.py [--n 10000] [--analyse-only]``. ``--seed`` draws another set of noises;
 ``--methods`` runs a subset of ``METHODS`` by name and ``--no-anchor`` leaves k-diffusion out (its comparison and
 the step-for-step check are then skipped), e.g. the per-sample-against-batch comparison alone on fresh noises:
-``--seed 1 --methods default "default, batch" --no-anchor``.
+``--seed 1 --methods default "default, batch" --no-anchor``. ``--with-results`` adds the saved results of other runs
+on the same noises (their ``.npz``) to the analysis, e.g. batch-controlled methods run separately.
 """
 
 from __future__ import annotations
@@ -197,13 +198,12 @@ def interval(values) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def ci(values) -> str:
-    lo, hi = interval(values)
+def ci(lo: float, hi: float) -> str:
     return "[–]" if math.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
 
 
-def verdict(point: float, values) -> str:
-    lo, hi = interval(values)
+def verdict(point: float, lo: float, hi: float) -> str:
+    """Where a ratio's interval lies against 1 (– where the point or the interval is not defined)."""
     if not math.isfinite(point) or math.isnan(lo):
         return "–"
     return "better" if hi < 1 else "worse" if lo > 1 else "tie"
@@ -298,6 +298,8 @@ def plot_curves(names, full, mean_nfe, boot, ratios, n, path) -> None:
     colour: dict[str, str] = {}
     for k in names:
         colour.setdefault(k.removesuffix(", batch"), f"C{len(colour)}")
+    lo_n, hi_n = min(v.min() for v in mean_nfe.values()), max(v.max() for v in mean_nfe.values())
+    ticks = [v for v in (10, 15, 20, 30, 45, 60, 80, 100, 140, 200, 300, 500) if lo_n <= v <= hi_n * 1.05]
     for ax, mt in zip(axes[0], METRICS):
         for k in names:
             lo, hi = np.quantile(boot[k][mt], [0.025, 0.975], axis=0)
@@ -307,8 +309,7 @@ def plot_curves(names, full, mean_nfe, boot, ratios, n, path) -> None:
         ax.set(xscale="log", yscale="log", title=f"{mt} error", xlabel="mean NFE")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        lo_n, hi_n = min(v.min() for v in mean_nfe.values()), max(v.max() for v in mean_nfe.values())
-        ax.set_xticks([v for v in (10, 15, 20, 30, 45, 60, 80, 100, 140, 200, 300, 500) if lo_n <= v <= hi_n * 1.05])
+        ax.set_xticks(ticks)
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].set_ylabel("per-sample error to the converged ODE")
     axes[0, 0].legend(fontsize=7)
@@ -351,8 +352,9 @@ def _against_anchor(runs, names, n_boot, n, full, mean_nfe, flips, boot, boot_nf
                 point = full[k][mt][j] / interp_loglog(mean_nfe[k][j], mean_nfe[anchor], full[anchor][mt])
                 bs = [boot[k][mt][b, j] / interp_loglog(boot_nfe[k][b, j], mean_nfe[anchor], boot[anchor][mt][b])
                       for b in range(n_boot)]
-                cells.append(f"{point:.2f} | {ci(bs)}")
-                tally.setdefault((k, mt), []).append(verdict(point, bs))
+                lo, hi = interval(bs)
+                cells.append(f"{point:.2f} | {ci(lo, hi)}")
+                tally.setdefault((k, mt), []).append(verdict(point, lo, hi))
             fl = np.interp(np.log(mean_nfe[k][j]), np.log(mean_nfe[anchor]), flips[anchor], left=np.nan,
                            right=np.nan)
             print(f"| {k} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) +
@@ -383,9 +385,10 @@ def _per_sample_against_batch(runs, names, n_boot, full, mean_nfe, boot, boot_nf
                 point = mean_nfe[k][j] / nfe_at_error(full[k][mt][j], mean_nfe[batch], full[batch][mt])
                 bs = [boot_nfe[k][b, j] / nfe_at_error(boot[k][mt][b, j], boot_nfe[batch][b], boot[batch][mt][b])
                       for b in range(n_boot)]
-                cells.append(f"{point:.2f} | {ci(bs)}")
-                tally.setdefault((k, batch, mt), []).append(verdict(point, bs))
-                ratios.setdefault((k, batch), {}).setdefault(mt, []).append((point, *interval(bs)))
+                lo, hi = interval(bs)
+                cells.append(f"{point:.2f} | {ci(lo, hi)}")
+                tally.setdefault((k, batch, mt), []).append(verdict(point, lo, hi))
+                ratios.setdefault((k, batch), {}).setdefault(mt, []).append((point, lo, hi))
             print(f"| {k} | {batch} | {rtol:g} | {mean_nfe[k][j]:.1f} | " + " | ".join(cells) + " |")
     print("\nSummary (rtols whose interval lies below 1 / contains 1 / lies above 1; – outside the batch curve's range):\n")
     for (k, batch, mt), v in tally.items():
@@ -419,6 +422,8 @@ def main() -> None:
                    help=f"a subset of: {'; '.join(METHODS)}")
     p.add_argument("--no-anchor", action="store_true", help="leave k-diffusion's sample_dpm_adaptive out")
     p.add_argument("--figure", help="where the error-against-NFE figure goes (default: the results' folder)")
+    p.add_argument("--with-results", nargs="+", default=[], metavar="NPZ",
+                   help="result files of other runs on the same noises (same --n, --seed), analysed with this one's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     schedule = ds.make_schedule("linear", 1000)
@@ -428,12 +433,7 @@ def main() -> None:
     results = f"{args.out}/adaptive_sampler_{tag}.npz"
     figure = args.figure or f"{args.out}/adaptive_sampler_{tag}.png"
     if args.analyse_only:
-        z = np.load(results)
-        runs: dict[str, dict] = {}
-        for key in z.files:
-            name, field = key.rsplit("/", 1)
-            runs.setdefault(name, {})[field] = z[key]
-        analyse(runs, args.boot, figure=figure)
+        analyse(load_runs([results, *args.with_results]), args.boot, figure=figure)
         return
     kd = None if args.no_anchor else load_kdiffusion_sampling()
     noise = torch.randn(args.n, 64, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
@@ -451,7 +451,20 @@ def main() -> None:
           f"[{time.perf_counter() - t0:.0f} s]\n")
     runs = run_all(args, kd, model, schedule, mixture, noise, ref, {k: METHODS[k] for k in args.methods})
     np.savez_compressed(results, **{f"{k}/{f}": v for k, r in runs.items() for f, v in r.items()})
-    analyse(runs, args.boot, figure=figure)
+    analyse({**runs, **load_runs(args.with_results)}, args.boot, figure=figure)
+
+
+def load_runs(paths) -> dict[str, dict]:
+    """The per-sample results saved by runs (``name/field`` arrays), merged in the order given."""
+    runs: dict[str, dict] = {}
+    for path in paths:
+        z = np.load(path)
+        for key in z.files:
+            name, field = key.rsplit("/", 1)
+            runs.setdefault(name, {})[field] = z[key]
+        if len({r["err"].shape for r in runs.values()}) > 1:
+            raise SystemExit(f"{path}: its runs are on another number of noises or rtols than the results before it")
+    return runs
 
 
 def rms(a, b):

@@ -162,9 +162,9 @@ def replay(model, schedule, x_T, rtol, atol, pid, cap=0.5):
     """One sample's whole error-controlled solve with the test's own pair and controller: the accepted timesteps,
     the rejected count and x̂_0 at t = 0. Default norm: x̃ = x/α against rtol |x̂_0 at the step's start|; at λ < 0
     the controller's h is capped first; a remainder within 1e-5 of h is folded into the step."""
-    lam = lambda t: 0.5 * schedule.alpha_bar_at(torch.as_tensor([t], dtype=torch.float64)).logit().item()  # noqa: E731
     t_of = lambda v: schedule.t_from_log_snr(torch.tensor([2 * v], dtype=torch.float64))  # noqa: E731
-    lam_now, lam_end, x = lam(999.0), lam(0.0), x_T[None]
+    lam_now, lam_end = (half_log_snr(schedule, torch.tensor(t, dtype=torch.float64)) for t in (999.0, 0.0))
+    x = x_T[None]
     ts, rejected = [], 0
     while lam_now < lam_end:
         pid.h = min(pid.h, cap) if lam_now < 0 else pid.h
